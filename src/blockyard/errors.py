@@ -1,0 +1,154 @@
+"""The one error hierarchy of blockyard.
+
+Every operating error a caller can act on is a subclass of :class:`BlockyardError`, and its
+message says what went wrong and how to fix it. Boundaries translate these types, never their
+message text, into a protocol answer: SCSI sense data in the SCSI layer, a gRPC status in the
+management and CSI services. Programmer errors (broken invariants) are assertions, not these.
+"""
+
+from __future__ import annotations
+
+
+class BlockyardError(Exception):
+    """Base of every blockyard operating error."""
+
+
+# --- bad arguments -------------------------------------------------------------------------
+
+
+class InvalidArgumentError(BlockyardError, ValueError):
+    """The caller passed something that can never succeed as given."""
+
+
+class InvalidNameError(InvalidArgumentError):
+    """A volume or snapshot name is empty, too long, or uses characters outside the allowed set."""
+
+
+class InvalidSizeError(InvalidArgumentError):
+    """A size is out of bounds or not a multiple of the required granularity."""
+
+
+class OutOfRangeError(InvalidArgumentError):
+    """An LBA range reaches past the end of the volume (SCSI: LBA OUT OF RANGE)."""
+
+
+class MisalignedError(InvalidArgumentError):
+    """A buffer length is not a whole number of logical blocks."""
+
+
+class TransferTooLargeError(InvalidArgumentError):
+    """A single request moves more blocks than the device's transfer-length cap."""
+
+
+class ShrinkRefusedError(InvalidArgumentError):
+    """Volumes only grow: shrinking would silently drop data the filesystem may still use."""
+
+
+class InvalidRoleTransitionError(InvalidArgumentError):
+    """The requested role change is not one of the allowed transitions."""
+
+
+# --- lookup ----------------------------------------------------------------------------------
+
+
+class NotFoundError(BlockyardError):
+    """The named object does not exist."""
+
+
+class VolumeNotFoundError(NotFoundError):
+    pass
+
+
+class SnapshotNotFoundError(NotFoundError):
+    pass
+
+
+class AlreadyExistsError(BlockyardError):
+    """An object with this name exists and differs from what was asked for."""
+
+
+class VolumeExistsError(AlreadyExistsError):
+    pass
+
+
+class SnapshotExistsError(AlreadyExistsError):
+    pass
+
+
+class VolumeBusyError(BlockyardError):
+    """The volume is open or in use and the operation needs it idle."""
+
+
+class VolumeClosedError(BlockyardError):
+    """An operation was attempted on a closed volume handle."""
+
+
+# --- fencing ---------------------------------------------------------------------------------
+
+
+class FencedError(BlockyardError):
+    """Refused because of the volume's epoch: the caller speaks for an old (or unknown) epoch."""
+
+
+class StaleEpochError(FencedError):
+    """A write or replication message carries an epoch lower than the volume's."""
+
+    def __init__(self, message: str, *, volume_epoch: int, request_epoch: int) -> None:
+        super().__init__(message)
+        self.volume_epoch = volume_epoch
+        self.request_epoch = request_epoch
+
+
+class EpochAheadError(FencedError):
+    """A write carries an epoch newer than the volume's: the volume must be told first."""
+
+
+class EpochRegressionError(FencedError):
+    """Someone tried to move a volume's epoch backwards; epochs only move forward."""
+
+
+# --- integrity -------------------------------------------------------------------------------
+
+
+class CorruptionError(BlockyardError):
+    """Stored bytes fail their checksum or structure check.
+
+    Carries the volume, the file and the byte offset so an operator can find the damage; the data
+    is never served as if it were good.
+    """
+
+    def __init__(self, message: str, *, volume: str, path: str, offset: int) -> None:
+        super().__init__(f"{message} (volume {volume!r}, file {path}, offset {offset})")
+        self.volume = volume
+        self.path = path
+        self.offset = offset
+
+
+class WalTruncatedError(BlockyardError):
+    """Records older than the WAL's tail were asked for: they are already checkpointed away.
+
+    A replica this far behind needs a full rebuild rather than a WAL catch-up.
+    """
+
+
+# --- resources and time ----------------------------------------------------------------------
+
+
+class BlockyardTimeoutError(BlockyardError, TimeoutError):
+    """A bounded wait ran out."""
+
+
+class WalFullTimeoutError(BlockyardTimeoutError):
+    """A writer waited the whole back-pressure timeout for WAL space and none came free."""
+
+
+class FlushTimeoutError(BlockyardTimeoutError):
+    """A durability barrier did not complete in time."""
+
+
+class NoSpaceError(BlockyardError):
+    """The filesystem under the data directory is full (SCSI: SPACE ALLOCATION FAILED)."""
+
+
+class StorageIOError(BlockyardError):
+    """The operating system failed an I/O call; the cause is chained."""
