@@ -1,0 +1,281 @@
+"""The file layer under the engine: real files, or a fault-injecting model of them in tests.
+
+The engine does every byte of file I/O through :class:`IoFile` and every directory change through
+:class:`VolumeFS`, so that :mod:`blockyard.testing.faultfs` can model power loss (unsynced writes
+lost, reordered or torn at sector granularity) under the unchanged engine.
+
+OS errors are translated here, in one place: ``ENOSPC``/``EDQUOT`` become ``NoSpaceError``,
+everything else ``StorageIOError``, with the OS error chained as the cause.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Protocol
+
+from blockyard.blockdev import BytesLike
+from blockyard.errors import NoSpaceError, StorageIOError, VolumeBusyError
+
+# linux/falloc.h
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+#: Linux IOV_MAX: the most buffers one preadv/pwritev takes.
+IOV_MAX = 1024
+
+
+def translate_os_error(exc: OSError, what: str) -> Exception:
+    """Map an OSError to the blockyard error a caller can act on; the cause stays chained."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        err: Exception = NoSpaceError(
+            f"{what}: no space left on the data directory's filesystem; free space or move "
+            "volumes elsewhere"
+        )
+    else:
+        err = StorageIOError(f"{what}: {exc.strerror or exc} (errno {exc.errno})")
+    err.__cause__ = exc
+    return err
+
+
+class IoFile(Protocol):
+    """Positional I/O on one open file. Not thread-safe for overlapping ranges; the engine
+    orders its own writes."""
+
+    path: str
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    def preadv(self, buffers: Sequence[memoryview | bytearray], offset: int) -> int: ...
+
+    def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int: ...
+
+    def fdatasync(self) -> None: ...
+
+    def punch_hole(self, offset: int, length: int) -> None: ...
+
+    def allocate(self, offset: int, length: int) -> None: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def size(self) -> int: ...
+
+    def allocated_bytes(self) -> int: ...
+
+    def next_data(self, offset: int) -> int:
+        """The first offset ≥ ``offset`` that holds data, or -1 when only holes follow."""
+        ...
+
+    def next_hole(self, offset: int) -> int:
+        """The first offset ≥ ``offset`` inside a hole (end of file counts as a hole)."""
+        ...
+
+    def lock_exclusive(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class VolumeFS(Protocol):
+    """Directory operations. Each mutating call is durable when it returns."""
+
+    def open(self, path: str, *, create: bool = False) -> IoFile: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def mkdir(self, path: str) -> None: ...
+
+    def rename(self, src: str, dst: str) -> None: ...
+
+    def remove(self, path: str) -> None: ...
+
+    def rmtree(self, path: str) -> None: ...
+
+    def free_bytes(self, path: str) -> int: ...
+
+
+class OsFile:
+    """An :class:`IoFile` over a real file descriptor."""
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, path: str, *, create: bool = False) -> None:
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise translate_os_error(exc, f"open {path}") from exc
+        self.path = path
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise translate_os_error(exc, f"read {self.path}@{offset}") from exc
+        if len(data) < length:
+            # Reads past EOF of a sparse tail are zeros by definition of our layout.
+            data += bytes(length - len(data))
+        return data
+
+    def preadv(self, buffers: Sequence[memoryview | bytearray], offset: int) -> int:
+        try:
+            return os.preadv(self._fd, buffers, offset)
+        except OSError as exc:
+            raise translate_os_error(exc, f"read {self.path}@{offset}") from exc
+
+    def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
+        try:
+            return os.pwritev(self._fd, buffers, offset)
+        except OSError as exc:
+            raise translate_os_error(exc, f"write {self.path}@{offset}") from exc
+
+    def fdatasync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise translate_os_error(exc, f"fdatasync {self.path}") from exc
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        rc = _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc != 0:
+            err = ctypes.get_errno()
+            exc = OSError(err, os.strerror(err))
+            if err == errno.EOPNOTSUPP:
+                # Filesystems without hole punching: write zeros instead (same read result).
+                self._zero_fill(offset, length)
+                return
+            raise translate_os_error(exc, f"punch {self.path}@{offset}+{length}") from exc
+
+    def _zero_fill(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(chunk))
+            self.pwritev([memoryview(chunk)[:n]], offset)
+            offset += n
+            length -= n
+
+    def allocate(self, offset: int, length: int) -> None:
+        try:
+            os.posix_fallocate(self._fd, offset, length)
+        except OSError as exc:
+            raise translate_os_error(exc, f"allocate {self.path}@{offset}+{length}") from exc
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            raise translate_os_error(exc, f"resize {self.path} to {size}") from exc
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self._fd).st_blocks * 512
+
+    def next_data(self, offset: int) -> int:
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return -1
+            raise translate_os_error(exc, f"seek {self.path}@{offset}") from exc
+
+    def next_hole(self, offset: int) -> int:
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return offset
+            raise translate_os_error(exc, f"seek {self.path}@{offset}") from exc
+
+    def lock_exclusive(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise VolumeBusyError(
+                f"{self.path} is open in another process (is `blockyard serve` running on this "
+                "data directory?); stop it or use its management API"
+            ) from exc
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OsFS:
+    """The real filesystem. Directory changes are fsynced so they survive power loss."""
+
+    def open(self, path: str, *, create: bool = False) -> IoFile:
+        f = OsFile(path, create=create)
+        if create:
+            _fsync_dir(os.path.dirname(path) or ".")
+        return f
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(path))
+
+    def mkdir(self, path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except OSError as exc:
+            raise translate_os_error(exc, f"mkdir {path}") from exc
+
+    def rename(self, src: str, dst: str) -> None:
+        try:
+            os.rename(src, dst)
+            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        except OSError as exc:
+            raise translate_os_error(exc, f"rename {src} -> {dst}") from exc
+
+    def remove(self, path: str) -> None:
+        try:
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise translate_os_error(exc, f"remove {path}") from exc
+
+    def rmtree(self, path: str) -> None:
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise translate_os_error(exc, f"remove {path}") from exc
+
+    def free_bytes(self, path: str) -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize

@@ -1,0 +1,250 @@
+"""Write-ahead log records and their recovery scan.
+
+The WAL is a circular region of ``wal_size`` bytes. A record is a 64-byte header followed by its
+payload, padded to a whole number of 512-byte sectors, and never straddles the region's end: a
+``WRAP`` marker sends the reader back to position 0.
+
+Header layout (little-endian)::
+
+    0  magic         u32  0x3157_4C42 ("BLW1")
+    4  crc32c        u32  over header[8:64] + payload, seeded with the volume's seed
+    8  kind          u8   WRITE / ZERO / WRAP
+    9  flags         u8
+    10 reserved      u16
+    12 payload_len   u32
+    16 lsn           u64
+    24 epoch         u64
+    32 durable_hint  u64  every LSN ≤ this was on stable storage when the record was written
+    40 block         u64  first physical (4 KiB) block
+    48 block_count   u32
+    52 reserved      12x
+
+The checksum seed is derived from the volume UUID, so a volume image stored *inside* another
+volume can never be mistaken for the outer volume's records.
+
+``durable_hint`` is how recovery tells a torn tail from real damage: a record that fails its
+checksum is the end of the log, unless a later intact record says it was already durable — then
+the bytes rotted after they were synced, and that is reported as corruption.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import crc32c
+
+from blockyard.engine.fileio import IoFile
+from blockyard.engine.limits import BLOCK_SIZE, SECTOR_SIZE
+from blockyard.errors import CorruptionError
+
+MAGIC = 0x31574C42
+HEADER_BYTES = 64
+HEADER = struct.Struct("<IIBBHIQQQQI12x")
+assert HEADER.size == HEADER_BYTES
+#: Header bytes covered by the checksum (everything after magic and crc).
+_CRC_FROM = 8
+#: Reading the WAL for recovery happens in chunks of this size (bounded memory).
+SCAN_CHUNK_BYTES = 4 << 20
+
+
+class Kind(enum.IntEnum):
+    WRITE = 1
+    ZERO = 2
+    WRAP = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    kind: Kind
+    payload_len: int
+    lsn: int
+    epoch: int
+    durable_hint: int
+    block: int
+    block_count: int
+
+
+def seed_for(volume_uuid: bytes) -> int:
+    return int(crc32c.crc32c(volume_uuid))
+
+
+def record_bytes(payload_len: int) -> int:
+    """On-disk length of a record: header + payload rounded up to whole sectors."""
+    n = HEADER_BYTES + payload_len
+    return (n + SECTOR_SIZE - 1) // SECTOR_SIZE * SECTOR_SIZE
+
+
+def pack_header(
+    buf: bytearray,
+    seed: int,
+    kind: Kind,
+    lsn: int,
+    epoch: int,
+    durable_hint: int,
+    block: int,
+    block_count: int,
+    payload: bytes | memoryview | None,
+) -> None:
+    """Fill ``buf`` (64 bytes, reused by the caller) with a checksummed header."""
+    payload_len = len(payload) if payload is not None else 0
+    HEADER.pack_into(
+        buf, 0, MAGIC, 0, kind, 0, 0, payload_len, lsn, epoch, durable_hint, block, block_count
+    )
+    crc = crc32c.crc32c(memoryview(buf)[_CRC_FROM:], seed)
+    if payload is not None:
+        crc = crc32c.crc32c(payload, crc)
+    struct.pack_into("<I", buf, 4, crc)
+
+
+def parse_header(raw: bytes | memoryview, wal_size: int, block_limit: int) -> RecordHeader | None:
+    """Structure-check a header (not its checksum). None when it cannot be a record of ours."""
+    (magic, _crc, kind, _flags, _r, payload_len, lsn, epoch, hint, block, count) = (
+        HEADER.unpack_from(raw, 0)
+    )
+    if magic != MAGIC or kind not in Kind._value2member_map_:
+        return None
+    k = Kind(kind)
+    if k is Kind.WRITE:
+        if payload_len != count * BLOCK_SIZE or count == 0:
+            return None
+    elif payload_len != 0:
+        return None
+    if k is not Kind.WRAP and (count == 0 or block + count > block_limit):
+        return None
+    if record_bytes(payload_len) > wal_size:
+        return None
+    return RecordHeader(k, payload_len, lsn, epoch, hint, block, count)
+
+
+def checksum_ok(raw_header: bytes | memoryview, payload: bytes | memoryview, seed: int) -> bool:
+    (stored,) = struct.unpack_from("<I", raw_header, 4)
+    crc = crc32c.crc32c(memoryview(raw_header)[_CRC_FROM:HEADER_BYTES], seed)
+    if len(payload):
+        crc = crc32c.crc32c(payload, crc)
+    return bool(crc == stored)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedRecord:
+    header: RecordHeader
+    pos: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    records: list[ReplayedRecord]
+    #: Where the log ends: the next record goes here.
+    end_pos: int
+    #: The LSN the next record would have had.
+    end_lsn: int
+    #: The highest LSN of any intact record anywhere in the region (old laps included).
+    max_seen_lsn: int
+
+
+class WalScanner:
+    """Recovery: replay from the checkpoint, then check the rest of the region for damage."""
+
+    def __init__(
+        self,
+        file: IoFile,
+        *,
+        volume: str,
+        wal_offset: int,
+        wal_size: int,
+        seed: int,
+        block_limit: int,
+    ) -> None:
+        self._file = file
+        self._volume = volume
+        self._wal_offset = wal_offset
+        self._wal_size = wal_size
+        self._seed = seed
+        self._block_limit = block_limit
+
+    def _read(self, pos: int, length: int) -> bytes:
+        return self._file.pread(length, self._wal_offset + pos)
+
+    def _record_at(self, pos: int) -> tuple[RecordHeader, bytes] | None:
+        if pos + HEADER_BYTES > self._wal_size:
+            return None
+        raw = self._read(pos, HEADER_BYTES)
+        hdr = parse_header(raw, self._wal_size, self._block_limit)
+        if hdr is None:
+            return None
+        if pos + record_bytes(hdr.payload_len) > self._wal_size:
+            return None
+        payload = self._read(pos + HEADER_BYTES, hdr.payload_len) if hdr.payload_len else b""
+        if not checksum_ok(raw, payload, self._seed):
+            return None
+        return hdr, payload
+
+    def scan(self, checkpoint_lsn: int, checkpoint_pos: int) -> ScanResult:
+        records: list[ReplayedRecord] = []
+        pos, expected = checkpoint_pos, checkpoint_lsn
+        consumed = 0
+        # A valid log from the checkpoint never holds more than one region's worth of bytes.
+        while consumed < self._wal_size:
+            found = self._record_at(pos)
+            if found is None or found[0].lsn != expected:
+                break
+            hdr, payload = found
+            if hdr.kind is Kind.WRAP:
+                if pos == 0:
+                    break
+                consumed += self._wal_size - pos
+                pos = 0
+                continue
+            records.append(ReplayedRecord(hdr, pos, payload))
+            length = record_bytes(hdr.payload_len)
+            consumed += length
+            pos = (pos + length) % self._wal_size
+            expected += 1
+        max_seen = self._check_rest(pos, expected, checkpoint_lsn)
+        return ScanResult(records, pos, expected, max(max_seen, expected - 1))
+
+    def _candidates(self) -> Iterator[int]:
+        """Every sector-aligned position whose first bytes carry our magic."""
+        magic = struct.pack("<I", MAGIC)
+        for chunk_start in range(0, self._wal_size, SCAN_CHUNK_BYTES):
+            chunk = self._read(chunk_start, min(SCAN_CHUNK_BYTES, self._wal_size - chunk_start))
+            i = chunk.find(magic)
+            while i != -1:
+                if i % SECTOR_SIZE == 0:
+                    yield chunk_start + i
+                    i = chunk.find(magic, i + SECTOR_SIZE)
+                else:
+                    i = chunk.find(magic, i + SECTOR_SIZE - i % SECTOR_SIZE)
+
+    def _check_rest(self, stop_pos: int, stop_lsn: int, checkpoint_lsn: int) -> int:
+        """Raise if an intact later record proves the record at ``stop_pos`` was durable.
+
+        Returns the highest LSN among intact records in the region, so the caller can restart
+        numbering above every stale record that might still sit in the region.
+        """
+        # Records written after the persisted checkpoint fit in one region, so their LSNs are
+        # bounded; anything outside is a stale lap (or foreign bytes) and is ignored.
+        lsn_limit = checkpoint_lsn + self._wal_size // SECTOR_SIZE
+        max_seen = 0
+        for pos in self._candidates():
+            found = self._record_at(pos)
+            if found is None:
+                continue
+            hdr = found[0]
+            if hdr.lsn > lsn_limit:
+                continue
+            max_seen = max(max_seen, hdr.lsn)
+            if hdr.lsn > stop_lsn and hdr.durable_hint >= stop_lsn:
+                raise CorruptionError(
+                    f"WAL record LSN {stop_lsn} is damaged, but record LSN {hdr.lsn} at WAL "
+                    f"position {pos} shows it was durable (durable through LSN "
+                    f"{hdr.durable_hint}); acknowledged data would be lost — restore from a "
+                    "replica or a backup",
+                    volume=self._volume,
+                    path=self._file.path,
+                    offset=self._wal_offset + stop_pos,
+                )
+        return max_seen
