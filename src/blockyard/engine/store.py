@@ -88,7 +88,9 @@ class VolumeStore:
         fs: VolumeFS | None = None,
         backpressure_timeout_s: float = DEFAULT_BACKPRESSURE_TIMEOUT_S,
         flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
+        background_flusher: bool = True,
     ) -> None:
+        self._background_flusher = background_flusher
         self.root = root.rstrip("/") or "/"
         self.fs: VolumeFS = fs if fs is not None else OsFS()
         self._backpressure_timeout_s = backpressure_timeout_s
@@ -252,6 +254,7 @@ class VolumeStore:
                 backpressure_timeout_s=self._backpressure_timeout_s,
                 flush_timeout_s=self._flush_timeout_s,
                 on_close=self._forget,
+                background_flusher=self._background_flusher,
             )
             self._open[name] = vol
             return vol

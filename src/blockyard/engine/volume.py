@@ -145,8 +145,10 @@ class Volume:
         backpressure_timeout_s: float = DEFAULT_BACKPRESSURE_TIMEOUT_S,
         flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
         on_close: object = None,
+        background_flusher: bool = True,
     ) -> None:
         self._fs = fs
+        self._background = background_flusher
         self._dir = directory
         self._file = file
         self._sb = sb
@@ -202,8 +204,14 @@ class Volume:
         backpressure_timeout_s: float = DEFAULT_BACKPRESSURE_TIMEOUT_S,
         flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
         on_close: object = None,
+        background_flusher: bool = True,
     ) -> Volume:
-        """Open and recover a volume directory: replay the WAL, then checkpoint everything."""
+        """Open and recover a volume directory: replay the WAL, then checkpoint everything.
+
+        With ``background_flusher=False`` checkpoints run inline in the writing thread when the
+        WAL fills; the volume must then be used from one thread only. Tools and deterministic
+        crash tests use that mode.
+        """
         file = fs.open(f"{directory}/{VOLUME_FILE}")
         try:
             file.lock_exclusive()
@@ -231,13 +239,15 @@ class Volume:
             backpressure_timeout_s=backpressure_timeout_s,
             flush_timeout_s=flush_timeout_s,
             on_close=on_close,
+            background_flusher=background_flusher,
         )
         try:
             vol._recover()
         except BaseException:
             vol._close_files()
             raise
-        vol._flusher.start()
+        if background_flusher:
+            vol._flusher.start()
         return vol
 
     def _recover(self) -> None:
@@ -274,8 +284,10 @@ class Volume:
         # record from before this crash can never be mistaken for a future one.
         next_lsn = result.max_seen_lsn + 1
         self._file.fdatasync()
-        self._write_superblock(sb.with_(checkpoint_lsn=next_lsn, checkpoint_pos=result.end_pos))
+        sb = sb.with_(checkpoint_lsn=next_lsn, checkpoint_pos=result.end_pos)
+        self._write_superblock(sb)
         self._file.fdatasync()
+        self._sb = sb
         self._head = result.end_pos
         self._next_lsn = next_lsn
         self._last_lsn = next_lsn - 1
@@ -287,7 +299,8 @@ class Volume:
             return
         self._stopping = True
         self._wake.set()
-        self._flusher.join(CLOSE_TIMEOUT_S)
+        if self._background:
+            self._flusher.join(CLOSE_TIMEOUT_S)
         if self._flusher.is_alive():
             raise BlockyardTimeoutError(
                 f"volume {self._name!r}: the flusher did not stop within {CLOSE_TIMEOUT_S} s; "
@@ -589,6 +602,12 @@ class Volume:
     def _wait_space(self, need: int) -> None:
         """Back-pressure: wait (bounded) for the flusher to free WAL space."""
         self.stats.backpressure_waits += 1
+        if not self._background:
+            # Single-threaded mode: free space right here. _lock is re-entrant, so the
+            # checkpoint's inner acquisition is ours; no other thread can hold _apply_lock.
+            with self._apply_lock:
+                self._checkpoint_locked()
+            return
         deadline = time.monotonic() + self._backpressure_timeout_s
         while self._used + need > self._wal_size:
             if self._failure is not None:
@@ -707,10 +726,8 @@ class Volume:
 
     def _note_synced(self, seq: int, lsn: int) -> None:
         """Record that everything written up to (seq, lsn) is durable. Caller holds _sync_cv."""
-        if seq > self._synced_seq:
-            self._synced_seq = seq
-        if lsn > self._durable_lsn:
-            self._durable_lsn = lsn
+        self._synced_seq = max(self._synced_seq, seq)
+        self._durable_lsn = max(self._durable_lsn, lsn)
 
     def _tracked_fdatasync(self) -> None:
         """An fdatasync outside the group-commit path that still advances what is durable."""
@@ -741,7 +758,7 @@ class Volume:
                 self._checkpoint()
             except BlockyardError as exc:
                 self._failure = exc
-                log.error("volume %s: checkpoint failed: %s", self._name, exc)
+                log.exception("volume %s: checkpoint failed", self._name)
                 with self._lock:
                     self._space_cv.notify_all()
                 time.sleep(1.0)
@@ -1058,7 +1075,10 @@ class Volume:
             d = self._deltas[i]
             if i > 0:
                 prev = self._deltas[i - 1]
-                todo = [b for b in d.blocks() if not prev.has(b)]
+                # The older snapshot may be smaller (the volume grew in between): blocks past
+                # its end are not part of its view.
+                limit = prev.header.size_bytes >> _BLOCK_SHIFT
+                todo = [b for b in d.blocks() if b < limit and not prev.has(b)]
                 for k in range(0, len(todo), 256):
                     prev.append([(b, d.read_block(b)) for b in todo[k : k + 256]])
             path = d.file.path
