@@ -121,6 +121,8 @@ class DeltaFile:
         size = self.file.size()
         n = max(0, (size - HEADER_AREA_BYTES) // ENTRY_BYTES)
         first_bad = -1
+        max_synced = 0
+        entries: list[tuple[int, int, int]] = []
         for i in range(n):
             off = HEADER_AREA_BYTES + i * ENTRY_BYTES
             raw = self.file.pread(SECTOR_SIZE, off)
@@ -130,6 +132,7 @@ class DeltaFile:
                     first_bad = i
                 continue
             block, synced, flags = entry
+            max_synced = max(max_synced, synced)
             if first_bad >= 0:
                 if synced > first_bad:
                     raise self._corrupt(
@@ -137,16 +140,32 @@ class DeltaFile:
                         HEADER_AREA_BYTES + first_bad * ENTRY_BYTES,
                     )
                 continue
-            self._add(block, i, flags)
-        self._count = first_bad if first_bad >= 0 else n
-        self._synced_count = self._count
-        if first_bad >= 0:
+            entries.append((block, i, flags))
+        # Entries past the last proven-durable count may be torn inside their data block (the
+        # header sector landed, the data did not): check those data checksums now.
+        end = first_bad if first_bad >= 0 else n
+        for i in range(min(max_synced, end), end):
+            if not self._data_ok(i):
+                end = i
+                break
+        for block, i, flags in entries:
+            if i < end:
+                self._add(block, i, flags)
+        self._count = end
+        self._synced_count = end
+        if end < n:
             # Drop the torn tail: those copies were never durable, so nothing they would have
             # preserved was overwritten yet.
-            self._index = {b: i for b, i in self._index.items() if i < first_bad}
-            self._zero = {b for b in self._zero if b in self._index}
-            self.file.truncate(HEADER_AREA_BYTES + first_bad * ENTRY_BYTES)
+            self.file.truncate(HEADER_AREA_BYTES + end * ENTRY_BYTES)
             self.file.fdatasync()
+
+    def _data_ok(self, index: int) -> bool:
+        off = HEADER_AREA_BYTES + index * ENTRY_BYTES
+        raw = self.file.pread(ENTRY_BYTES, off)
+        _m, _c, _b, _s, flags, data_crc = _ENTRY.unpack_from(raw, 0)
+        if flags & FLAG_ZERO:
+            return True
+        return bool(crc32c.crc32c(raw[SECTOR_SIZE:]) == data_crc)
 
     def _parse_entry(self, raw: bytes) -> tuple[int, int, int] | None:
         magic, crc, block, synced, flags, _data_crc = _ENTRY.unpack_from(raw, 0)

@@ -85,6 +85,10 @@ _PAD = bytes(SECTOR_SIZE)
 _PADS = [memoryview(_PAD)[:n] for n in range(SECTOR_SIZE)]
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _BLOCK_SHIFT = 12
+#: Lock-free reads retry this often when a checkpoint runs underneath, then take the lock.
+_READ_RETRIES = 3
+#: A range record's block count is a u32 on disk.
+_RANGE_RECORD_MAX_BLOCKS = 1 << 30
 _LBA_SHIFT = 9
 #: Per-record bookkeeping: lsn, kind, block, block_count, payload, epoch, consumed WAL bytes.
 _Pending = tuple[int, wal.Kind, int, int, memoryview | None, int, int]
@@ -123,6 +127,8 @@ class VolumeStats:
     #: fdatasync calls issued by the background flusher for checkpoints.
     checkpoint_syncs: int = 0
     checkpoints: int = 0
+    #: Checkpoints that released WAL space without an fdatasync (nothing in them was flushed).
+    lazy_checkpoints: int = 0
     backpressure_waits: int = 0
     wal_records: int = 0
 
@@ -179,6 +185,8 @@ class Volume:
         self._durable_lsn = sb.checkpoint_lsn - 1
         self._pending: deque[_Pending] = deque()
         self._dmap: dict[int, _DirtyEntry] = {}
+        #: Odd while the data region is being changed; readers compare it before and after.
+        self._apply_gen = 0
         self._write_seq = 0
         self._synced_seq = 0
         self._sync_running = False
@@ -261,6 +269,13 @@ class Volume:
             block_limit=self._block_limit,
         )
         result = scanner.scan(sb.checkpoint_lsn, sb.checkpoint_pos)
+        if result.records:
+            log.info(
+                "volume %s: replaying %d WAL records from LSN %d",
+                self._name,
+                len(result.records),
+                sb.checkpoint_lsn,
+            )
         images: dict[int, memoryview | None] = {}
         for rec in result.records:
             hdr = rec.header
@@ -268,17 +283,15 @@ class Volume:
                 mv = memoryview(rec.payload)
                 for i in range(hdr.block_count):
                     images[hdr.block + i] = mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+            elif hdr.block_count > WAL_UNMAP_MAX_BLOCKS:
+                # A range record: everything logged before it is applied first, in LSN order.
+                self._apply_images(images)
+                images = {}
+                self._zero_blocks(hdr.block, hdr.block + hdr.block_count)
             else:
                 for i in range(hdr.block_count):
                     images[hdr.block + i] = None
         if images:
-            log.info(
-                "volume %s: replaying %d WAL records (%d blocks) from LSN %d",
-                self._name,
-                len(result.records),
-                len(images),
-                sb.checkpoint_lsn,
-            )
             self._apply_images(images)
         # Number new records above every LSN still present anywhere in the region, so a stale
         # record from before this crash can never be mistaken for a future one.
@@ -431,13 +444,26 @@ class Volume:
     # ---- reads ---------------------------------------------------------------------------
 
     def read(self, lba: int, block_count: int) -> bytes:
-        """Newest data for ``block_count`` logical blocks at ``lba``. Lock-free on clean data."""
+        """Newest data for ``block_count`` logical blocks at ``lba``. Lock-free on clean data.
+
+        A read never sees a block half-applied by the background flusher: it re-reads when a
+        checkpoint ran underneath it (a sequence counter, like a seqlock).
+        """
+        if self._closed:
+            self._check_usable()
         self._check_range(lba, block_count)
         start = lba << _LBA_SHIFT
         length = block_count << _LBA_SHIFT
-        if not self._dmap:
-            return self._file.pread(length, self._data_offset + start)
-        return b"".join(self._read_parts(start, length))
+        for _ in range(_READ_RETRIES):
+            gen = self._apply_gen
+            if not self._dmap:
+                data = self._file.pread(length, self._data_offset + start)
+            else:
+                data = b"".join(self._read_parts(start, length))
+            if gen == self._apply_gen and not gen & 1:
+                return data
+        with self._apply_lock:
+            return b"".join(self._read_parts(start, length))
 
     def readinto(self, lba: int, buf: memoryview) -> None:
         """Like :meth:`read` into a caller-owned buffer (no allocation on clean data)."""
@@ -446,8 +472,19 @@ class Volume:
                 f"buffer of {len(buf)} bytes is not a whole number of {LOGICAL_BLOCK_SIZE}-byte "
                 "blocks"
             )
+        if self._closed:
+            self._check_usable()
         self._check_range(lba, len(buf) >> _LBA_SHIFT)
         start = lba << _LBA_SHIFT
+        for _ in range(_READ_RETRIES):
+            gen = self._apply_gen
+            self._readinto(start, buf)
+            if gen == self._apply_gen and not gen & 1:
+                return
+        with self._apply_lock:
+            self._readinto(start, buf)
+
+    def _readinto(self, start: int, buf: memoryview) -> None:
         if not self._dmap:
             got = self._file.preadv([buf], self._data_offset + start)
             if got < len(buf):
@@ -581,8 +618,9 @@ class Volume:
         self._pending.append((lsn, kind, block, block_count, payload, epoch, consumed))
         dmap = self._dmap
         if payload is None:
-            for b in range(block, block + block_count):
-                dmap[b] = (lsn, None)
+            if block_count <= WAL_UNMAP_MAX_BLOCKS:
+                for b in range(block, block + block_count):
+                    dmap[b] = (lsn, None)
         elif block_count == 1:
             dmap[block] = (lsn, payload)
         else:
@@ -679,8 +717,24 @@ class Volume:
             done += n
 
     def _zero_range_direct(self, first: int, end: int) -> None:
+        """Unmap a large range: drain the WAL, log one range record, punch the data region.
+
+        The range record goes into the WAL (so replication ships the discard and replay
+        re-applies it in LSN order) but into neither the dirty map nor any checkpoint batch: it
+        is applied here, directly. Writers are held off from the drain until the record is
+        appended, so no write can land between them out of LSN order. Lock order here is
+        _apply_lock → _lock → _sync_cv (the drain's fdatasync); the only other path taking
+        _sync_cv and then _lock is the lazy checkpoint, which also needs _apply_lock.
+        """
         with self._apply_lock:
-            self._checkpoint_locked()
+            with self._lock:
+                self._check_usable()
+                self._checkpoint_locked()
+                block = first
+                while block < end:
+                    count = min(end - block, _RANGE_RECORD_MAX_BLOCKS)
+                    self._append(wal.Kind.ZERO, block, count, None)
+                    block += count
             self._zero_blocks(first, end)
             with self._lock:
                 self._write_seq += 1
@@ -770,21 +824,32 @@ class Volume:
             self._checkpoint_locked()
 
     def _checkpoint_locked(self) -> None:
-        """Apply every pending record to the data region and persist the checkpoint.
+        """Apply every pending record to the data region and advance the checkpoint.
 
-        Order: COW copies synced → data writes → fdatasync → superblock → fdatasync → release
-        WAL space. Space is reused only after the new checkpoint is durable, so recovery never
-        starts from a position whose records were overwritten.
+        Durable path — COW copies synced → data writes → fdatasync → superblock → fdatasync →
+        release WAL space. Space holding durable records is reused only after a checkpoint
+        covering them is durable, so recovery never starts from a position whose durable
+        records were overwritten.
+
+        Lazy path — when no record of the batch has been made durable by any fdatasync (no
+        flush or FUA covered them) and no sync is in flight, the data writes and the new
+        superblock go to the page cache only and the space is released at once. Losing those
+        records to power loss is within the contract (they were never flushed), and the next
+        fdatasync persists data region and superblock together. This keeps sustained unflushed
+        writes from waiting on the disk, as plain buffered writes don't.
         """
         with self._lock:
             if not self._pending:
                 return
             batch = list(self._pending)
             end_pos = self._head
-        upto = batch[-1][0]
+        first, upto = batch[0][0], batch[-1][0]
         images: dict[int, memoryview | None] = {}
         for _lsn, kind, block, count, payload, _epoch, _consumed in batch:
             if kind is wal.Kind.ZERO or payload is None:
+                if count > WAL_UNMAP_MAX_BLOCKS:
+                    # Range records were applied when logged, after draining everything older.
+                    continue
                 for b in range(block, block + count):
                     images[b] = None
             elif count == 1:
@@ -793,10 +858,29 @@ class Volume:
                 for i in range(count):
                     images[block + i] = payload[i << _BLOCK_SHIFT : (i + 1) << _BLOCK_SHIFT]
         self._apply_images(images)
-        self._tracked_fdatasync()
         sb = self._sb.with_(checkpoint_lsn=upto + 1, checkpoint_pos=end_pos)
+        if self._durable_lsn < first:
+            self._write_superblock(sb)
+            with self._sync_cv:
+                # A sync that started before the superblock write could still complete and
+                # declare these records durable after their space was reused: only release
+                # lazily when none is running and none has covered the batch.
+                if not self._sync_running and self._durable_lsn < first:
+                    self._release(batch, images, upto, sb)
+                    self.stats.lazy_checkpoints += 1
+                    return
+        self._tracked_fdatasync()
         self._write_superblock(sb)
         self._tracked_fdatasync()
+        self._release(batch, images, upto, sb)
+
+    def _release(
+        self,
+        batch: list[_Pending],
+        images: dict[int, memoryview | None],
+        upto: int,
+        sb: sbmod.Superblock,
+    ) -> None:
         with self._lock:
             freed = 0
             for _ in batch:
@@ -814,6 +898,13 @@ class Volume:
     def _apply_images(self, images: dict[int, memoryview | None]) -> None:
         """Write final block images to the data region, preserving old blocks for the newest
         snapshot first. Caller holds ``_apply_lock`` (or is recovering)."""
+        self._apply_gen += 1
+        try:
+            self._apply_images_now(images)
+        finally:
+            self._apply_gen += 1
+
+    def _apply_images_now(self, images: dict[int, memoryview | None]) -> None:
         blocks = sorted(images)
         if self._deltas:
             self._preserve(blocks)
@@ -856,6 +947,13 @@ class Volume:
     def _zero_blocks(self, first: int, end: int) -> None:
         """Deallocate data-region blocks [first, end), preserving allocated ones for the newest
         snapshot. Caller holds ``_apply_lock`` and has drained the WAL."""
+        self._apply_gen += 1
+        try:
+            self._zero_blocks_now(first, end)
+        finally:
+            self._apply_gen += 1
+
+    def _zero_blocks_now(self, first: int, end: int) -> None:
         if self._deltas:
             off = self._data_offset + (first << _BLOCK_SHIFT)
             stop = self._data_offset + (end << _BLOCK_SHIFT)
@@ -879,6 +977,7 @@ class Volume:
 
     def lba_status(self, lba: int) -> LbaStatus:
         """Whether the run of blocks starting at ``lba`` is mapped (SBC-4 GET LBA STATUS)."""
+        self._check_usable()
         self._check_range(lba, 1)
         block = lba >> 3
         total_blocks = self._block_limit
@@ -1018,10 +1117,12 @@ class Volume:
         )
 
     def list_snapshots(self) -> list[SnapshotInfo]:
+        self._check_usable()
         with self._apply_lock:
             return [self._info(d) for d in self._deltas]
 
     def get_snapshot(self, name: str) -> SnapshotInfo:
+        self._check_usable()
         with self._apply_lock:
             return self._info(self._deltas[self._find_snapshot(name)])
 
@@ -1120,6 +1221,7 @@ class Volume:
 
     def snapshot_extents(self, name: str) -> list[tuple[int, int]]:
         """Block ranges (first, count) that may hold non-zero data in the snapshot's view."""
+        self._check_usable()
         with self._apply_lock:
             i = self._find_snapshot(name)
             limit = self._deltas[i].header.size_bytes >> _BLOCK_SHIFT
@@ -1154,6 +1256,9 @@ class Volume:
         """
         self._check_usable()
         with self._apply_lock:
+            # Blocks written since the snapshot but still only in the WAL have no delta copy
+            # yet: apply them first so the deltas name every block that changed.
+            self._checkpoint_locked()
             i = self._find_snapshot(name)
             snap_size = self._deltas[i].header.size_bytes
             blocks = sorted({b for d in self._deltas[i:] for b in d.blocks()})

@@ -17,10 +17,16 @@ Header layout (little-endian)::
     32 durable_hint  u64  every LSN ≤ this was on stable storage when the record was written
     40 block         u64  first physical (4 KiB) block
     48 block_count   u32
-    52 reserved      12x
+    52 header_crc    u32  crc32c over header[8:52], seeded: the header alone is genuine
+    56 reserved      8x
 
 The checksum seed is derived from the volume UUID, so a volume image stored *inside* another
 volume can never be mistaken for the outer volume's records.
+
+A record's header is checked on its own too: a header that passes ``header_crc`` was written
+by this volume even if its payload was torn. Recovery restarts LSN numbering above every such
+header, so the remains of a torn record can never be completed by a later record's pieces into
+something that looks valid.
 
 ``durable_hint`` is how recovery tells a torn tail from real damage: a record that fails its
 checksum is the end of the log, unless a later intact record says it was already durable — then
@@ -42,10 +48,11 @@ from blockyard.errors import CorruptionError
 
 MAGIC = 0x31574C42
 HEADER_BYTES = 64
-HEADER = struct.Struct("<IIBBHIQQQQI12x")
+HEADER = struct.Struct("<IIBBHIQQQQII8x")
 assert HEADER.size == HEADER_BYTES
 #: Header bytes covered by the checksum (everything after magic and crc).
 _CRC_FROM = 8
+_HEADER_CRC_AT = 52
 #: Reading the WAL for recovery happens in chunks of this size (bounded memory).
 SCAN_CHUNK_BYTES = 4 << 20
 
@@ -91,17 +98,25 @@ def pack_header(
     """Fill ``buf`` (64 bytes, reused by the caller) with a checksummed header."""
     payload_len = len(payload) if payload is not None else 0
     HEADER.pack_into(
-        buf, 0, MAGIC, 0, kind, 0, 0, payload_len, lsn, epoch, durable_hint, block, block_count
+        buf, 0, MAGIC, 0, kind, 0, 0, payload_len, lsn, epoch, durable_hint, block, block_count, 0
     )
-    crc = crc32c.crc32c(memoryview(buf)[_CRC_FROM:], seed)
+    view = memoryview(buf)
+    struct.pack_into("<I", buf, _HEADER_CRC_AT, crc32c.crc32c(view[_CRC_FROM:_HEADER_CRC_AT], seed))
+    crc = crc32c.crc32c(view[_CRC_FROM:HEADER_BYTES], seed)
     if payload is not None:
         crc = crc32c.crc32c(payload, crc)
     struct.pack_into("<I", buf, 4, crc)
 
 
+def header_ok(raw: bytes | memoryview, seed: int) -> bool:
+    """Whether the header alone is one this volume wrote (payload not checked)."""
+    (stored,) = struct.unpack_from("<I", raw, _HEADER_CRC_AT)
+    return bool(crc32c.crc32c(memoryview(raw)[_CRC_FROM:_HEADER_CRC_AT], seed) == stored)
+
+
 def parse_header(raw: bytes | memoryview, wal_size: int, block_limit: int) -> RecordHeader | None:
     """Structure-check a header (not its checksum). None when it cannot be a record of ours."""
-    (magic, _crc, kind, _flags, _r, payload_len, lsn, epoch, hint, block, count) = (
+    (magic, _crc, kind, _flags, _r, payload_len, lsn, epoch, hint, block, count, _hcrc) = (
         HEADER.unpack_from(raw, 0)
     )
     if magic != MAGIC or kind not in Kind._value2member_map_:
@@ -203,7 +218,7 @@ class WalScanner:
             consumed += length
             pos = (pos + length) % self._wal_size
             expected += 1
-        max_seen = self._check_rest(pos, expected, checkpoint_lsn)
+        max_seen = self._check_rest(pos, expected)
         return ScanResult(records, pos, expected, max(max_seen, expected - 1))
 
     def _candidates(self) -> Iterator[int]:
@@ -219,23 +234,22 @@ class WalScanner:
                 else:
                     i = chunk.find(magic, i + SECTOR_SIZE - i % SECTOR_SIZE)
 
-    def _check_rest(self, stop_pos: int, stop_lsn: int, checkpoint_lsn: int) -> int:
+    def _check_rest(self, stop_pos: int, stop_lsn: int) -> int:
         """Raise if an intact later record proves the record at ``stop_pos`` was durable.
 
-        Returns the highest LSN among intact records in the region, so the caller can restart
+        Returns the highest LSN of any genuine header in the region, so the caller can restart
         numbering above every stale record that might still sit in the region.
         """
-        # Records written after the persisted checkpoint fit in one region, so their LSNs are
-        # bounded; anything outside is a stale lap (or foreign bytes) and is ignored.
-        lsn_limit = checkpoint_lsn + self._wal_size // SECTOR_SIZE
         max_seen = 0
         for pos in self._candidates():
-            found = self._record_at(pos)
-            if found is None:
+            if pos + HEADER_BYTES > self._wal_size:
                 continue
-            hdr = found[0]
-            if hdr.lsn > lsn_limit:
+            raw = self._read(pos, HEADER_BYTES)
+            hdr = parse_header(raw, self._wal_size, self._block_limit)
+            if hdr is None or not header_ok(raw, self._seed):
                 continue
+            # A genuine header counts even when its payload was torn: its LSN must never be
+            # handed out again, and its hint is true whether or not the payload landed.
             max_seen = max(max_seen, hdr.lsn)
             if hdr.lsn > stop_lsn and hdr.durable_hint >= stop_lsn:
                 raise CorruptionError(
