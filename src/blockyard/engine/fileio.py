@@ -60,11 +60,15 @@ class IoFile(Protocol):
 
     def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int: ...
 
+    def pwrite(self, data: BytesLike, offset: int) -> int: ...
+
     def fdatasync(self) -> None: ...
 
     def punch_hole(self, offset: int, length: int) -> None: ...
 
-    def allocate(self, offset: int, length: int) -> None: ...
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Store real zero blocks (allocated, written extents) over the range."""
+        ...
 
     def truncate(self, size: int) -> None: ...
 
@@ -146,6 +150,12 @@ class OsFile:
         except OSError as exc:
             raise translate_os_error(exc, f"write {self.path}@{offset}") from exc
 
+    def pwrite(self, data: BytesLike, offset: int) -> int:
+        try:
+            return os.pwrite(self._fd, data, offset)
+        except OSError as exc:
+            raise translate_os_error(exc, f"write {self.path}@{offset}") from exc
+
     def fdatasync(self) -> None:
         try:
             os.fdatasync(self._fd)
@@ -161,23 +171,17 @@ class OsFile:
             exc = OSError(err, os.strerror(err))
             if err == errno.EOPNOTSUPP:
                 # Filesystems without hole punching: write zeros instead (same read result).
-                self._zero_fill(offset, length)
+                self.write_zeros(offset, length)
                 return
             raise translate_os_error(exc, f"punch {self.path}@{offset}+{length}") from exc
 
-    def _zero_fill(self, offset: int, length: int) -> None:
+    def write_zeros(self, offset: int, length: int) -> None:
         chunk = bytes(min(length, 1 << 20))
         while length > 0:
             n = min(length, len(chunk))
             self.pwritev([memoryview(chunk)[:n]], offset)
             offset += n
             length -= n
-
-    def allocate(self, offset: int, length: int) -> None:
-        try:
-            os.posix_fallocate(self._fd, offset, length)
-        except OSError as exc:
-            raise translate_os_error(exc, f"allocate {self.path}@{offset}+{length}") from exc
 
     def truncate(self, size: int) -> None:
         try:

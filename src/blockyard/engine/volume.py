@@ -45,6 +45,7 @@ from blockyard.engine.limits import (
     DEFAULT_FLUSH_TIMEOUT_S,
     FLUSH_HIGH_WATERMARK,
     FLUSH_IDLE_INTERVAL_S,
+    GROUP_COMMIT_DELAY_MAX_S,
     LOGICAL_BLOCK_SIZE,
     MAX_RECORD_PAYLOAD_BYTES,
     MAX_TRANSFER_BLOCKS,
@@ -87,6 +88,8 @@ _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _BLOCK_SHIFT = 12
 #: Lock-free reads retry this often when a checkpoint runs underneath, then take the lock.
 _READ_RETRIES = 3
+_MAX_IO_BYTES = MAX_TRANSFER_BLOCKS * LOGICAL_BLOCK_SIZE
+_WRITE = wal.Kind.WRITE
 #: A range record's block count is a u32 on disk.
 _RANGE_RECORD_MAX_BLOCKS = 1 << 30
 _LBA_SHIFT = 9
@@ -190,7 +193,12 @@ class Volume:
         self._write_seq = 0
         self._synced_seq = 0
         self._sync_running = False
+        self._sync_waiters = 0
+        self._sync_shared = False
+        self._last_sync_s = 0.0
         self._hdr = bytearray(wal.HEADER_BYTES)
+        self._hdr_view = memoryview(self._hdr)
+        self._wake_sent = False
         self.stats = VolumeStats()
 
         self._closed = False
@@ -543,17 +551,30 @@ class Volume:
                 f"volume {self._name!r}: {length} bytes is not a whole number of "
                 f"{LOGICAL_BLOCK_SIZE}-byte blocks; pad the write"
             )
-        self._check_range(lba, length >> _LBA_SHIFT)
+        if lba < 0 or lba + (length >> _LBA_SHIFT) > self._lba_count or length > _MAX_IO_BYTES:
+            self._check_range(lba, length >> _LBA_SHIFT)
         if length == 0:
             return
         start = lba << _LBA_SHIFT
-        end = start + length
         with self._lock:
-            self._check_usable()
-            self._check_epoch(epoch)
+            if self._closed or self._stopping:
+                self._check_usable()
+            if epoch is not None:
+                self._check_epoch(epoch)
             if not (start | length) & (BLOCK_SIZE - 1):
-                self._append_blocks(start >> _BLOCK_SHIFT, memoryview(bytes(data)))
+                # The common case: whole blocks. One owned copy of the caller's buffer, which
+                # the dirty map and the flusher share until the checkpoint.
+                if length <= self._max_payload:
+                    self._append(
+                        _WRITE,
+                        start >> _BLOCK_SHIFT,
+                        length >> _BLOCK_SHIFT,
+                        memoryview(bytes(data)),
+                    )
+                else:
+                    self._append_blocks(start >> _BLOCK_SHIFT, memoryview(bytes(data)))
             else:
+                end = start + length
                 first = start >> _BLOCK_SHIFT
                 last = (end - 1) >> _BLOCK_SHIFT
                 buf = bytearray((last - first + 1) << _BLOCK_SHIFT)
@@ -596,14 +617,32 @@ class Volume:
         hdr = self._hdr
         if tail_room < length:
             wal.pack_header(
-                hdr, self._seed, wal.Kind.WRAP, lsn, epoch, self._durable_lsn, 0, 0, None
+                hdr,
+                self._seed,
+                wal.Kind.WRAP,
+                lsn,
+                epoch,
+                self._durable_lsn,
+                0,
+                0,
+                None,
+                self._hdr_view,
             )
             self._file.pwritev([hdr], self._wal_offset + self._head)
             self._used += tail_room
             self._gap += tail_room
             self._head = 0
         wal.pack_header(
-            hdr, self._seed, kind, lsn, epoch, self._durable_lsn, block, block_count, payload
+            hdr,
+            self._seed,
+            kind,
+            lsn,
+            epoch,
+            self._durable_lsn,
+            block,
+            block_count,
+            payload,
+            self._hdr_view,
         )
         pad = length - wal.HEADER_BYTES - payload_len
         off = self._wal_offset + self._head
@@ -634,7 +673,9 @@ class Volume:
         self._next_lsn = lsn + 1
         self._write_seq += 1
         self.stats.wal_records += 1
-        if self._used >= self._high_water:
+        if self._used >= self._high_water and not self._wake_sent:
+            # Event.set() takes a lock; set it once per checkpoint round, not per write.
+            self._wake_sent = True
             self._wake.set()
 
     def _wait_space(self, need: int) -> None:
@@ -749,34 +790,55 @@ class Volume:
         self._sync_until(self._write_seq, timeout_s)
 
     def _sync_until(self, target: int, timeout_s: float | None = None) -> None:
+        """Group commit: the first caller without a sync in flight leads one fdatasync that
+        covers everyone who arrived before it started; the rest wait for it.
+
+        When the previous sync was shared (other flushers are active), the leader first waits
+        for up to one sync's duration (capped) so more of them can join — the commit_delay /
+        commit_siblings idea from database group commit. A lone flusher never waits.
+        """
         timeout = self._flush_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         cv = self._sync_cv
         with cv:
-            while self._synced_seq < target:
-                if not self._sync_running:
-                    self._sync_running = True
-                    seq, lsn = self._write_seq, self._last_lsn
-                    cv.release()
-                    synced = False
-                    try:
-                        self._file.fdatasync()
-                        synced = True
-                    finally:
-                        cv.acquire()
-                        self._sync_running = False
-                        if synced:
-                            self.stats.flush_syncs += 1
-                            self._note_synced(seq, lsn)
-                        cv.notify_all()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise FlushTimeoutError(
-                        f"volume {self._name!r}: flush did not complete within {timeout} s; "
-                        "the data directory's device is stalled"
-                    )
-                cv.wait(remaining)
+            self._sync_waiters += 1
+            try:
+                while self._synced_seq < target:
+                    if not self._sync_running:
+                        self._lead_sync(cv)
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise FlushTimeoutError(
+                            f"volume {self._name!r}: flush did not complete within {timeout} s; "
+                            "the data directory's device is stalled"
+                        )
+                    cv.wait(remaining)
+            finally:
+                self._sync_waiters -= 1
+
+    def _lead_sync(self, cv: threading.Condition) -> None:
+        """Run one shared fdatasync. Caller holds ``cv`` and found no sync in flight."""
+        self._sync_running = True
+        if self._sync_shared:
+            cv.wait(min(self._last_sync_s, GROUP_COMMIT_DELAY_MAX_S))
+        seq, lsn = self._write_seq, self._last_lsn
+        joined = self._sync_waiters - 1
+        cv.release()
+        synced = False
+        started = time.monotonic()
+        try:
+            self._file.fdatasync()
+            synced = True
+        finally:
+            cv.acquire()
+            self._sync_running = False
+            if synced:
+                self._last_sync_s = time.monotonic() - started
+                self._sync_shared = joined > 0 or self._sync_waiters > 1
+                self.stats.flush_syncs += 1
+                self._note_synced(seq, lsn)
+            cv.notify_all()
 
     def _note_synced(self, seq: int, lsn: int) -> None:
         """Record that everything written up to (seq, lsn) is durable. Caller holds _sync_cv."""
@@ -799,6 +861,7 @@ class Volume:
         while True:
             self._wake.wait(FLUSH_IDLE_INTERVAL_S)
             self._wake.clear()
+            self._wake_sent = False
             if self._stopping:
                 return
             if not self._pending:
@@ -909,6 +972,7 @@ class Volume:
         if self._deltas:
             self._preserve(blocks)
         data_offset = self._data_offset
+        pwrite = self._file.pwrite
         i, n = 0, len(blocks)
         while i < n:
             b = blocks[i]
@@ -918,6 +982,9 @@ class Volume:
                 while j < n and blocks[j] == b + (j - i) and images[blocks[j]] is None:
                     j += 1
                 self._file.punch_hole(data_offset + (b << _BLOCK_SHIFT), (j - i) << _BLOCK_SHIFT)
+            elif j == n or blocks[j] != b + 1 or images[blocks[j]] is None:
+                # Random writes rarely neighbour each other: one plain pwrite, no list.
+                pwrite(data, data_offset + (b << _BLOCK_SHIFT))
             else:
                 bufs: list[memoryview] = [data]
                 while (

@@ -84,6 +84,12 @@ def record_bytes(payload_len: int) -> int:
     return (n + SECTOR_SIZE - 1) // SECTOR_SIZE * SECTOR_SIZE
 
 
+_U32 = struct.Struct("<I")
+_pack_header_fields = HEADER.pack_into
+_pack_u32 = _U32.pack_into
+_crc = crc32c.crc32c
+
+
 def pack_header(
     buf: bytearray,
     seed: int,
@@ -94,18 +100,23 @@ def pack_header(
     block: int,
     block_count: int,
     payload: bytes | memoryview | None,
+    view: memoryview | None = None,
 ) -> None:
-    """Fill ``buf`` (64 bytes, reused by the caller) with a checksummed header."""
+    """Fill ``buf`` (64 bytes, reused by the caller) with a checksummed header.
+
+    Hot path: ``view`` is the caller's cached ``memoryview(buf)``, so nothing is allocated.
+    """
+    if view is None:
+        view = memoryview(buf)
     payload_len = len(payload) if payload is not None else 0
-    HEADER.pack_into(
+    _pack_header_fields(
         buf, 0, MAGIC, 0, kind, 0, 0, payload_len, lsn, epoch, durable_hint, block, block_count, 0
     )
-    view = memoryview(buf)
-    struct.pack_into("<I", buf, _HEADER_CRC_AT, crc32c.crc32c(view[_CRC_FROM:_HEADER_CRC_AT], seed))
-    crc = crc32c.crc32c(view[_CRC_FROM:HEADER_BYTES], seed)
+    _pack_u32(buf, _HEADER_CRC_AT, _crc(view[_CRC_FROM:_HEADER_CRC_AT], seed))
+    crc = _crc(view[_CRC_FROM:], seed)
     if payload is not None:
-        crc = crc32c.crc32c(payload, crc)
-    struct.pack_into("<I", buf, 4, crc)
+        crc = _crc(payload, crc)
+    _pack_u32(buf, 4, crc)
 
 
 def header_ok(raw: bytes | memoryview, seed: int) -> bool:

@@ -18,7 +18,8 @@ from blockyard.scsi.nexus import Nexus
 
 # SBC-4 §6.6.4 Block Limits values this target advertises and enforces.
 MAX_COMPARE_AND_WRITE_BLOCKS: Final = 1  # one logical block keeps the compare lock short
-MAX_UNMAP_LBA_COUNT: Final = 1 << 21  # 1 GiB of 512-byte blocks per descriptor
+#: 512 MiB of 512-byte blocks per UNMAP descriptor; libiscsi treats more than 1 Mi as bogus.
+MAX_UNMAP_LBA_COUNT: Final = 1 << 20
 MAX_UNMAP_DESCRIPTORS: Final = 256
 MAX_WRITE_SAME_BLOCKS: Final = 1 << 21
 #: SBC-4 §5.32.2: UNMAP parameter list = 8-byte header + 16 bytes per block descriptor.

@@ -183,6 +183,12 @@ class LogicalUnit:
     def device(self) -> BlockDevice:
         return self._device
 
+    @property
+    def write_through(self) -> bool:
+        """True while the caching mode page has WCE=0: every write then flushes the device,
+        so a transport that must not block should run writes off its event loop."""
+        return self._write_through
+
     def inspect(self, cdb: bytes | memoryview) -> CommandInfo:
         """Direction and Data-Out length of ``cdb``; never raises (see commands.inspect)."""
         return cmds.inspect(cdb, self._device.logical_block_size, self._device.max_transfer_blocks)
@@ -357,10 +363,14 @@ class LogicalUnit:
     def _take_data_out(
         self, spec: CommandSpec, data_out: BytesLike | None, needed: int
     ) -> memoryview:
-        if needed == 0:
-            return memoryview(b"")
         have = 0 if data_out is None else len(data_out)
         exact = spec.opcode in _EXACT_DATA_OPS
+        if needed == 0:
+            # A zero-block COMPARE AND WRITE or an NDOB WRITE SAME takes no data; a buffer
+            # offered anyway means the CDB and the transfer disagree (SBC-4 §5.3, §5.50).
+            if exact and have:
+                raise cdb_error(13 if spec.opcode == Op.COMPARE_AND_WRITE else 1)
+            return memoryview(b"")
         if data_out is None or have < needed or (exact and have != needed):
             if spec.opcode in _PARAM_LIST_OPS:
                 raise illegal(PARAMETER_LIST_LENGTH_ERROR)
@@ -653,12 +663,15 @@ class LogicalUnit:
             if cur >= capacity:
                 break
             status = self._device.lba_status(cur)
-            blocks = min(status.block_count, 0xFFFFFFFF, capacity - status.lba)
+            # SBC-4 §5.8.2: the first descriptor starts at the requested LBA even when the
+            # device's extent began earlier; later ones start where the previous ended.
+            start = max(status.lba, cur)
+            blocks = min(status.lba + status.block_count - start, 0xFFFFFFFF, capacity - start)
             if blocks <= 0:
                 break
             # SBC-4 §5.8.2 PROVISIONING STATUS: 0 mapped, 1 deallocated.
-            body += _LBA_STATUS.pack(status.lba, blocks, 0 if status.mapped else 1)
-            cur = status.lba + blocks
+            body += _LBA_STATUS.pack(start, blocks, 0 if status.mapped else 1)
+            cur = start + blocks
         return ScsiResult(Status.GOOD, None, _U32.pack(len(body) + 4) + bytes(4) + bytes(body))
 
     # ---- primary commands (SPC-4) -------------------------------------------------------------

@@ -82,6 +82,9 @@ class FaultFile:
         self._node.pending.append(_Op("write", offset, data))
         return len(data)
 
+    def pwrite(self, data: BytesLike, offset: int) -> int:
+        return self.pwritev([data], offset)
+
     def fdatasync(self) -> None:
         self._tick()
         node = self._node
@@ -99,10 +102,8 @@ class FaultFile:
             cur[offset:end] = bytes(end - offset)
         self._node.pending.append(_Op("punch", offset, length=length))
 
-    def allocate(self, offset: int, length: int) -> None:
-        cur = self._node.current
-        if offset + length > len(cur):
-            self.truncate(offset + length)
+    def write_zeros(self, offset: int, length: int) -> None:
+        self.pwritev([bytes(length)], offset)
 
     def truncate(self, size: int) -> None:
         self._tick()

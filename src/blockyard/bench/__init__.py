@@ -1,0 +1,1 @@
+"""Benchmarks that measure blockyard beside a plain peer in the same run and print ratios."""

@@ -1,0 +1,1 @@
+"""The ``blockyard`` command line: one module per verb."""

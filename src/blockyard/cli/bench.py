@@ -1,0 +1,23 @@
+"""``blockyard bench``: benchmarks that print ratios against a peer measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+
+from blockyard.bench.engine import run_engine_bench
+from blockyard.cli.sizes import parse_size
+
+
+def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = verbs.add_parser("bench", help="run a benchmark beside its peer and print ratios")
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    sp = sub.add_parser("engine", help="volume engine vs raw pwrite/pread on a plain file")
+    sp.add_argument("--dir", help="where to put the files (default: a temp dir in /var/tmp)")
+    sp.add_argument("--size", default="1GiB", help="volume and raw file size (default 1GiB)")
+    sp.add_argument("--seconds", type=float, default=2.0, help="rough time per workload")
+    sp.set_defaults(func=_engine)
+
+
+def _engine(args: argparse.Namespace) -> int:
+    print(run_engine_bench(args.dir, size_bytes=parse_size(args.size), seconds=args.seconds))
+    return 0

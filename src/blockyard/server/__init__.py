@@ -1,0 +1,1 @@
+"""The volume server process: engine volumes exported over iSCSI (more to come)."""
