@@ -47,7 +47,7 @@ FLUSH_HIGH_WATERMARK = 0.25
 FLUSH_IDLE_INTERVAL_S = 0.2
 CLOSE_TIMEOUT_S = 60.0
 #: Longest a group-commit leader waits for sibling flushers before its fdatasync.
-GROUP_COMMIT_DELAY_MAX_S = 0.002
+GROUP_COMMIT_DELAY_MAX_S = 0.004
 
 
 def default_wal_size(size_bytes: int) -> int:

@@ -195,6 +195,8 @@ class Volume:
         self._sync_running = False
         self._sync_waiters = 0
         self._sync_shared = False
+        self._sync_delaying = False
+        self._last_joined = 0
         self._last_sync_s = 0.0
         self._hdr = bytearray(wal.HEADER_BYTES)
         self._hdr_view = memoryview(self._hdr)
@@ -794,14 +796,17 @@ class Volume:
         covers everyone who arrived before it started; the rest wait for it.
 
         When the previous sync was shared (other flushers are active), the leader first waits
-        for up to one sync's duration (capped) so more of them can join — the commit_delay /
-        commit_siblings idea from database group commit. A lone flusher never waits.
+        until as many siblings as last time have joined, for at most two syncs' duration
+        (capped) — the commit_delay / commit_siblings idea from database group commit. A lone
+        flusher never waits.
         """
         timeout = self._flush_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         cv = self._sync_cv
         with cv:
             self._sync_waiters += 1
+            if self._sync_delaying:
+                cv.notify_all()  # a leader gathering siblings counts arrivals
             try:
                 while self._synced_seq < target:
                     if not self._sync_running:
@@ -821,7 +826,15 @@ class Volume:
         """Run one shared fdatasync. Caller holds ``cv`` and found no sync in flight."""
         self._sync_running = True
         if self._sync_shared:
-            cv.wait(min(self._last_sync_s, GROUP_COMMIT_DELAY_MAX_S))
+            # Gather as many siblings as joined last time, for at most about two syncs' time.
+            deadline = time.monotonic() + min(2 * self._last_sync_s, GROUP_COMMIT_DELAY_MAX_S)
+            self._sync_delaying = True
+            while self._sync_waiters - 1 < self._last_joined:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                cv.wait(remaining)
+            self._sync_delaying = False
         seq, lsn = self._write_seq, self._last_lsn
         joined = self._sync_waiters - 1
         cv.release()
@@ -836,6 +849,7 @@ class Volume:
             if synced:
                 self._last_sync_s = time.monotonic() - started
                 self._sync_shared = joined > 0 or self._sync_waiters > 1
+                self._last_joined = joined
                 self.stats.flush_syncs += 1
                 self._note_synced(seq, lsn)
             cv.notify_all()
