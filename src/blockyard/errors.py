@@ -79,6 +79,10 @@ class VolumeBusyError(BlockyardError):
     """The volume is open or in use and the operation needs it idle."""
 
 
+class OperationInProgressError(VolumeBusyError):
+    """Another operation on the same volume is still running; retry when it has finished."""
+
+
 class VolumeClosedError(BlockyardError):
     """An operation was attempted on a closed volume handle."""
 
@@ -152,3 +156,14 @@ class NoSpaceError(BlockyardError):
 
 class StorageIOError(BlockyardError):
     """The operating system failed an I/O call; the cause is chained."""
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+class ServerUnavailableError(BlockyardError):
+    """The volume server cannot be reached or cannot serve right now; retrying is safe."""
+
+
+class ServerStoppingError(ServerUnavailableError):
+    """The volume server is shutting down and takes no new operations; retry once it is back."""

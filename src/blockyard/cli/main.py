@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from blockyard.cli import bench, volume
+from blockyard.cli import attach, bench, serve, volume
 from blockyard.errors import BlockyardError
 
 #: Exit codes: 0 success, 1 operating error (message says how to fix), 2 usage error.
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     volume.register(verbs)
     bench.register(verbs)
+    attach.register(verbs)
+    serve.register(verbs)
     return parser
 
 

@@ -1,17 +1,35 @@
-"""``blockyard volume``: manage volumes in a local data directory.
+"""``blockyard volume``: manage volumes in a local data directory or on a volume server.
 
-These commands open volume files directly; while ``blockyard serve`` runs on the same directory
-the volume file lock refuses them with a message pointing at the management API.
+With ``--data-dir`` these commands open volume files directly; while ``blockyard serve`` runs on
+the same directory the volume file lock refuses them with a message pointing at the management
+API. With ``--server HOST:PORT`` they go through that server's management API instead (restore
+needs ``--data-dir``: the API has no restore).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from blockyard.cli.sizes import format_size, parse_size
 from blockyard.engine import VolumeInfo, VolumeStore
+from blockyard.errors import InvalidArgumentError
+from blockyard.server.backend import SnapshotDescription, SnapshotRef, VolumeDescription
+from blockyard.server.client import VolumeServerClient
+
+T = TypeVar("T")
+
+
+def _add_location(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
+    where = sp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", help="directory holding the volumes")
+    if server:
+        where.add_argument(
+            "--server", metavar="HOST:PORT", help="a volume server's management API address"
+        )
 
 
 def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,7 +38,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     def add(name: str, help_: str, func: Any) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--data-dir", required=True, help="directory holding the volumes")
+        _add_location(sp)
         sp.set_defaults(func=func)
         return sp
 
@@ -57,12 +75,12 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ("restore", "make the volume read as the snapshot (volume must be idle)", _snap_restore),
     ):
         sp = ssub.add_parser(action, help=help_)
-        sp.add_argument("--data-dir", required=True)
+        _add_location(sp, server=action != "restore")
         sp.add_argument("volume")
         sp.add_argument("snapshot")
         sp.set_defaults(func=func)
     sp = ssub.add_parser("list", help="list a volume's snapshots")
-    sp.add_argument("--data-dir", required=True)
+    _add_location(sp)
     sp.add_argument("volume")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_snap_list)
@@ -70,6 +88,56 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _store(args: argparse.Namespace) -> VolumeStore:
     return VolumeStore(args.data_dir)
+
+
+def _remote(args: argparse.Namespace, fn: Callable[[VolumeServerClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with VolumeServerClient(args.server) as client:
+            return await fn(client)
+
+    return asyncio.run(main())
+
+
+def _remote_dict(d: VolumeDescription) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "uuid": str(d.uuid),
+        "size_bytes": d.size_bytes,
+        "epoch": d.epoch,
+        "role": d.role.name.lower(),
+        "allocated_bytes": d.allocated_bytes,
+        "snapshot_count": d.snapshot_count,
+        "iqn": d.export.iqn,
+        "lun": d.export.lun,
+        "naa_id": d.export.naa_id,
+        "portals": [
+            {"address": p.address, "portal_group_tag": p.portal_group_tag,
+             "state": p.state.name.lower()}
+            for p in d.export.portals
+        ],
+    }  # fmt: skip
+
+
+def _print_remote(descs: list[VolumeDescription], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([_remote_dict(d) for d in descs], indent=2))
+        return
+    print(f"{'NAME':<32} {'SIZE':>10} {'USED':>10} {'SNAPS':>5} {'ROLE':<10} {'EPOCH':>5}  IQN")
+    for d in descs:
+        print(
+            f"{d.name:<32} {format_size(d.size_bytes):>10} {format_size(d.allocated_bytes):>10} "
+            f"{d.snapshot_count:>5} {d.role.name.lower():<10} {d.epoch:>5}  {d.export.iqn}"
+        )
+
+
+def _snap_dict(s: SnapshotDescription) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "uuid": str(s.uuid),
+        "size_bytes": s.size_bytes,
+        "created_ns": s.created_ns,
+        "delta_bytes": s.delta_bytes,
+    }
 
 
 def _info_dict(info: VolumeInfo) -> dict[str, Any]:
@@ -98,6 +166,19 @@ def _print_infos(infos: list[VolumeInfo], as_json: bool) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
+    if args.server:
+        if args.wal_size:
+            raise InvalidArgumentError("--wal-size needs --data-dir; the server picks the WAL size")
+        size = parse_size(args.size)
+        desc = _remote(args, lambda c: c.create_volume(args.name, size))
+        if args.json:
+            print(json.dumps(_remote_dict(desc), indent=2))
+        else:
+            print(
+                f"created volume {desc.name} ({format_size(desc.size_bytes)}, uuid {desc.uuid}), "
+                f"iSCSI {desc.export.iqn} at {', '.join(p.address for p in desc.export.portals)}"
+            )
+        return 0
     store = _store(args)
     wal = parse_size(args.wal_size) if args.wal_size else None
     vol = store.create(args.name, parse_size(args.size), wal_size_bytes=wal)
@@ -111,22 +192,36 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    _store(args).delete(args.name)
+    if args.server:
+        _remote(args, lambda c: c.delete_volume(args.name))
+    else:
+        _store(args).delete(args.name)
     print(f"deleted volume {args.name}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.server:
+        _print_remote(_remote(args, lambda c: c.list_all_volumes()), args.json)
+        return 0
     _print_infos(_store(args).list(), args.json)
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
+    if args.server:
+        _print_remote([_remote(args, lambda c: c.get_volume(args.name))], args.json)
+        return 0
     _print_infos([_store(args).info(args.name)], args.json)
     return 0
 
 
 def _grow(args: argparse.Namespace) -> int:
+    if args.server:
+        size = parse_size(args.size)
+        desc = _remote(args, lambda c: c.expand_volume(args.name, size))
+        print(f"volume {desc.name} is now {format_size(desc.size_bytes)}")
+        return 0
     with _store(args).open(args.name) as vol:
         vol.grow(parse_size(args.size))
         print(f"volume {vol.name} is now {format_size(vol.size_bytes)}")
@@ -134,6 +229,11 @@ def _grow(args: argparse.Namespace) -> int:
 
 
 def _clone(args: argparse.Namespace) -> int:
+    if args.server:
+        source = SnapshotRef(args.source, args.snapshot)
+        _remote(args, lambda c: c.clone_volume(args.name, source))
+        print(f"cloned {args.source}@{args.snapshot} into volume {args.name}")
+        return 0
     store = _store(args)
     with store.open(args.source) as src:
         clone = store.clone(src, args.snapshot, args.name)
@@ -143,6 +243,10 @@ def _clone(args: argparse.Namespace) -> int:
 
 
 def _snap_create(args: argparse.Namespace) -> int:
+    if args.server:
+        snap = _remote(args, lambda c: c.create_snapshot(args.volume, args.snapshot))
+        print(f"created snapshot {args.volume}@{snap.name}")
+        return 0
     with _store(args).open(args.volume) as vol:
         info = vol.create_snapshot(args.snapshot)
     print(f"created snapshot {args.volume}@{info.name}")
@@ -150,6 +254,10 @@ def _snap_create(args: argparse.Namespace) -> int:
 
 
 def _snap_delete(args: argparse.Namespace) -> int:
+    if args.server:
+        _remote(args, lambda c: c.delete_snapshot(args.volume, args.snapshot))
+        print(f"deleted snapshot {args.volume}@{args.snapshot}")
+        return 0
     with _store(args).open(args.volume) as vol:
         vol.delete_snapshot(args.snapshot)
     print(f"deleted snapshot {args.volume}@{args.snapshot}")
@@ -164,6 +272,18 @@ def _snap_restore(args: argparse.Namespace) -> int:
 
 
 def _snap_list(args: argparse.Namespace) -> int:
+    if args.server:
+        remote = _remote(args, lambda c: c.list_snapshots(args.volume))
+        if args.json:
+            print(json.dumps([_snap_dict(s) for s in remote], indent=2))
+            return 0
+        print(f"{'SNAPSHOT':<32} {'SIZE':>10} {'DELTA':>10}  UUID")
+        for r in remote:
+            print(
+                f"{r.name:<32} {format_size(r.size_bytes):>10} "
+                f"{format_size(r.delta_bytes):>10}  {r.uuid}"
+            )
+        return 0
     with _store(args).open(args.volume) as vol:
         snaps = vol.list_snapshots()
     if args.json:

@@ -136,7 +136,7 @@ class VolumeStore:
                 wal_size_bytes=vol.wal_size_bytes,
                 allocated_bytes=vol.allocated_bytes(),
                 snapshot_count=len(vol.list_snapshots()),
-                created_ns=vol._sb.created_ns,
+                created_ns=vol.created_ns,
             )
         path = f"{self._dir(name)}/{VOLUME_FILE}"
         if not self.fs.exists(path):

@@ -392,6 +392,10 @@ class Volume:
         return self._sb.role
 
     @property
+    def created_ns(self) -> int:
+        return self._sb.created_ns
+
+    @property
     def wal_size_bytes(self) -> int:
         return self._wal_size
 

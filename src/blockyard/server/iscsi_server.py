@@ -130,7 +130,9 @@ class ServerSettings:
 
     ``flush_workers`` threads run commands that may block; at most ``sessions_max`` sessions
     in total and ``sessions_per_target_max`` per target are served (a login beyond them is
-    closed right after it completes, and logged).
+    closed right after it completes, and logged). ``relative_target_port_id`` and
+    ``target_port_group_id`` identify this listener's SCSI target port (SPC-4 §7.8.6): a server
+    with several listeners gives each its own, so ALUA states can differ per portal.
     """
 
     login: TargetLoginSettings = field(default_factory=TargetLoginSettings)
@@ -139,10 +141,17 @@ class ServerSettings:
     sessions_per_target_max: int = 16
     flush_workers: int = 4
     advertised_host: str | None = None
+    relative_target_port_id: int = 1
+    target_port_group_id: int = 1
 
     def __post_init__(self) -> None:
         if self.sessions_max < 1 or self.sessions_per_target_max < 1 or self.flush_workers < 1:
             raise ValueError("sessions_max, sessions_per_target_max and flush_workers must be >= 1")
+        # SPC-4 §7.8.6.6: both identifiers are 16-bit; relative port 0 is reserved.
+        if not 1 <= self.relative_target_port_id <= 0xFFFF:
+            raise ValueError("relative_target_port_id must be 1..65535")
+        if not 0 <= self.target_port_group_id <= 0xFFFF:
+            raise ValueError("target_port_group_id must be 0..65535")
 
 
 class _Portal:
@@ -221,6 +230,8 @@ class _IscsiProtocol(asyncio.Protocol):
             server.settings.login,
             limits=server.settings.limits,
             clock=server.clock or self._loop.time,
+            relative_target_port_id=server.settings.relative_target_port_id,
+            target_port_group_id=server.settings.target_port_group_id,
         )
         server.connections.add(self)
 

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from conftest import need_tools, run, start_server, stop_server
+from iscsi_proc import need_tools, run, start_server, stop_server
 
 #: Measured 228 of 230 with libiscsi 1.19.0 (tgtd 1.0.85: 222); see docs/conformance.md.
 MIN_PASSED = 228

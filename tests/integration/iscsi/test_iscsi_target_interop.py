@@ -7,8 +7,9 @@ import threading
 import time
 from pathlib import Path
 
+from iscsi_proc import ServedVolume, need_tools, run, start_server, stop_server
+
 from blockyard.engine.store import VolumeStore
-from conftest import ServedVolume, need_tools, run, start_server, stop_server
 
 
 def qemu_io(url: str, *commands: str) -> str:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blockyard.engine import VolumeStore
+from blockyard.engine import VolumeStore, wal
 from blockyard.engine import superblock as sbmod
-from blockyard.engine import wal
 from blockyard.engine.snapshot import ENTRY_BYTES, HEADER_AREA_BYTES
 from blockyard.errors import CorruptionError
 from blockyard.testing.faultfs import FaultFS

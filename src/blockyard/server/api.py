@@ -1,0 +1,180 @@
+"""The gRPC face of a volume server: ``blockyard.v1.VolumeServer`` over any
+:class:`~blockyard.server.backend.VolumeServerControl`.
+
+Each RPC converts its request (refusing UNSPECIFIED enums and missing messages), calls the
+backend, which validates names and sizes, and converts the answer. Errors become a status in
+:meth:`VolumeServerService._run` only, through :func:`blockyard.server.status.status_for`, and
+every RPC leaves exactly one log line with its outcome and duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from blockyard.errors import BlockyardError, InvalidArgumentError
+from blockyard.server import convert
+from blockyard.server.backend import VolumeServerControl
+from blockyard.server.proto import volume_server_pb2 as pb
+from blockyard.server.proto import volume_server_pb2_grpc as pb_grpc
+from blockyard.server.status import status_for
+
+log = logging.getLogger("blockyard.server.api")
+
+R = TypeVar("R")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class VolumeServerService(pb_grpc.VolumeServerServicer):
+    def __init__(self, backend: VolumeServerControl) -> None:
+        self._backend = backend
+
+    async def _run(
+        self, context: Context, rpc: str, subject: str, work: Callable[[], Awaitable[R]]
+    ) -> R:
+        start = time.monotonic()
+        try:
+            result = await work()
+        except BlockyardError as exc:
+            code, message = status_for(exc), str(exc)
+        except Exception as exc:  # a bug still answers with a status; the log keeps the cause
+            log.exception("%s %s failed unexpectedly", rpc, subject)
+            code = grpc.StatusCode.INTERNAL
+            message = (
+                f"internal error in the volume server ({type(exc).__name__}: {exc}); the server "
+                "log has the details. Retrying is safe"
+            )
+        else:
+            log.info("rpc %s %s OK %.1f ms", rpc, subject, (time.monotonic() - start) * 1e3)
+            return result
+        elapsed_ms = (time.monotonic() - start) * 1e3
+        log.info("rpc %s %s %s %.1f ms: %s", rpc, subject, code.name, elapsed_ms, message)
+        await context.abort(code, message)
+
+    async def CreateVolume(self, request: pb.CreateVolumeRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            source = convert.source_from_pb(request.source) if request.HasField("source") else None
+            desc = await self._backend.create_volume(
+                request.name, request.size_bytes, source=source
+            )
+            return convert.volume_to_pb(desc)
+
+        return await self._run(context, "CreateVolume", request.name, work)
+
+    async def DeleteVolume(
+        self, request: pb.DeleteVolumeRequest, context: Context
+    ) -> pb.DeleteVolumeResponse:
+        async def work() -> pb.DeleteVolumeResponse:
+            result = await self._backend.delete_volume(request.name)
+            return pb.DeleteVolumeResponse(
+                existed=result.existed, sessions_dropped=result.sessions_dropped
+            )
+
+        return await self._run(context, "DeleteVolume", request.name, work)
+
+    async def GetVolume(self, request: pb.GetVolumeRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            return convert.volume_to_pb(await self._backend.get_volume(request.name))
+
+        return await self._run(context, "GetVolume", request.name, work)
+
+    async def ListVolumes(
+        self, request: pb.ListVolumesRequest, context: Context
+    ) -> pb.ListVolumesResponse:
+        async def work() -> pb.ListVolumesResponse:
+            page = await self._backend.list_volumes(request.page_size, request.page_token)
+            return pb.ListVolumesResponse(
+                volumes=[convert.volume_to_pb(v) for v in page.volumes],
+                next_page_token=page.next_page_token,
+            )
+
+        return await self._run(context, "ListVolumes", f"page_size={request.page_size}", work)
+
+    async def ExpandVolume(self, request: pb.ExpandVolumeRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            desc = await self._backend.expand_volume(request.name, request.size_bytes)
+            return convert.volume_to_pb(desc)
+
+        return await self._run(context, "ExpandVolume", request.name, work)
+
+    async def CreateSnapshot(
+        self, request: pb.CreateSnapshotRequest, context: Context
+    ) -> pb.Snapshot:
+        async def work() -> pb.Snapshot:
+            desc = await self._backend.create_snapshot(request.volume, request.name)
+            return convert.snapshot_to_pb(desc)
+
+        return await self._run(context, "CreateSnapshot", f"{request.volume}@{request.name}", work)
+
+    async def DeleteSnapshot(
+        self, request: pb.DeleteSnapshotRequest, context: Context
+    ) -> pb.DeleteSnapshotResponse:
+        async def work() -> pb.DeleteSnapshotResponse:
+            existed = await self._backend.delete_snapshot(request.volume, request.name)
+            return pb.DeleteSnapshotResponse(existed=existed)
+
+        return await self._run(context, "DeleteSnapshot", f"{request.volume}@{request.name}", work)
+
+    async def ListSnapshots(
+        self, request: pb.ListSnapshotsRequest, context: Context
+    ) -> pb.ListSnapshotsResponse:
+        async def work() -> pb.ListSnapshotsResponse:
+            snaps = await self._backend.list_snapshots(request.volume)
+            return pb.ListSnapshotsResponse(snapshots=[convert.snapshot_to_pb(s) for s in snaps])
+
+        return await self._run(context, "ListSnapshots", request.volume, work)
+
+    async def CloneVolume(self, request: pb.CloneVolumeRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            if not request.HasField("source"):
+                raise InvalidArgumentError(
+                    "source is required: give the volume and snapshot to clone from"
+                )
+            source = convert.source_from_pb(request.source)
+            return convert.volume_to_pb(await self._backend.clone_volume(request.name, source))
+
+        return await self._run(context, "CloneVolume", request.name, work)
+
+    async def SetVolumeRole(self, request: pb.SetVolumeRoleRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            role = convert.role_from_pb(request.role)
+            desc = await self._backend.set_volume_role(request.name, role, request.epoch)
+            return convert.volume_to_pb(desc)
+
+        return await self._run(context, "SetVolumeRole", request.name, work)
+
+    async def SetPortState(self, request: pb.SetPortStateRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            state = convert.state_from_pb(request.state)
+            if request.portal_group_tag == 0:
+                raise InvalidArgumentError(
+                    "portal_group_tag is required: Health lists this server's portal groups"
+                )
+            desc = await self._backend.set_port_state(
+                request.volume, request.portal_group_tag, state
+            )
+            return convert.volume_to_pb(desc)
+
+        return await self._run(context, "SetPortState", request.volume, work)
+
+    async def GetCapacity(
+        self, request: pb.GetCapacityRequest, context: Context
+    ) -> pb.GetCapacityResponse:
+        async def work() -> pb.GetCapacityResponse:
+            return convert.capacity_to_pb(await self._backend.get_capacity())
+
+        return await self._run(context, "GetCapacity", "-", work)
+
+    async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
+        async def work() -> pb.HealthResponse:
+            return convert.health_to_pb(await self._backend.health())
+
+        return await self._run(context, "Health", "-", work)
+
+
+def add_to_server(service: VolumeServerService, server: grpc.aio.Server) -> None:
+    pb_grpc.add_VolumeServerServicer_to_server(service, server)

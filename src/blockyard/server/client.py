@@ -1,0 +1,202 @@
+"""An async :class:`~blockyard.server.backend.VolumeServerControl` over gRPC.
+
+Every call has a deadline; a failed call raises the
+:class:`~blockyard.errors.BlockyardError` subclass its status code maps to (see
+:mod:`blockyard.server.status`), with the server's message, so callers handle local and remote
+errors alike. Use as ``async with VolumeServerClient("host:port") as client: ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Final, TypeVar
+
+import grpc
+
+from blockyard.engine.epoch import Role
+from blockyard.errors import ServerUnavailableError
+from blockyard.scsi.alua import AccessState
+from blockyard.server import convert
+from blockyard.server.backend import (
+    CapacityInfo,
+    DeleteResult,
+    HealthInfo,
+    SnapshotDescription,
+    SnapshotRef,
+    VolumeDescription,
+    VolumePage,
+)
+from blockyard.server.proto import volume_server_pb2 as pb
+from blockyard.server.proto import volume_server_pb2_grpc as pb_grpc
+from blockyard.server.status import error_for
+
+#: Deadline of calls that only read state.
+DEFAULT_TIMEOUT_S: Final = 30.0
+#: Deadline of calls that may move data (create zero-fills the WAL, clone copies blocks).
+DEFAULT_SLOW_TIMEOUT_S: Final = 300.0
+
+Resp = TypeVar("Resp")
+
+
+class VolumeServerClient:
+    """A client of one volume server's management API. Not thread-safe: use it from the event
+    loop that created it."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        slow_timeout_s: float = DEFAULT_SLOW_TIMEOUT_S,
+    ) -> None:
+        self.target = target
+        self._timeout_s = timeout_s
+        self._slow_timeout_s = slow_timeout_s
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.VolumeServerStub(self._channel)
+
+    async def __aenter__(self) -> VolumeServerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: object,
+        *,
+        slow: bool = False,
+    ) -> Resp:
+        timeout = self._slow_timeout_s if slow else self._timeout_s
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            details = exc.details() or "no details"
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # Transport failures carry gRPC's words, not ours: say which server it was.
+                details = f"volume server {self.target}: {details}"
+            raise error_for(code, details) from exc
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until the channel connects (for tools that just started the server)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._channel.channel_ready()
+        except TimeoutError as exc:
+            raise ServerUnavailableError(
+                f"no volume server answered at {self.target} within {timeout_s:.0f} s; is "
+                "`blockyard serve` running there with that --api-listen address?"
+            ) from exc
+
+    # ---- VolumeBackend --------------------------------------------------------------------
+
+    async def create_volume(
+        self, name: str, size_bytes: int, *, source: SnapshotRef | None = None
+    ) -> VolumeDescription:
+        request = pb.CreateVolumeRequest(name=name, size_bytes=size_bytes)
+        if source is not None:
+            request.source.CopyFrom(convert.source_to_pb(source))
+        msg: pb.Volume = await self._call(self._stub.CreateVolume, request, slow=True)
+        return convert.volume_from_pb(msg)
+
+    async def delete_volume(self, name: str) -> DeleteResult:
+        msg: pb.DeleteVolumeResponse = await self._call(
+            self._stub.DeleteVolume, pb.DeleteVolumeRequest(name=name), slow=True
+        )
+        return DeleteResult(msg.existed, msg.sessions_dropped)
+
+    async def get_volume(self, name: str) -> VolumeDescription:
+        msg: pb.Volume = await self._call(self._stub.GetVolume, pb.GetVolumeRequest(name=name))
+        return convert.volume_from_pb(msg)
+
+    async def list_volumes(self, page_size: int = 0, page_token: str = "") -> VolumePage:
+        msg: pb.ListVolumesResponse = await self._call(
+            self._stub.ListVolumes,
+            pb.ListVolumesRequest(page_size=page_size, page_token=page_token),
+        )
+        return VolumePage(
+            tuple(convert.volume_from_pb(v) for v in msg.volumes), msg.next_page_token
+        )
+
+    async def list_all_volumes(self, page_size: int = 0) -> list[VolumeDescription]:
+        """Every volume, following page tokens (bounded by the server's pages)."""
+        out: list[VolumeDescription] = []
+        token = ""
+        while True:
+            page = await self.list_volumes(page_size, token)
+            out.extend(page.volumes)
+            if not page.next_page_token:
+                return out
+            token = page.next_page_token
+
+    async def expand_volume(self, name: str, size_bytes: int) -> VolumeDescription:
+        msg: pb.Volume = await self._call(
+            self._stub.ExpandVolume,
+            pb.ExpandVolumeRequest(name=name, size_bytes=size_bytes),
+            slow=True,
+        )
+        return convert.volume_from_pb(msg)
+
+    async def create_snapshot(self, volume: str, name: str) -> SnapshotDescription:
+        msg: pb.Snapshot = await self._call(
+            self._stub.CreateSnapshot, pb.CreateSnapshotRequest(volume=volume, name=name), slow=True
+        )
+        return convert.snapshot_from_pb(msg)
+
+    async def delete_snapshot(self, volume: str, name: str) -> bool:
+        msg: pb.DeleteSnapshotResponse = await self._call(
+            self._stub.DeleteSnapshot, pb.DeleteSnapshotRequest(volume=volume, name=name), slow=True
+        )
+        return msg.existed
+
+    async def list_snapshots(self, volume: str) -> tuple[SnapshotDescription, ...]:
+        msg: pb.ListSnapshotsResponse = await self._call(
+            self._stub.ListSnapshots, pb.ListSnapshotsRequest(volume=volume)
+        )
+        return tuple(convert.snapshot_from_pb(s) for s in msg.snapshots)
+
+    async def clone_volume(self, name: str, source: SnapshotRef) -> VolumeDescription:
+        msg: pb.Volume = await self._call(
+            self._stub.CloneVolume,
+            pb.CloneVolumeRequest(name=name, source=convert.source_to_pb(source)),
+            slow=True,
+        )
+        return convert.volume_from_pb(msg)
+
+    async def get_capacity(self) -> CapacityInfo:
+        msg: pb.GetCapacityResponse = await self._call(
+            self._stub.GetCapacity, pb.GetCapacityRequest()
+        )
+        return convert.capacity_from_pb(msg)
+
+    async def health(self) -> HealthInfo:
+        msg: pb.HealthResponse = await self._call(self._stub.Health, pb.HealthRequest())
+        return convert.health_from_pb(msg)
+
+    # ---- VolumeServerControl --------------------------------------------------------------
+
+    async def set_volume_role(self, name: str, role: Role, epoch: int) -> VolumeDescription:
+        request = pb.SetVolumeRoleRequest(name=name, role=convert.ROLE_TO_PB[role], epoch=epoch)
+        msg: pb.Volume = await self._call(self._stub.SetVolumeRole, request, slow=True)
+        return convert.volume_from_pb(msg)
+
+    async def set_port_state(
+        self, volume: str, portal_group_tag: int, state: AccessState
+    ) -> VolumeDescription:
+        request = pb.SetPortStateRequest(
+            volume=volume, portal_group_tag=portal_group_tag, state=convert.STATE_TO_PB[state]
+        )
+        msg: pb.Volume = await self._call(self._stub.SetPortState, request)
+        return convert.volume_from_pb(msg)

@@ -1,0 +1,183 @@
+"""The volume server process: iSCSI listeners + volume manager + gRPC management API.
+
+:meth:`VolumeServerDaemon.start` opens the data directory, binds every listener and the API,
+or undoes all of it and raises :class:`StartError`. :meth:`VolumeServerDaemon.close` stops in
+the order that keeps data safe: the API first (no new operations), then the iSCSI listeners
+(running commands finish or are aborted), then the manager (every volume flushed and closed).
+Both may be called again on the same object: a failed or stopped daemon starts anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+
+from blockyard.errors import BlockyardError
+from blockyard.server.api import VolumeServerService, add_to_server
+from blockyard.server.iscsi_server import DictTargetRegistry, IscsiServer, ServerSettings
+from blockyard.server.manager import DEFAULT_IQN_PREFIX, PortalGroup, VolumeManager
+
+log = logging.getLogger("blockyard.server")
+
+#: Concurrent management RPCs; more get RESOURCE_EXHAUSTED from gRPC itself.
+MAX_CONCURRENT_RPCS: Final = 64
+#: Share of the shutdown bound each stage may use (API, iSCSI; the manager gets the rest).
+_API_SHARE: Final = 0.2
+_ISCSI_SHARE: Final = 0.3
+
+
+class StartError(Exception):
+    """The server could not start; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, *, option: str) -> Address:
+    """``HOST:PORT`` or ``[V6]:PORT``; port 0 picks a free port."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 0xFFFF:
+        raise ValueError(f"{option} wants HOST:PORT (e.g. 127.0.0.1:3260), got {text!r}")
+    return Address(host, int(port_text))
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    data_dir: str
+    iscsi_listen: tuple[Address, ...]
+    api_listen: Address
+    iqn_prefix: str = DEFAULT_IQN_PREFIX
+    advertise_host: str | None = None
+    shutdown_timeout_s: float = 30.0
+
+
+class VolumeServerDaemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        if not config.iscsi_listen:
+            raise ValueError("at least one iSCSI listener is needed")
+        self.config = config
+        self.manager: VolumeManager | None = None
+        self._iscsi: list[IscsiServer] = []
+        self._grpc: grpc.aio.Server | None = None
+        self.api_port = 0
+
+    @property
+    def iscsi_addresses(self) -> list[Address]:
+        return [Address(s.host, s.port) for s in self._iscsi]
+
+    def ready_line(self) -> str:
+        iscsi = ",".join(str(a) for a in self.iscsi_addresses)
+        api = Address(self.config.api_listen.host, self.api_port)
+        return f"READY iscsi={iscsi} api={api}"
+
+    async def start(self) -> None:
+        """Serve, or raise StartError with everything already undone."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        groups: list[PortalGroup] = []
+        self._iscsi = []
+        for tag, addr in enumerate(cfg.iscsi_listen, start=1):
+            advertised = cfg.advertise_host or (
+                socket.gethostname() if _is_wildcard(addr.host) else addr.host
+            )
+            # Each listener is its own target port and target port group, both numbered by
+            # the portal group tag, so ALUA states can differ per portal.
+            settings = ServerSettings(
+                advertised_host=advertised,
+                relative_target_port_id=tag,
+                target_port_group_id=tag,
+            )
+            registry = DictTargetRegistry()
+            server = IscsiServer(registry, addr.host, addr.port, settings=settings)
+            self._iscsi.append(server)
+            groups.append(PortalGroup(tag, server, registry, advertised))
+        try:
+            self.manager = VolumeManager(cfg.data_dir, groups, iqn_prefix=cfg.iqn_prefix)
+        except BlockyardError as exc:
+            raise StartError(str(exc)) from exc
+        try:
+            await self.manager.start()
+        except BlockyardError as exc:
+            raise StartError(f"cannot open data directory {cfg.data_dir}: {exc}") from exc
+        except OSError as exc:
+            raise StartError(
+                f"cannot use data directory {cfg.data_dir}: {exc}; check the path and its "
+                "permissions"
+            ) from exc
+        for server, addr in zip(self._iscsi, cfg.iscsi_listen, strict=True):
+            try:
+                await server.start()
+            except OSError as exc:
+                raise StartError(
+                    f"cannot listen for iSCSI on {addr}: {exc.strerror or exc}; stop whatever "
+                    "uses that address or pick another --iscsi-listen"
+                ) from exc
+        await self._start_api()
+        log.info("volume server ready: %s", self.ready_line())
+
+    async def _start_api(self) -> None:
+        assert self.manager is not None
+        addr = self.config.api_listen
+        # SO_REUSEPORT (gRPC's default) would let a second server bind the same port silently.
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+        )
+        add_to_server(VolumeServerService(self.manager), server)
+        failure = (
+            f"cannot listen for the management API on {addr}: the address is in use or not "
+            "local; stop whatever uses it or pick another --api-listen"
+        )
+        try:
+            port = server.add_insecure_port(str(addr))
+        except RuntimeError as exc:
+            raise StartError(failure) from exc
+        if port == 0:
+            raise StartError(failure)
+        self._grpc = server
+        await server.start()
+        self.api_port = port
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stop everything within about ``timeout_s`` (default: the configured bound)."""
+        budget = self.config.shutdown_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        server, self._grpc = self._grpc, None
+        if server is not None:
+            await server.stop(grace=budget * _API_SHARE)
+        iscsi_budget = max(0.1, min(budget * _ISCSI_SHARE, deadline - loop.time()))
+        await asyncio.gather(*(s.close(iscsi_budget) for s in self._iscsi))
+        manager, self.manager = self.manager, None
+        if manager is not None:
+            await manager.close(max(0.1, deadline - loop.time()))
+
+    @property
+    def listeners(self) -> Sequence[IscsiServer]:
+        return tuple(self._iscsi)

@@ -1,0 +1,254 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_NONE: _ClassVar[Role]
+    ROLE_PRIMARY: _ClassVar[Role]
+    ROLE_REPLICA: _ClassVar[Role]
+    ROLE_REBUILDING: _ClassVar[Role]
+
+class PortState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PORT_STATE_UNSPECIFIED: _ClassVar[PortState]
+    PORT_STATE_ACTIVE_OPTIMIZED: _ClassVar[PortState]
+    PORT_STATE_ACTIVE_NON_OPTIMIZED: _ClassVar[PortState]
+    PORT_STATE_STANDBY: _ClassVar[PortState]
+    PORT_STATE_UNAVAILABLE: _ClassVar[PortState]
+    PORT_STATE_TRANSITIONING: _ClassVar[PortState]
+ROLE_UNSPECIFIED: Role
+ROLE_NONE: Role
+ROLE_PRIMARY: Role
+ROLE_REPLICA: Role
+ROLE_REBUILDING: Role
+PORT_STATE_UNSPECIFIED: PortState
+PORT_STATE_ACTIVE_OPTIMIZED: PortState
+PORT_STATE_ACTIVE_NON_OPTIMIZED: PortState
+PORT_STATE_STANDBY: PortState
+PORT_STATE_UNAVAILABLE: PortState
+PORT_STATE_TRANSITIONING: PortState
+
+class Portal(_message.Message):
+    __slots__ = ("host", "port", "portal_group_tag", "state")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PORTAL_GROUP_TAG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    portal_group_tag: int
+    state: PortState
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., portal_group_tag: _Optional[int] = ..., state: _Optional[_Union[PortState, str]] = ...) -> None: ...
+
+class Export(_message.Message):
+    __slots__ = ("portals", "iqn", "lun", "naa_id")
+    PORTALS_FIELD_NUMBER: _ClassVar[int]
+    IQN_FIELD_NUMBER: _ClassVar[int]
+    LUN_FIELD_NUMBER: _ClassVar[int]
+    NAA_ID_FIELD_NUMBER: _ClassVar[int]
+    portals: _containers.RepeatedCompositeFieldContainer[Portal]
+    iqn: str
+    lun: int
+    naa_id: str
+    def __init__(self, portals: _Optional[_Iterable[_Union[Portal, _Mapping]]] = ..., iqn: _Optional[str] = ..., lun: _Optional[int] = ..., naa_id: _Optional[str] = ...) -> None: ...
+
+class Volume(_message.Message):
+    __slots__ = ("name", "uuid", "size_bytes", "role", "epoch", "allocated_bytes", "snapshot_count", "created_ns", "export")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_NS_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    uuid: str
+    size_bytes: int
+    role: Role
+    epoch: int
+    allocated_bytes: int
+    snapshot_count: int
+    created_ns: int
+    export: Export
+    def __init__(self, name: _Optional[str] = ..., uuid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., snapshot_count: _Optional[int] = ..., created_ns: _Optional[int] = ..., export: _Optional[_Union[Export, _Mapping]] = ...) -> None: ...
+
+class SnapshotSource(_message.Message):
+    __slots__ = ("volume", "snapshot")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    snapshot: str
+    def __init__(self, volume: _Optional[str] = ..., snapshot: _Optional[str] = ...) -> None: ...
+
+class CreateVolumeRequest(_message.Message):
+    __slots__ = ("name", "size_bytes", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    source: SnapshotSource
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[SnapshotSource, _Mapping]] = ...) -> None: ...
+
+class DeleteVolumeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteVolumeResponse(_message.Message):
+    __slots__ = ("existed", "sessions_dropped")
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    sessions_dropped: int
+    def __init__(self, existed: _Optional[bool] = ..., sessions_dropped: _Optional[int] = ...) -> None: ...
+
+class GetVolumeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListVolumesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListVolumesResponse(_message.Message):
+    __slots__ = ("volumes", "next_page_token")
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[Volume]
+    next_page_token: str
+    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ExpandVolumeRequest(_message.Message):
+    __slots__ = ("name", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("volume", "name", "uuid", "size_bytes", "created_ns", "delta_bytes")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_NS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    name: str
+    uuid: str
+    size_bytes: int
+    created_ns: int
+    delta_bytes: int
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_ns: _Optional[int] = ..., delta_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("volume", "name")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    name: str
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("volume", "name")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    name: str
+    def __init__(self, volume: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    def __init__(self, volume: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ...) -> None: ...
+
+class CloneVolumeRequest(_message.Message):
+    __slots__ = ("name", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: SnapshotSource
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[_Union[SnapshotSource, _Mapping]] = ...) -> None: ...
+
+class SetVolumeRoleRequest(_message.Message):
+    __slots__ = ("name", "role", "epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: Role
+    epoch: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class SetPortStateRequest(_message.Message):
+    __slots__ = ("volume", "portal_group_tag", "state")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    PORTAL_GROUP_TAG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    portal_group_tag: int
+    state: PortState
+    def __init__(self, volume: _Optional[str] = ..., portal_group_tag: _Optional[int] = ..., state: _Optional[_Union[PortState, str]] = ...) -> None: ...
+
+class GetCapacityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetCapacityResponse(_message.Message):
+    __slots__ = ("available_bytes", "total_bytes", "max_volume_size_bytes", "min_volume_size_bytes")
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_VOLUME_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_VOLUME_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    available_bytes: int
+    total_bytes: int
+    max_volume_size_bytes: int
+    min_volume_size_bytes: int
+    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., max_volume_size_bytes: _Optional[int] = ..., min_volume_size_bytes: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthResponse(_message.Message):
+    __slots__ = ("serving", "volume_count", "portals", "version")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PORTALS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    serving: bool
+    volume_count: int
+    portals: _containers.RepeatedCompositeFieldContainer[Portal]
+    version: str
+    def __init__(self, serving: _Optional[bool] = ..., volume_count: _Optional[int] = ..., portals: _Optional[_Iterable[_Union[Portal, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
