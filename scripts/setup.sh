@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   libiscsi-bin qemu-utils qemu-block-extra tgt
-  fuse3 e2fsprogs xfsprogs util-linux iproute2 procps
+  fuse3 e2fsprogs xfsprogs util-linux iproute2 procps fio
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
