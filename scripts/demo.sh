@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: create a volume, benchmark the engine beside raw file I/O, then serve the volume
-# over iSCSI and use it from real initiators (libiscsi's tools and qemu-io).
+# The main job: create a volume, benchmark the engine beside raw file I/O, serve the volume over
+# iSCSI, use it from real initiators (libiscsi's tools and qemu-io), then attach it on this node
+# with blockyard's userspace initiator, make a filesystem, mount it and write to it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BY=.venv/bin/blockyard
@@ -26,6 +27,9 @@ $BY serve --data-dir "$DATA" --iscsi-listen "127.0.0.1:$ISCSI_PORT" \
   --api-listen "127.0.0.1:$API_PORT" >"$DATA/serve.log" 2>&1 &
 SERVER=$!
 stop_server() {
+  if [ -n "${STATE:-}" ]; then
+    $BY detach "${MNT}" --state-dir "$STATE" --force >/dev/null 2>&1 || true
+  fi
   kill -TERM "$SERVER" 2>/dev/null || true
   wait "$SERVER" 2>/dev/null || true
 }
@@ -47,4 +51,17 @@ iscsi-readcapacity16 "$URL"
 echo "== write a pattern with qemu-io, read it back and verify"
 qemu-io -f raw -c "write -P 0xab 1M 4M" -c "flush" "$URL"
 qemu-io -f raw -c "read -P 0xab 1M 4M" "$URL"
+echo "== attach it on this node through the userspace initiator (FUSE + loop), mkfs, mount, write"
+MNT="$DATA/mnt"
+STATE="$DATA/attach-state"
+$BY attach demo --server "127.0.0.1:$API_PORT" --fs ext4 "$MNT" --state-dir "$STATE"
+dd if=/dev/urandom of="$MNT/hello.bin" bs=1M count=8 conv=fsync status=none
+SUM=$(sha256sum "$MNT/hello.bin" | cut -d' ' -f1)
+$BY attachments --state-dir "$STATE"
+$BY detach "$MNT" --state-dir "$STATE"
+echo "== attach again: the file comes back over iSCSI, byte for byte"
+$BY attach demo --server "127.0.0.1:$API_PORT" --fs ext4 "$MNT" --state-dir "$STATE"
+echo "$SUM  $MNT/hello.bin" | sha256sum -c -
+df -h "$MNT"
+$BY detach "$MNT" --state-dir "$STATE"
 echo "== demo finished"
