@@ -9,8 +9,9 @@ python="${PYTHON:-$repo/.venv/bin/python}"
 bin_dir="$(dirname "$python")"
 cd "$repo/src"
 
-for proto in blockyard/server/proto/volume_server.proto; do
-  # -I src makes the generated imports package-qualified (from blockyard.server.proto import ...).
+for proto in blockyard/server/proto/volume_server.proto blockyard/csi/proto/csi.proto; do
+  # -I src makes the generated imports package-qualified (from blockyard.server.proto import ...);
+  # grpc_tools adds its bundled include directory for the google/protobuf/*.proto imports.
   "$python" -m grpc_tools.protoc -I . \
     --python_out=. --pyi_out=. --grpc_python_out=. \
     --plugin=protoc-gen-mypy_grpc="$bin_dir/protoc-gen-mypy_grpc" --mypy_grpc_out=. \

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from blockyard.cli import attach, bench, serve, volume
+from blockyard.cli import attach, bench, csi, serve, volume
 from blockyard.errors import BlockyardError
 
 #: Exit codes: 0 success, 1 operating error (message says how to fix), 2 usage error.
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(verbs)
     attach.register(verbs)
     serve.register(verbs)
+    csi.register(verbs)
     return parser
 
 

@@ -1,0 +1,161 @@
+"""StorageClass parameters and capacity ranges, checked before any work starts.
+
+Parameters (``CreateVolumeRequest.parameters``; unknown keys are refused so a typo does not
+silently give a different volume):
+
+- ``fsType``: ``ext4`` or ``xfs``, the file system of ``mount`` volumes whose capability does
+  not name one. A capability naming another file system conflicts and is refused.
+- ``replicas``: reserved for replicated volumes. Only ``1`` is accepted in this build.
+- ``durability``: reserved for the replication durability mode. Only ``local`` is accepted in
+  this build: a write is acknowledged once it is durable on the one volume server (see the
+  durability contract in docs/ARCHITECTURE.md).
+
+Kubernetes' external-provisioner strips its own ``csi.storage.k8s.io/*`` keys before calling,
+so they never reach this check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from blockyard.csi.capabilities import (
+    DEFAULT_FS_TYPE,
+    SUPPORTED_FS_TYPES,
+    AccessType,
+    Capability,
+)
+from blockyard.csi.errors import (
+    CapacityOutOfRangeError,
+    InvalidParameterError,
+    UnsupportedCapabilityError,
+)
+from blockyard.engine.limits import BLOCK_SIZE, MAX_VOLUME_SIZE_BYTES, MIN_VOLUME_SIZE_BYTES
+from blockyard.errors import InvalidArgumentError
+
+PARAM_FS_TYPE: Final = "fsType"
+PARAM_REPLICAS: Final = "replicas"
+PARAM_DURABILITY: Final = "durability"
+KNOWN_PARAMETERS: Final = (PARAM_FS_TYPE, PARAM_REPLICAS, PARAM_DURABILITY)
+SINGLE_NODE_REPLICAS: Final = "1"
+SINGLE_NODE_DURABILITY: Final = "local"
+
+#: Size of a volume created without a capacity range (the CSI spec leaves it to the plugin).
+DEFAULT_VOLUME_SIZE_BYTES: Final = 1 << 30
+#: Volume sizes are whole engine blocks; requests round up to this.
+SIZE_GRANULARITY_BYTES: Final = BLOCK_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeParameters:
+    fs_type: str = ""
+    replicas: int = 1
+    durability: str = SINGLE_NODE_DURABILITY
+
+
+def parse_parameters(field: str, params: Mapping[str, str]) -> VolumeParameters:
+    """``params`` checked as described in the module docstring."""
+    unknown = sorted(set(params) - set(KNOWN_PARAMETERS))
+    if unknown:
+        raise InvalidParameterError(
+            f"{field}: unknown parameter {unknown[0]!r}; blockyard takes "
+            f"{', '.join(KNOWN_PARAMETERS)}"
+        )
+    fs_type = params.get(PARAM_FS_TYPE, "")
+    if fs_type and fs_type not in SUPPORTED_FS_TYPES:
+        raise InvalidParameterError(
+            f"{field}.{PARAM_FS_TYPE} {fs_type!r} is not supported: use one of "
+            f"{', '.join(SUPPORTED_FS_TYPES)}"
+        )
+    replicas = params.get(PARAM_REPLICAS, SINGLE_NODE_REPLICAS)
+    if replicas != SINGLE_NODE_REPLICAS:
+        raise InvalidParameterError(
+            f"{field}.{PARAM_REPLICAS} {replicas!r} is not available in this build: volumes "
+            f"live on one volume server until the master places replicas; use "
+            f"{SINGLE_NODE_REPLICAS!r} or leave it out"
+        )
+    durability = params.get(PARAM_DURABILITY, SINGLE_NODE_DURABILITY)
+    if durability != SINGLE_NODE_DURABILITY:
+        raise InvalidParameterError(
+            f"{field}.{PARAM_DURABILITY} {durability!r} is not available in this build: the "
+            f"replicated durability modes come with replication; use "
+            f"{SINGLE_NODE_DURABILITY!r} or leave it out"
+        )
+    return VolumeParameters(fs_type=fs_type)
+
+
+def resolve_fs_type(caps: Sequence[Capability], params: VolumeParameters) -> str:
+    """The file system of the volume's ``mount`` capabilities, or ``""`` when every capability
+    is ``block``. Capabilities and parameters must agree on one file system."""
+    named = {c.fs_type for c in caps if c.access_type is AccessType.MOUNT and c.fs_type}
+    if params.fs_type:
+        named.add(params.fs_type)
+    if len(named) > 1:
+        raise UnsupportedCapabilityError(
+            f"conflicting file systems requested ({', '.join(sorted(named))}): a volume has one "
+            "file system; make the capabilities and the StorageClass fsType agree"
+        )
+    if not any(c.access_type is AccessType.MOUNT for c in caps):
+        return ""
+    return named.pop() if named else DEFAULT_FS_TYPE
+
+
+def round_up(size_bytes: int) -> int:
+    return -(-size_bytes // SIZE_GRANULARITY_BYTES) * SIZE_GRANULARITY_BYTES
+
+
+def check_range(field: str, required_bytes: int, limit_bytes: int) -> None:
+    """CSI ``CapacityRange``: neither bound negative, the limit (when set) not below the
+    required size."""
+    if required_bytes < 0 or limit_bytes < 0:
+        raise InvalidArgumentError(
+            f"{field}: required_bytes ({required_bytes}) and limit_bytes ({limit_bytes}) must "
+            "not be negative (CSI CapacityRange)"
+        )
+    if limit_bytes and required_bytes > limit_bytes:
+        raise CapacityOutOfRangeError(
+            f"{field}: required_bytes {required_bytes} is above limit_bytes {limit_bytes}"
+        )
+
+
+def size_for_range(
+    field: str, required_bytes: int, limit_bytes: int, *, floor_bytes: int = 0
+) -> int:
+    """The volume size for a capacity range: ``required_bytes`` rounded up to whole 4 KiB
+    blocks, at least 1 MiB and at least ``floor_bytes`` (a clone's source size); without a
+    required size, ``floor_bytes`` or the default size, capped at the limit. Raises
+    :class:`CapacityOutOfRangeError` when the size it must pick exceeds ``limit_bytes`` or the
+    largest volume."""
+    check_range(field, required_bytes, limit_bytes)
+    if required_bytes:
+        size = round_up(required_bytes)
+    elif floor_bytes:
+        size = floor_bytes
+    else:
+        size = DEFAULT_VOLUME_SIZE_BYTES
+        if limit_bytes:
+            size = min(size, limit_bytes - limit_bytes % SIZE_GRANULARITY_BYTES)
+    size = max(size, MIN_VOLUME_SIZE_BYTES, floor_bytes)
+    if limit_bytes and size > limit_bytes:
+        why = (
+            f"the source is {floor_bytes} bytes"
+            if floor_bytes and size == floor_bytes
+            else f"volumes are whole {SIZE_GRANULARITY_BYTES}-byte blocks and at least "
+            f"{MIN_VOLUME_SIZE_BYTES} bytes"
+        )
+        raise CapacityOutOfRangeError(
+            f"{field}: the smallest volume that fits is {size} bytes ({why}), above "
+            f"limit_bytes {limit_bytes}; raise the limit"
+        )
+    if size > MAX_VOLUME_SIZE_BYTES:
+        raise CapacityOutOfRangeError(
+            f"{field}: {size} bytes is larger than the largest volume "
+            f"({MAX_VOLUME_SIZE_BYTES} bytes)"
+        )
+    return size
+
+
+def size_in_range(size_bytes: int, required_bytes: int, limit_bytes: int) -> bool:
+    """Whether an existing volume of ``size_bytes`` satisfies the range (idempotent create)."""
+    return size_bytes >= required_bytes and (not limit_bytes or size_bytes <= limit_bytes)
