@@ -90,9 +90,15 @@ def _stop(proc: subprocess.Popen[str], *, hard: bool = False) -> None:
         proc.wait(timeout=10)
 
 
+@dataclass(frozen=True, slots=True)
+class ServedVolume:
+    url: str
+    api: str
+
+
 @contextmanager
-def blockyard_target(directory: str, size_bytes: int) -> Iterator[str]:
-    """``blockyard serve`` on a fresh engine volume; yields its iscsi:// URL."""
+def blockyard_target(directory: str, size_bytes: int) -> Iterator[ServedVolume]:
+    """``blockyard serve`` on a fresh engine volume ``bench``; yields its URL and API address."""
     data_dir = os.path.join(directory, "blockyard")
     store = VolumeStore(data_dir)
     store.create("bench", size_bytes).close()
@@ -121,7 +127,9 @@ def blockyard_target(directory: str, size_bytes: int) -> Iterator[str]:
                 break
         else:
             raise BenchError(f"blockyard serve was not ready within {START_TIMEOUT_S} s")
-        yield f"iscsi://127.0.0.1:{port}/{IQN_PREFIX}:bench/0"
+        yield ServedVolume(
+            f"iscsi://127.0.0.1:{port}/{IQN_PREFIX}:bench/0", f"127.0.0.1:{api_port}"
+        )
     finally:
         _stop(proc)
         if proc.stdout is not None:
@@ -223,8 +231,8 @@ def run_iscsi_bench(directory: str | None, *, size_bytes: int, seconds: int, wri
     assert path is not None
     os.makedirs(path, exist_ok=True)
     try:
-        with blockyard_target(path, size_bytes) as url:
-            ours = _measure(url, size_bytes, seconds, writes)
+        with blockyard_target(path, size_bytes) as served:
+            ours = _measure(served.url, size_bytes, seconds, writes)
         with tgtd_target(path, size_bytes) as url:
             peer = _measure(url, size_bytes, seconds, writes)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from blockyard.bench.attach import run_attach_bench
 from blockyard.bench.engine import run_engine_bench
 from blockyard.bench.iscsi import run_iscsi_bench
 from blockyard.cli.sizes import parse_size
@@ -23,6 +24,11 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sp.add_argument("--seconds", type=int, default=10, help="duration of each read workload")
     sp.add_argument("--writes", type=int, default=50000, help="4 KiB writes per target")
     sp.set_defaults(func=_iscsi)
+    sp = sub.add_parser("attach", help="attached /dev/loopN vs raw file vs qemu-img iscsi://")
+    sp.add_argument("--dir", help="where to put the files (default: a temp dir in /var/tmp)")
+    sp.add_argument("--size", default="1GiB", help="volume and raw file size")
+    sp.add_argument("--seconds", type=int, default=6, help="duration of each fio job")
+    sp.set_defaults(func=_attach)
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -36,4 +42,9 @@ def _iscsi(args: argparse.Namespace) -> int:
             args.dir, size_bytes=parse_size(args.size), seconds=args.seconds, writes=args.writes
         )
     )
+    return 0
+
+
+def _attach(args: argparse.Namespace) -> int:
+    print(run_attach_bench(args.dir, size_bytes=parse_size(args.size), seconds=args.seconds))
     return 0
