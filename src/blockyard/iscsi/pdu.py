@@ -203,6 +203,13 @@ _LOGOUT_RESPONSE = struct.Struct(">BBBxI8xI4xIII4xHH4x")  # RFC 7143 §11.15
 _R2T = struct.Struct(">BB2xIQIIIIIIII")  # RFC 7143 §11.8
 _ASYNC_MESSAGE = struct.Struct(">BB2xIQI4xIIIBBHHH4x")  # RFC 7143 §11.9
 _REJECT = struct.Struct(">BBBxI8xI4xIIII8x")  # RFC 7143 §11.17
+#: The same layouts, public for the target's per-command fast path, which packs and unpacks
+#: them directly instead of going through the dataclasses (RFC 7143 §11.3, §11.4, §11.7).
+#: SCSI_COMMAND_FIELDS stops before the CDB: opcode, flags, lengths, LUN, ITT, EDTL, CmdSN,
+#: ExpStatSN.
+SCSI_COMMAND_FIELDS = struct.Struct(">BB2xIQIIII")
+SCSI_RESPONSE_BHS = _SCSI_RESPONSE
+DATA_IN_BHS = _DATA_IN
 _AHS_HEADER = struct.Struct(">HBx")  # RFC 7143 §11.2.2: AHSLength, AHSType, reserved/specific
 _U32 = struct.Struct(">I")
 _DIGEST = struct.Struct("<I")

@@ -39,7 +39,9 @@ from blockyard.iscsi.pdu import (
     DIGEST_LENGTH,
     INITIATOR_OPCODES,
     MAX_DATA_SEGMENT_LENGTH,
+    OPCODE_MASK,
     TARGET_OPCODES,
+    Opcode,
     Pdu,
     decode_pdu,
 )
@@ -50,6 +52,7 @@ DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH = 8192
 MIN_MAX_RECV_DATA_SEGMENT_LENGTH = 512
 
 _LENGTHS = struct.Struct(">I")
+_SCSI_COMMAND = int(Opcode.SCSI_COMMAND)
 _DIGEST = struct.Struct("<I")
 
 
@@ -139,6 +142,32 @@ class PduReader:
         """Append bytes from the peer. Call only after :meth:`next_pdu` returned NEED_DATA,
         so the buffer never holds much more than one PDU."""
         self._buffer += data
+
+    def next_scsi_command(self) -> bytearray | None:
+        """Fast path: the next PDU's bytes (BHS then data segment, padded), undecoded, when it
+        is complete, is a SCSI Command without AHS and digests are off; otherwise None and the
+        buffer is left for :meth:`next_pdu`. The caller owns the returned buffer and decodes it
+        itself (or passes it to :func:`~blockyard.iscsi.pdu.decode_pdu`)."""
+        if self._header_digest or self._data_digest or self._error is not None:
+            return None
+        buffer = self._buffer
+        available = len(buffer)
+        if available < BHS_LENGTH or buffer[0] & OPCODE_MASK != _SCSI_COMMAND:
+            return None
+        (lengths,) = _LENGTHS.unpack_from(buffer, 4)
+        # A nonzero TotalAHSLength makes ``lengths`` exceed any allowed segment length, so one
+        # compare refuses both an AHS and an oversize segment (next_pdu reports the latter).
+        if lengths > self._max_data_segment_length:
+            return None
+        total = BHS_LENGTH + ((lengths + 3) & ~3)
+        if available < total:
+            return None
+        if available == total:
+            self._buffer = bytearray()
+            return buffer
+        chunk = buffer[:total]
+        del buffer[:total]  # O(1): CPython moves a bytearray's start instead of its bytes
+        return chunk
 
     def next_pdu(self) -> Pdu | Literal[_NeedData.NEED_DATA]:
         """Return the next complete PDU, or NEED_DATA.

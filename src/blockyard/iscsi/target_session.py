@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from blockyard.blockdev import BytesLike
 from blockyard.iscsi.errors import (
@@ -51,10 +52,14 @@ from blockyard.iscsi.negotiation import (
 )
 from blockyard.iscsi.pdu import (
     BHS_LENGTH,
+    DATA_IN_BHS,
     IMMEDIATE_BIT,
+    INITIATOR_OPCODES,
     OPCODE_MASK,
     R2T,
     RESERVED_TAG,
+    SCSI_COMMAND_FIELDS,
+    SCSI_RESPONSE_BHS,
     DataIn,
     DataOut,
     LoginRequest,
@@ -77,6 +82,7 @@ from blockyard.iscsi.pdu import (
     TaskManagementResponseCode,
     TextRequest,
     TextResponse,
+    decode_pdu,
     encode_pdu_buffers,
     sense_segment,
 )
@@ -91,7 +97,7 @@ from blockyard.iscsi.text import (
 )
 from blockyard.scsi.commands import CommandInfo, Direction
 from blockyard.scsi.constants import AscPair, Op, SenseKey, Status
-from blockyard.scsi.lu import ResetKind
+from blockyard.scsi.lu import FastGate, ResetKind
 from blockyard.scsi.nexus import Nexus
 from blockyard.scsi.sense import ScsiResult, check_condition
 
@@ -122,6 +128,34 @@ _TRANSFER_LENGTH_FIELDS: dict[int, tuple[int, int]] = {
 }
 #: ITTs of dropped tasks remembered so their straggling Data-Out is ignored, not rejected.
 RECENT_DROPPED_ITTS_MAX = 256
+#: Adjacent fast-path writes that arrived together are merged into one device write of at most
+#: this many bytes: the engine's largest single WAL record, so a run stays one record.
+WRITE_RUN_BYTES_MAX = 1 << 20
+
+# Fast path (see TargetConnection._fast_command): raw layouts and the values it compares.
+_CDB10 = struct.Struct(">BBIBHB")  # SBC-4 §5.16/§5.39: opcode, flags, LBA, group, length, control
+_CDB16 = struct.Struct(">BBQIBB")  # SBC-4 §5.18/§5.41: opcode, flags, LBA, length, group, control
+_CDB_OFFSET = 32  # RFC 7143 §11.3: the CDB starts at BHS byte 32
+_FAST_READ_FLAGS = 0xC0  # F and R, not W (RFC 7143 §11.3.1); ATTR is not looked at
+_FAST_WRITE_FLAGS = 0xA0  # F and W, not R: all data is immediate
+_FAST_FLAG_MASK = 0xE0
+_FAST_READ_CDB_BITS = 0x18  # DPO, FUA: the only byte-1 bits READ accepts (usage bitmap)
+_FAST_WRITE_CDB_BITS = 0x10  # DPO; FUA makes a write flush, which must not run on the loop
+_GROUP_NUMBER_MASK = 0x1F
+_DATA_IN_FINAL = 0x80  # F
+_DATA_IN_FINAL_STATUS = 0x81  # F and S (RFC 7143 §11.7.1, §11.7.4)
+_RESPONSE_FINAL = 0x80
+_SCSI_COMMAND_OP = int(Opcode.SCSI_COMMAND)
+_SCSI_RESPONSE_OP = int(Opcode.SCSI_RESPONSE)
+_DATA_IN_OP = int(Opcode.SCSI_DATA_IN)
+_FAST_CDB10_OPS = frozenset({int(Op.READ_10), int(Op.WRITE_10)})
+_FAST_CDB16_OPS = frozenset({int(Op.READ_16), int(Op.WRITE_16)})
+_FAST_READ_OPS = frozenset({int(Op.READ_10), int(Op.READ_16)})
+_pack_data_in = DATA_IN_BHS.pack
+_pack_response = SCSI_RESPONSE_BHS.pack
+_unpack_command = SCSI_COMMAND_FIELDS.unpack_from
+_unpack_cdb10 = _CDB10.unpack_from
+_unpack_cdb16 = _CDB16.unpack_from
 
 
 def serial_lt(a: int, b: int) -> bool:
@@ -137,6 +171,21 @@ class CommandInspector(Protocol):
     """What the connection needs from a logical unit before execution (its CDB look-up)."""
 
     def inspect(self, cdb: bytes | memoryview) -> CommandInfo: ...
+
+
+@runtime_checkable
+class FastCommandUnit(CommandInspector, Protocol):
+    """A logical unit that lets the connection run plain READ/WRITE (10)/(16) itself, without
+    events (see :meth:`blockyard.scsi.lu.LogicalUnit.fast_gate`). ``fast_read`` and
+    ``fast_write`` must not block beyond page-cache work: they run inside the event loop."""
+
+    state_generation: int
+
+    def fast_gate(self, nexus: Nexus) -> FastGate: ...
+
+    def fast_read(self, opcode: int, lba: int, blocks: int) -> BytesLike | ScsiResult: ...
+
+    def fast_write(self, opcode: int, lba: int, data: BytesLike) -> ScsiResult | None: ...
 
 
 class TargetPortal(Protocol):
@@ -292,7 +341,12 @@ class TargetConnection:
         relative_target_port_id: int = 1,
         target_port_group_id: int = 1,
         initial_stat_sn: int | None = None,
+        fast_path: bool = True,
     ) -> None:
+        #: Run plain READ/WRITE (10)/(16) inline when the logical unit is a FastCommandUnit
+        #: and its gate is open; False sends every command out as an ExecuteCommand event.
+        #: May be changed at any time; it applies from the next PDU.
+        self.fast_path = fast_path
         self._limits = limits or SessionLimits()
         base = settings or TargetLoginSettings()
         # The login's MaxCmdSN must describe the same window the session enforces.
@@ -352,6 +406,25 @@ class TargetConnection:
         self._text = TextAssembler(self._settings.max_text_length)
         self._text_pending: tuple[int, int, list[bytes]] | None = None
         self._close_reason: str | None = None
+        # Fast path state: the unit, the gate verdict and the generation it was read at, and
+        # the negotiated sizes the path needs (see _fast_command).
+        self._fast_unit: FastCommandUnit | None = None
+        self._fast_gen = -1
+        self._fast_reads = False
+        self._fast_writes = False
+        self._fast_block_count = 0
+        self._fast_block_size = 0
+        self._fast_max_blocks = 0
+        self._fast_segment = 0
+        self._fast_burst = 0
+        self._fast_immediate_max = 0
+        # Adjacent fast writes taken in this next_events call, executed as one device write
+        # before anything else happens (see _flush_write_run).
+        self._run_opcode = 0
+        self._run_lba = 0
+        self._run_blocks = 0
+        self._run_data: list[memoryview] = []
+        self._run_replies: list[tuple[int, int, int, bytearray]] = []
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -417,9 +490,20 @@ class TargetConnection:
     def next_events(self) -> list[Event]:
         """Decode and handle every complete PDU buffered so far; return what the server must
         do. Never raises for anything the initiator sent."""
+        reader = self._reader
         while self._state is not ConnectionState.CLOSED:
+            if self._fast_unit is not None and self.fast_path and not self._logging_out:
+                chunk = reader.next_scsi_command()
+                if chunk is not None:
+                    if not self._fast_command(chunk):
+                        if self._run_replies:
+                            self._flush_write_run()
+                        self._dispatch_raw(chunk)
+                    continue
+            if self._run_replies:
+                self._flush_write_run()
             try:
-                pdu = self._reader.next_pdu()
+                pdu = reader.next_pdu()
             except RemoteProtocolError as exc:
                 self._on_bad_pdu(exc)
                 continue
@@ -682,6 +766,15 @@ class TargetConnection:
                 relative_target_port_id=self._port_id,
                 target_port_group_id=self._group_id,
             )
+            if isinstance(self._inspector, FastCommandUnit):
+                self._fast_unit = self._inspector
+                self._fast_segment = params.max_xmit_data_segment_length
+                self._fast_burst = params.max_burst_length
+                self._fast_immediate_max = (
+                    min(params.first_burst_length, params.max_recv_data_segment_length)
+                    if params.immediate_data
+                    else 0
+                )
         self._events.append(
             LoggedIn(
                 session_type=params.session_type,
@@ -969,6 +1062,205 @@ class TargetConnection:
             )
         )
 
+    # ---- fast path ------------------------------------------------------------------------
+    #
+    # Plain READ/WRITE (10)/(16) in CmdSN order, reads of whole blocks within one segment or
+    # more, writes whose data all came as immediate data, while the logical unit's fast gate is
+    # open: decoded from the raw BHS with two precompiled structs, executed at once and
+    # answered with headers packed directly. No dataclass, task, event or dispatch layer per
+    # command. Anything else, or any doubt, returns False before changing state and the PDU
+    # takes the general path, which gives byte-identical answers for the commands taken here
+    # (tests/unit/iscsi_target/test_fast_path.py holds the two against each other).
+
+    def _fast_command(self, chunk: bytearray) -> bool:
+        op, flags, data_length, lun, itt, edtl, cmd_sn, _exp_stat_sn = _unpack_command(chunk)
+        if (
+            op != _SCSI_COMMAND_OP  # immediate commands bypass CmdSN order: general path
+            or lun
+            or cmd_sn != self._exp_cmd_sn
+            or ((self._max_cmd_sn - cmd_sn) & _SN_MASK) >= _SN_HALF
+            or self._queued
+            or self._deferred
+            # A command still with the general path (executing, waiting for Data-Out or for
+            # the transport) was received first; answering a later one here could let a write
+            # overtake an earlier read of the same blocks.
+            or self._tasks
+            or itt == RESERVED_TAG
+            or itt in self._by_itt
+        ):
+            return False
+        code = chunk[_CDB_OFFSET]
+        if code in _FAST_CDB10_OPS:
+            _op, cdb_flags, lba, group, blocks, control = _unpack_cdb10(chunk, _CDB_OFFSET)
+        elif code in _FAST_CDB16_OPS:
+            _op, cdb_flags, lba, blocks, group, control = _unpack_cdb16(chunk, _CDB_OFFSET)
+        else:
+            return False
+        unit = self._fast_unit
+        assert unit is not None
+        if unit.state_generation != self._fast_gen:
+            self._fast_regate(unit)
+        if (
+            not self._fast_reads
+            or group & ~_GROUP_NUMBER_MASK
+            or control
+            or not 0 < blocks <= self._fast_max_blocks
+            or lba + blocks > self._fast_block_count
+            or edtl != blocks * self._fast_block_size
+        ):
+            return False
+        if code not in _FAST_READ_OPS:
+            if (
+                flags & _FAST_FLAG_MASK != _FAST_WRITE_FLAGS
+                or data_length != edtl
+                or data_length > self._fast_immediate_max
+                or cdb_flags & ~_FAST_WRITE_CDB_BITS
+                or not self._fast_writes
+            ):
+                return False
+            # Taken: this is now the command with CmdSN cmd_sn (RFC 7143 §4.2.2.1). It joins the
+            # pending run when it continues it, else the run is written first.
+            exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
+            if self._run_replies and (
+                lba != self._run_lba + self._run_blocks
+                or (self._run_blocks + blocks) * self._fast_block_size > WRITE_RUN_BYTES_MAX
+            ):
+                self._flush_write_run()
+            replies = self._run_replies
+            if not replies:
+                self._run_opcode = code
+                self._run_lba = lba
+                self._run_blocks = 0
+            self._run_blocks += blocks
+            self._run_data.append(memoryview(chunk)[BHS_LENGTH : BHS_LENGTH + edtl])
+            # The answer's ExpCmdSN/MaxCmdSN are those of now, as if written at once.
+            replies.append((itt, exp_cmd_sn, self._window(), chunk))
+            return True
+        if flags & _FAST_FLAG_MASK != _FAST_READ_FLAGS or data_length:
+            return False
+        if cdb_flags & ~_FAST_READ_CDB_BITS:
+            return False
+        if self._run_replies:
+            self._flush_write_run()  # the read must see them
+        exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
+        data = unit.fast_read(code, lba, blocks)
+        if isinstance(data, ScsiResult):
+            self._fast_failed(chunk, data)
+            return True
+        stat_sn = self._stat_sn
+        self._stat_sn = (stat_sn + 1) & _SN_MASK
+        max_cmd_sn = self._window()
+        length = len(data)
+        if length <= self._fast_segment and length <= self._fast_burst:
+            # One Data-In carrying GOOD status (RFC 7143 §11.7.4, "phase collapse").
+            header = _pack_data_in(
+                _DATA_IN_OP, _DATA_IN_FINAL_STATUS, 0, length, 0, itt, RESERVED_TAG, stat_sn,
+                exp_cmd_sn, max_cmd_sn, 0, 0, 0,
+            )  # fmt: skip
+            out = self._out
+            out.append(header)
+            out.append(data)
+            self._out_bytes += BHS_LENGTH + length
+            return True
+        self._fast_data_in(itt, data, stat_sn, exp_cmd_sn, max_cmd_sn)
+        return True
+
+    def _flush_write_run(self) -> None:
+        """Write the pending run of adjacent fast writes with one device call, then answer
+        each in arrival order. The run is all SIMPLE commands that arrived together with nothing
+        in between, so one write of their concatenation is one of the orders SAM-5 allows;
+        StatSNs are assigned here, so the answers are byte for byte those of separate writes.
+        On a device error every command of the run gets that error's CHECK CONDITION."""
+        unit = self._fast_unit
+        assert unit is not None
+        data, replies = self._run_data, self._run_replies
+        self._run_data, self._run_replies = [], []
+        payload: BytesLike = data[0] if len(data) == 1 else b"".join(data)
+        failed = unit.fast_write(self._run_opcode, self._run_lba, payload)
+        if failed is not None:
+            for _itt, _exp, _max, chunk in replies:
+                self._fast_failed(chunk, failed)
+            return
+        out = self._out
+        stat_sn = self._stat_sn
+        for itt, exp_cmd_sn, max_cmd_sn, _chunk in replies:
+            # RFC 7143 §11.4: GOOD, no residual, ExpDataSN 0 (no R2T was sent).
+            header = _pack_response(
+                _SCSI_RESPONSE_OP, _RESPONSE_FINAL, 0, 0, 0, itt, 0, stat_sn, exp_cmd_sn,
+                max_cmd_sn, 0, 0, 0,
+            )  # fmt: skip
+            out.append(header)
+            stat_sn = (stat_sn + 1) & _SN_MASK
+        self._stat_sn = stat_sn
+        self._out_bytes += BHS_LENGTH * len(replies)
+
+    def _fast_data_in(
+        self, itt: int, data: BytesLike, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int
+    ) -> None:
+        """Data-In PDUs of at most MaxRecvDataSegmentLength, F at the end of each
+        MaxBurstLength sequence, status in the last (RFC 7143 §13.12, §13.13); as data_in_plan
+        cuts them."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        total = len(view)
+        segment, burst = self._fast_segment, self._fast_burst
+        out = self._out
+        data_sn = offset = 0
+        while offset < total:
+            burst_end = min(total, offset + burst)
+            while offset < burst_end:
+                end = min(offset + segment, burst_end)
+                if end == total:
+                    flags, sn = _DATA_IN_FINAL_STATUS, stat_sn
+                else:
+                    flags, sn = (_DATA_IN_FINAL if end == burst_end else 0), 0
+                header = _pack_data_in(
+                    _DATA_IN_OP, flags, 0, end - offset, 0, itt, RESERVED_TAG, sn, exp_cmd_sn,
+                    max_cmd_sn, data_sn, offset, 0,
+                )  # fmt: skip
+                out.append(header)
+                out.append(view[offset:end])
+                data_sn += 1
+                offset = end
+        self._out_bytes += total + BHS_LENGTH * data_sn
+
+    def _fast_regate(self, unit: FastCommandUnit) -> None:
+        nexus = self._nexus
+        assert nexus is not None
+        gate = unit.fast_gate(nexus)
+        self._fast_gen = gate.generation
+        # Whole blocks of a size that needs no padding, or the general path pads for us.
+        self._fast_reads = gate.reads and gate.logical_block_size & 3 == 0
+        self._fast_writes = self._fast_reads and gate.writes
+        self._fast_block_count = gate.block_count
+        self._fast_block_size = gate.logical_block_size
+        self._fast_max_blocks = gate.max_transfer_blocks
+
+    def _fast_failed(self, chunk: bytearray, result: ScsiResult) -> None:
+        """A device error on the fast path: the general path's answer for the same result."""
+        cmd = self._decode_raw(chunk)
+        assert isinstance(cmd, ScsiCommand), "the fast path takes SCSI Commands only"
+        task = _Task(task_id=0, cmd=cmd, immediate=False, transfer=None, local_result=None)
+        self._respond(task, result)
+
+    def _decode_raw(self, chunk: bytearray) -> Pdu:
+        view = memoryview(chunk).toreadonly()
+        data_length = int.from_bytes(chunk[5:8], "big")
+        return decode_pdu(
+            chunk,
+            view[BHS_LENGTH:BHS_LENGTH],
+            view[BHS_LENGTH : BHS_LENGTH + data_length],
+            allowed_opcodes=INITIATOR_OPCODES,
+        )
+
+    def _dispatch_raw(self, chunk: bytearray) -> None:
+        """A PDU the fast path declined, through the general decoder and dispatcher."""
+        try:
+            pdu = self._decode_raw(chunk)
+        except RemoteProtocolError as exc:
+            self._on_bad_pdu(exc)
+            return
+        self._dispatch(pdu)
+
     # ---- task management ------------------------------------------------------------------
 
     def _on_tmf(self, req: TaskManagementRequest) -> None:
@@ -1213,6 +1505,7 @@ __all__ = [
     "ConnectionState",
     "Event",
     "ExecuteCommand",
+    "FastCommandUnit",
     "LoggedIn",
     "ResetRequested",
     "SessionLimits",

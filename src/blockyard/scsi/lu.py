@@ -7,6 +7,13 @@ Thread-safety: ``execute`` may be called from several threads at once. A state l
 unit attentions, reservations and mode pages; a write lock is held around every device write,
 so COMPARE AND WRITE (which holds it across its read, compare and write) is atomic with respect
 to every other write on this logical unit. Reads do not take it.
+
+Fast path: a transport may skip ``execute`` for plain READ/WRITE (10)/(16) while
+:meth:`LogicalUnit.fast_gate` says no gate applies to its nexus (no pending unit attention, no
+reservation, an accessible ALUA state), and call :meth:`~LogicalUnit.fast_read` /
+:meth:`~LogicalUnit.fast_write` itself. Every change that could close a gate bumps
+``state_generation`` under the state lock, so one integer compare per command tells the
+transport whether its cached verdict still holds.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from blockyard.blockdev import BlockDevice, BytesLike
@@ -99,6 +107,24 @@ _EXACT_DATA_OPS: Final = frozenset((Op.COMPARE_AND_WRITE, Op.WRITE_SAME_10, Op.W
 Handler = Callable[[Nexus, memoryview, memoryview], ScsiResult]
 
 
+@dataclass(frozen=True, slots=True)
+class FastGate:
+    """The verdict of :meth:`LogicalUnit.fast_gate` for one nexus, valid while
+    ``state_generation`` still equals ``generation``: with ``reads`` it may bypass ``execute``
+    for plain reads, with ``writes`` also for plain writes.
+
+    The geometry is a snapshot: a transport sends anything past ``block_count`` down the slow
+    path, so a volume that grew is served correctly before the next gate check.
+    """
+
+    generation: int
+    reads: bool
+    writes: bool
+    block_count: int
+    logical_block_size: int
+    max_transfer_blocks: int
+
+
 class ResetKind:
     """Which reset happened (SAM-5 §6.3, §6.6), and the unit attention it leaves behind."""
 
@@ -168,6 +194,10 @@ class LogicalUnit:
         self._reserved = self._pr.reservation is not None
         self._mode_pages: dict[int, bytes] = dict(DEFAULT_PAGES)
         self._write_through = False
+        #: Bumped on every change of unit attentions, reservations, mode pages or ALUA state;
+        #: see fast_gate. Read without the lock: a stale value only delays the slow path by the
+        #: one command that was already racing the change.
+        self.state_generation = 0
         self._zero_block = bytes(device.logical_block_size)
         self._plain_handlers: list[Handler | None] = [None] * 256
         self._sa_handlers: dict[tuple[int, int | None], Handler] = {}
@@ -247,11 +277,59 @@ class LogicalUnit:
             return ScsiResult(result.status, result.sense, memoryview(data_in)[:alloc_len])
         return result
 
+    def fast_gate(self, nexus: Nexus) -> FastGate:
+        """Whether ``nexus`` may use :meth:`fast_read` / :meth:`fast_write` for READ/WRITE
+        (10)/(16) whose CDB sets nothing but DPO (and FUA for reads). Closed while a unit
+        attention is pending for it (or it was never seen), any reservation exists, or its
+        port group is not active; writes also while write-through is on (they would flush).
+        The transport validates the CDB fields and range itself and must give exactly the
+        outcome ``execute`` would."""
+        device = self._device
+        with self._state_lock:
+            queue = self._nexuses.get(nexus)
+            reads = not (queue is None or queue or self._reserved) and (
+                self._alua.access_state(nexus.target_port_group_id)
+                <= AccessState.ACTIVE_NON_OPTIMIZED
+            )
+            return FastGate(
+                self.state_generation,
+                reads,
+                reads and not self._write_through,
+                device.block_count,
+                device.logical_block_size,
+                device.max_transfer_blocks,
+            )
+
+    def fast_read(self, opcode: int, lba: int, blocks: int) -> BytesLike | ScsiResult:
+        """The data of a READ that passed the fast gate and its range check, or the CHECK
+        CONDITION the device error maps to."""
+        try:
+            return self._device.read(lba, blocks)
+        except BlockyardError as exc:
+            return self._fast_error(exc, opcode, lba, IoKind.READ)
+
+    def fast_write(self, opcode: int, lba: int, data: BytesLike) -> ScsiResult | None:
+        """Write for a WRITE that passed the fast gate (write-back) and its range check; None
+        when done, else the CHECK CONDITION the device error maps to. Page-cache work unless
+        a MODE SELECT turned write-through on since the gate was read; then it flushes."""
+        try:
+            with self._write_lock:
+                self._device.write(lba, data, fua=self._write_through)
+        except BlockyardError as exc:
+            return self._fast_error(exc, opcode, lba, IoKind.WRITE)
+        return None
+
+    def _fast_error(self, exc: BlockyardError, opcode: int, lba: int, kind: IoKind) -> ScsiResult:
+        spec = cmds.PLAIN_TABLE[opcode]
+        name = spec.name if spec is not None else f"opcode {opcode:#04x}"
+        return error_to_result(exc, command=name, lba=lba, kind=kind, volume=self._volume)
+
     def nexus_lost(self, nexus: Nexus) -> None:
         """The transport ended ``nexus`` (logout, connection loss, session reinstatement):
         its RESERVE(6) reservation is released and its unit attentions are dropped. Persistent
         reservations and registrations stay (SPC-4 §5.12.1)."""
         with self._state_lock:
+            self.state_generation += 1
             self._nexuses.pop(nexus, None)
             if self._spc2_holder == nexus:
                 self._spc2_holder = None
@@ -261,6 +339,7 @@ class LogicalUnit:
         """A LOGICAL UNIT RESET or target reset (SAM-5 §6.6): releases RESERVE(6)
         reservations, returns mode pages to defaults and raises ``kind`` on every nexus."""
         with self._state_lock:
+            self.state_generation += 1
             self._spc2_holder = None
             self._update_reserved()
             self._mode_pages = dict(DEFAULT_PAGES)
@@ -273,7 +352,8 @@ class LogicalUnit:
         self._broadcast(CAPACITY_DATA_HAS_CHANGED)
 
     def notify_alua_changed(self) -> None:
-        """Call after an ALUA state changed: ASYMMETRIC ACCESS STATE CHANGED (2A/06)."""
+        """Call after an ALUA state changed: ASYMMETRIC ACCESS STATE CHANGED (2A/06). Also
+        what makes fast-path transports look at the new state (see :meth:`fast_gate`)."""
         self._broadcast(ASYMMETRIC_ACCESS_STATE_CHANGED)
 
     def pending_unit_attentions(self, nexus: Nexus) -> tuple[AscPair, ...]:
@@ -301,11 +381,14 @@ class LogicalUnit:
             queue = UnitAttentionQueue()
             queue.push(POWER_ON_RESET_OCCURRED)
             self._nexuses[nexus] = queue
+            self.state_generation += 1
         return queue
 
     def _report_ua(self, nexus: Nexus) -> ScsiResult | None:
         with self._state_lock:
             asc = self._queue_locked(nexus).pop()
+            if asc is not None:
+                self.state_generation += 1
         if asc is None:
             return None
         return check_condition(SenseKey.UNIT_ATTENTION, asc)
@@ -315,6 +398,7 @@ class LogicalUnit:
             self._broadcast_locked(asc, except_nexus)
 
     def _broadcast_locked(self, asc: AscPair, except_nexus: Nexus | None) -> None:
+        self.state_generation += 1
         for nexus, queue in self._nexuses.items():
             if nexus != except_nexus:
                 queue.push(asc)
@@ -336,6 +420,7 @@ class LogicalUnit:
         raise CommandError(check_condition(SenseKey.NOT_READY, asc))
 
     def _update_reserved(self) -> None:
+        self.state_generation += 1
         self._reserved = self._spc2_holder is not None or self._pr.reservation is not None
 
     def _conflicts(self, nexus: Nexus, spec: CommandSpec) -> bool:
@@ -685,6 +770,8 @@ class LogicalUnit:
     def _request_sense(self, nexus: Nexus, cdb: memoryview, data: memoryview) -> ScsiResult:
         with self._state_lock:
             asc = self._queue_locked(nexus).pop()
+            if asc is not None:
+                self.state_generation += 1
         # SPC-4 §6.39: a pending unit attention is returned as parameter data and cleared.
         if asc is not None:
             return ScsiResult(Status.GOOD, None, build_sense(SenseKey.UNIT_ATTENTION, asc))
@@ -726,6 +813,7 @@ class LogicalUnit:
             new = mode_select(cdb, data, self._mode_pages, self._device.logical_block_size)
             if new is None:
                 return GOOD
+            self.state_generation += 1
             self._mode_pages = new
             self._write_through = not new[PAGE_CACHING][2] & 0x04
             self._queue_locked(nexus)
@@ -785,6 +873,8 @@ class LogicalUnit:
                 self._store.save(outcome.state)
                 self._pr = outcome.state
                 self._update_reserved()
+                if outcome.unit_attentions:
+                    self.state_generation += 1
                 for registration, asc in outcome.unit_attentions:
                     for other, queue in self._nexuses.items():
                         if other != nexus and registration.matches(
@@ -801,4 +891,4 @@ def _encode_lun(lun: int) -> bytes:
     return bytes([0x40 | ((lun >> 8) & 0x3F), lun & 0xFF]) + bytes(6)
 
 
-__all__ = ["LogicalUnit", "ResetKind"]
+__all__ = ["FastGate", "LogicalUnit", "ResetKind"]

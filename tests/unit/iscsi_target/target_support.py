@@ -97,7 +97,7 @@ class Initiator:
         )
         self.reader = PduReader(peer=PeerRole.TARGET, max_data_segment_length=1 << 24 - 1)
         self.events: list[Event] = []
-        self.auto_execute = True
+        self._auto_execute = True
         self.held: list[ExecuteCommand] = []
         self.resets: list[ResetRequested] = []
         self.itts = itertools.count(0x10)
@@ -109,6 +109,16 @@ class Initiator:
         )
         self.cmd_sn = 0
         self.exp_stat_sn = 0
+
+    @property
+    def auto_execute(self) -> bool:
+        return self._auto_execute
+
+    @auto_execute.setter
+    def auto_execute(self, value: bool) -> None:
+        # Holding commands needs them as events; the fast path would answer them at once.
+        self._auto_execute = value
+        self.conn.fast_path = value
 
     # -- raw I/O --
 
@@ -124,7 +134,7 @@ class Initiator:
         for event in events:
             self.events.append(event)
             if isinstance(event, ExecuteCommand):
-                if self.auto_execute:
+                if self._auto_execute:
                     result = self.lu.execute(event.nexus, event.cdb, event.data_out)
                     self._run(self.conn.command_done(event.task_id, result))
                 else:
