@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: create a volume, benchmark the engine beside raw file I/O, serve the volume over
 # iSCSI, use it from real initiators (libiscsi's tools and qemu-io), then attach it on this node
-# with blockyard's userspace initiator, make a filesystem, mount it and write to it.
+# with blockyard's userspace initiator, make a filesystem, mount it and write to it, and finally
+# run the CSI lifecycle (create → publish → stage → publish → write → verify → tear down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BY=.venv/bin/blockyard
@@ -64,4 +65,6 @@ $BY attach demo --server "127.0.0.1:$API_PORT" --fs ext4 "$MNT" --state-dir "$ST
 echo "$SUM  $MNT/hello.bin" | sha256sum -c -
 df -h "$MNT"
 $BY detach "$MNT" --state-dir "$STATE"
+echo "== the CSI lifecycle Kubernetes drives, against the same server (blockyard csi --mode all)"
+.venv/bin/python scripts/csi_lifecycle.py --backend "127.0.0.1:$API_PORT" --dir "$DATA/csi"
 echo "== demo finished"
