@@ -12,7 +12,10 @@ Life cycle:
    ``mnt/disk`` to a loop device with direct I/O;
 3. record ``ready`` (with the loop device) and print one line ``READY <state json>`` on stdout
    (or ``ERROR <message>`` and exit 1), then close stdout;
-4. serve until SIGTERM/SIGINT, then detach: refuse (keep serving) while the loop device is
+4. on SIGUSR1, re-read the source's size (after the volume grew online) and record it in
+   ``state.json`` as ``size_bytes``; the caller then runs ``losetup -c`` (see
+   :func:`blockyard.attach.manager.refresh_size`);
+5. serve until SIGTERM/SIGINT, then detach: refuse (keep serving) while the loop device is
    claimed (mounted, partition mounted, held); else flush, detach the loop device, unmount the
    FUSE file, close the source, remove the state directory, exit 0.
 
@@ -76,6 +79,8 @@ class _Daemon:
         self.fuse_error: BaseException | None = None
         self.loop: str | None = None
         self.stop = threading.Event()
+        self.resize = threading.Event()
+        self.file: SectorFile | None = None
         self.state: AttachmentState | None = None
 
     # ---- start -------------------------------------------------------------------------------
@@ -112,7 +117,8 @@ class _Daemon:
         self.record(size_bytes=device.block_count * device.logical_block_size)
         crash_point("daemon_after_open")
 
-        self._mount_fuse(SectorFile(device, name=self.spec.volume))
+        self.file = SectorFile(device, name=self.spec.volume)
+        self._mount_fuse(self.file)
         crash_point("daemon_after_fuse")
 
         info = loopmod.attach_loop(self.backing, direct_io=True)
@@ -159,6 +165,9 @@ class _Daemon:
             if self.fuse_thread is not None and not self.fuse_thread.is_alive():
                 log.error("the FUSE mount %s went away; tearing down", self.mountpoint)
                 return
+            if self.resize.is_set():
+                self.resize.clear()
+                self._refresh_size()
             if not self.stop.is_set():
                 continue
             self.stop.clear()
@@ -169,6 +178,20 @@ class _Daemon:
                 self.record(error=f"detach refused: {busy}")
                 continue
             return
+
+    def _refresh_size(self) -> None:
+        """Re-read the source's capacity and grow the FUSE file to it."""
+        assert self.file is not None and self.opened is not None
+        refresh = getattr(self.opened.device, "refresh_capacity", None)
+        try:
+            if callable(refresh):
+                refresh()
+            size = self.file.refresh_size()
+        except (BlockyardError, OSError) as exc:
+            log.warning("re-reading the size of %s failed: %s", self.spec.canonical(), exc)
+            return
+        log.info("%s is %d bytes", self.spec.canonical(), size)
+        self.record(size_bytes=size)
 
     # ---- teardown ----------------------------------------------------------------------------
 
@@ -281,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: daemon.resize.set())
     try:
         state = daemon.start()
     except (BlockyardError, OSError) as exc:

@@ -66,6 +66,9 @@ PREFERRED_IO_BYTES = 4096
 SEEK_RUNS_MAX = 4096
 #: Largest single FUSE request libfuse 3.14 negotiates (FUSE_MAX_MAX_PAGES x 4 KiB).
 FUSE_MAX_WRITE_BYTES = 1 << 20
+#: FUSE requests the kernel keeps in flight for asynchronous (loop device) I/O: above the
+#: worker thread count, so the threads, not the kernel, bound the concurrency.
+FUSE_MAX_BACKGROUND = 64
 
 
 def errno_for(exc: BaseException) -> int:
@@ -144,6 +147,12 @@ class SectorFile:
         self.size_bytes = device.block_count * SECTOR_SIZE
         self._max_blocks = device.max_transfer_blocks
         self._lock = _SharedExclusiveLock()
+
+    def refresh_size(self) -> int:
+        """Take the device's current size (it grew online); the file never shrinks under the
+        loop device. Returns the size in bytes."""
+        self.size_bytes = max(self.size_bytes, self.device.block_count * SECTOR_SIZE)
+        return self.size_bytes
 
     # ---- error boundary ----------------------------------------------------------------------
 
@@ -364,7 +373,14 @@ class _Operations:
         if path is not None and path != "/" + FILE_NAME:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """FUSE INIT. The loop device submits direct I/O asynchronously, and the kernel keeps
+        at most ``max_background`` such FUSE requests in flight (default 12, throttled from
+        75 %): raise it so a deep queue on /dev/loopN reaches every worker thread, and thus
+        reaches a remote device (iSCSI) as that many concurrent commands."""
+        if conn is not None:
+            conn.max_background = FUSE_MAX_BACKGROUND
+            conn.congestion_threshold = FUSE_MAX_BACKGROUND * 3 // 4
         self._on_init()
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blockyard.attach import loop as loopmod
@@ -54,6 +55,11 @@ ATTACH_TIMEOUT_S = 60.0
 DETACH_TIMEOUT_S = 60.0
 #: Grace for a SIGKILLed process to disappear.
 KILL_WAIT_S = 10.0
+#: A daemon has this long to re-read its source's size after SIGUSR1.
+RESIZE_TIMEOUT_S = 30.0
+#: Without an expected size, how long to give the daemon to answer a size refresh (it looks
+#: every 0.5 s).
+RESIZE_SETTLE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +176,19 @@ def attach(
     *,
     state_root: str = DEFAULT_STATE_ROOT,
     timeout_s: float = ATTACH_TIMEOUT_S,
+    launcher: Sequence[str] = (),
 ) -> AttachmentState:
     """Attach ``source``; returns its state (``loop_device`` is the block device).
 
     Idempotent: an attachment of the same source whose daemon is alive and ready is returned
     as is. A broken one (dead daemon) is cleaned up first, unless its device is still mounted
     (DeviceInUseError: unmount it, then retry).
+
+    ``launcher`` empty: the daemon is forked from here (its own session). Otherwise it is the
+    argv prefix of a command that starts the daemon elsewhere and returns at once, e.g.
+    ``systemd-run --unit=blockyard-attach-{id} --collect --quiet`` (``{id}`` is replaced by
+    the attachment id), so the daemon lives outside the caller's cgroup; readiness is then read
+    from the state file.
     """
     check_available(source)
     layout = Layout(state_root)
@@ -200,15 +213,16 @@ def attach(
             )
         if found.state is not None or found.loop_devices or found.fuse_mounted:
             _cleanup_locked(layout, found, force=False)
+        if launcher:
+            return _launch(layout, aid, source, timeout_s, launcher)
         return _spawn(layout, aid, source, timeout_s)
 
 
-def _spawn(layout: Layout, aid: str, source: SourceSpec, timeout_s: float) -> AttachmentState:
-    argv = [
+def _daemon_argv(layout: Layout, aid: str, source: SourceSpec) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "blockyard.attach.daemon",
-        "--fork",
         "--state-root",
         layout.root,
         "--id",
@@ -216,6 +230,50 @@ def _spawn(layout: Layout, aid: str, source: SourceSpec, timeout_s: float) -> At
         "--source",
         json.dumps(source.to_dict()),
     ]
+
+
+def _launch(
+    layout: Layout, aid: str, source: SourceSpec, timeout_s: float, launcher: Sequence[str]
+) -> AttachmentState:
+    """Start the daemon through ``launcher`` (which returns at once) and wait for the state
+    file to say ready."""
+    argv = [part.replace("{id}", aid) for part in launcher] + _daemon_argv(layout, aid, source)
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=KILL_WAIT_S,
+            check=False,
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AttachError(f"the attach launcher {argv[0]} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise AttachError(
+            f"the attach launcher {' '.join(argv[:3])} exited {done.returncode}: "
+            f"{done.stderr.strip()[-500:]}"
+        )
+    deadline = time.monotonic() + timeout_s
+    while not daemon_lock_held(layout, aid):
+        if time.monotonic() >= deadline:
+            raise BlockyardTimeoutError(
+                f"the attach daemon of {aid} did not start within {timeout_s:.0f} s "
+                f"(launched with {argv[0]}); see the launcher's log"
+            )
+        time.sleep(0.05)
+    try:
+        return _wait_ready(layout, aid, max(deadline - time.monotonic(), 1.0))
+    except BlockyardTimeoutError:
+        _kill_recorded_daemon(layout, aid)
+        _cleanup_locked(layout, inspect(layout, aid), force=False)
+        raise
+
+
+def _spawn(layout: Layout, aid: str, source: SourceSpec, timeout_s: float) -> AttachmentState:
+    argv = _daemon_argv(layout, aid, source)
+    argv.insert(3, "--fork")
     # The child forks the daemon and exits at once, so the daemon is nobody's child here: it
     # outlives us, leaves no zombie in a long-running caller, and is in its own session.
     proc = subprocess.Popen(
@@ -298,6 +356,43 @@ def _wait_ready(layout: Layout, aid: str, timeout_s: float) -> AttachmentState:
         f"attachment {aid} did not become ready within {timeout_s:.0f} s; see "
         f"{layout.log_file(aid)} and run `blockyard detach {aid}`"
     )
+
+
+def refresh_size(
+    attachment_id: str,
+    *,
+    state_root: str = DEFAULT_STATE_ROOT,
+    min_size_bytes: int = 0,
+    timeout_s: float = RESIZE_TIMEOUT_S,
+) -> int:
+    """Have the daemon re-read its source's size (after the volume grew online) and return the
+    size its FUSE file now has. Waits until it is at least ``min_size_bytes``; with 0, until the
+    daemon has had time to answer. The caller refreshes the loop device (``losetup -c``)."""
+    layout = Layout(state_root)
+    found = inspect(layout, attachment_id)
+    state = found.state
+    if state is None or not found.daemon_alive:
+        raise AttachmentNotFoundError(f"attachment {attachment_id} has no live daemon")
+    if not same_process(state.daemon_pid, state.daemon_start_ticks):
+        raise AttachError(f"pid {state.daemon_pid} is no longer the daemon of {attachment_id}")
+    os.kill(state.daemon_pid, signal.SIGUSR1)
+    start = time.monotonic()
+    settle_s = min(timeout_s, RESIZE_SETTLE_S)
+    while True:
+        time.sleep(0.1)
+        current = read_state(layout, attachment_id)
+        size = current.size_bytes if current is not None else 0
+        elapsed_s = time.monotonic() - start
+        if min_size_bytes and size >= min_size_bytes:
+            return size
+        if not min_size_bytes and elapsed_s >= settle_s:
+            return size
+        if elapsed_s >= timeout_s:
+            raise BlockyardTimeoutError(
+                f"attachment {attachment_id} still reports {size} bytes {timeout_s:.0f} s "
+                f"after the size refresh, below {min_size_bytes}; did the volume grow? See "
+                f"{layout.log_file(attachment_id)}"
+            )
 
 
 # ---- detach ----------------------------------------------------------------------------------

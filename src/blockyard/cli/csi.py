@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 from typing import Final
 
+from blockyard.csi.node_config import (
+    DEFAULT_ATTACH_STATE_DIR,
+    DEFAULT_MOUNT_STORM_THRESHOLD,
+    DEFAULT_NODE_STATE_DIR,
+    AttachLauncher,
+    AttachMode,
+    parse_node_options,
+)
 from blockyard.csi.server import (
     DEFAULT_KUBELET_DIR,
     DEFAULT_STATE_DIR,
@@ -62,6 +71,30 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the topology segment volumes are accessible from "
         "(default topology.block.blockyard.io/pool=default)",
     )
+    node = p.add_argument_group("node service (--mode node|all)")
+    node.add_argument(
+        "--attach-mode",
+        choices=[m.value for m in AttachMode],
+        help="kernel (open-iscsi), userspace (FUSE + loop) or auto: kernel when iscsiadm is "
+        "installed (default auto)",
+    )
+    node.add_argument(
+        "--attach-launcher",
+        choices=[m.value for m in AttachLauncher],
+        help="how userspace attach daemons start: direct (forked) or systemd-run (a transient "
+        "unit on the host, outside the plugin container's cgroup; default direct)",
+    )
+    node.add_argument("--attach-state-dir", help=f"default {DEFAULT_ATTACH_STATE_DIR}")
+    node.add_argument(
+        "--node-state-dir",
+        help=f"staged volumes and circuit breakers (default {DEFAULT_NODE_STATE_DIR})",
+    )
+    node.add_argument(
+        "--mount-storm-threshold",
+        type=int,
+        help=f"refuse to mount when one source is mounted this often "
+        f"(default {DEFAULT_MOUNT_STORM_THRESHOLD})",
+    )
     p.set_defaults(func=run)
 
 
@@ -78,7 +111,17 @@ def run(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             topology=args.topology,
         )
-    except ConfigError as exc:
+        config = dataclasses.replace(
+            config,
+            node_options=parse_node_options(
+                attach_mode=args.attach_mode,
+                attach_launcher=args.attach_launcher,
+                attach_state_dir=args.attach_state_dir,
+                node_state_dir=args.node_state_dir,
+                mount_storm_threshold=args.mount_storm_threshold,
+            ),
+        )
+    except (ConfigError, ValueError) as exc:
         print(f"blockyard csi: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     # gRPC's asyncio support runs on the standard event loop; uvloop is not used here.
@@ -96,10 +139,6 @@ async def serve(config: CsiConfig) -> int:
     except StartError as exc:
         print(f"blockyard csi: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    if config.metrics_listen is not None:
-        log.warning(
-            "--metrics-listen %s: metrics are not served by this build yet", config.metrics_listen
-        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

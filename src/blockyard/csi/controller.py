@@ -121,6 +121,7 @@ CONTROLLER_CAPABILITIES: Final = (
 
 #: ALUA states in which a portal serves I/O, best first (SPC-4 §5.16.2).
 _SERVING_STATES: Final = (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED)
+_MULTI_WRITER: Final = Mode.Mode.Name(Mode.MULTI_NODE_MULTI_WRITER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         self._runner = runner
         self._topology = topology or TopologySegment()
         self._locks = OperationLocks()
+        for volume_id in store.volume_ids():
+            runner.metrics.publications_restored(volume_id, self._multi_writer_nodes(volume_id))
 
     # ---- CreateVolume / DeleteVolume -------------------------------------------------------
 
@@ -367,6 +370,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if current is None:
                     _check_sharing(volume_id, cap, list(attachments.values()))
                     self._store.attach(volume_id, wanted)
+                    self._report_publications(volume_id)
                 return pb.ControllerPublishVolumeResponse(publish_context=_publish_context(desc))
 
         subject = f"{request.volume_id or '-'} -> {request.node_id or '-'}"
@@ -379,11 +383,21 @@ class ControllerService(pb_grpc.ControllerServicer):
             volume_id = required(request.volume_id, "volume_id", "id of the volume to unpublish")
             with self._locks.claim("ControllerUnpublishVolume", f"volume:{volume_id}"):
                 # Unknown volumes and nodes count as unpublished (CSI: 0 OK).
-                self._store.detach(volume_id, request.node_id)
+                if self._store.detach(volume_id, request.node_id):
+                    self._report_publications(volume_id)
             return pb.ControllerUnpublishVolumeResponse()
 
         subject = f"{request.volume_id or '-'} -> {request.node_id or 'all nodes'}"
         return await self._runner.run(context, "ControllerUnpublishVolume", subject, work)
+
+    def _multi_writer_nodes(self, volume_id: str) -> int:
+        """Nodes ``volume_id`` is published to read-write-many: two are both ends of a live
+        migration (see :data:`MAX_RWX_BLOCK_NODES`)."""
+        return sum(a.mode == _MULTI_WRITER for a in self._store.attachments(volume_id).values())
+
+    def _report_publications(self, volume_id: str) -> None:
+        nodes = self._multi_writer_nodes(volume_id)
+        self._runner.metrics.publications_changed(volume_id, nodes)
 
     # ---- Validate / List / Get / Capacity ----------------------------------------------------
 

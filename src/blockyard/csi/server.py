@@ -8,6 +8,7 @@ csi_pb2_grpc.NodeServicer``; a build without that module refuses the node modes 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import importlib
@@ -23,7 +24,8 @@ import grpc
 
 from blockyard.csi.controller import ControllerService, TopologySegment
 from blockyard.csi.identity import IdentityService
-from blockyard.csi.metrics import Metrics, NoMetrics
+from blockyard.csi.metrics import Metrics, MetricsHttpServer, NoMetrics, PrometheusMetrics
+from blockyard.csi.node_config import NodeOptions
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
 from blockyard.csi.publish_store import PublishStore
 from blockyard.csi.rpc import RpcRunner
@@ -78,6 +80,7 @@ class CsiConfig:
     metrics_listen: Address | None = None
     topology: TopologySegment = field(default_factory=TopologySegment)
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    node_options: NodeOptions = field(default_factory=NodeOptions)
 
 
 def parse_endpoint(text: str) -> Path:
@@ -219,13 +222,19 @@ def node_service_available() -> bool:
 
 
 class CsiServer:
-    """The gRPC server of one plugin process. ``start`` then ``stop``; not restartable."""
+    """The gRPC server of one plugin process. ``start`` then ``stop``; not restartable.
+
+    With ``config.metrics_listen`` it also serves Prometheus metrics over HTTP there; the
+    ``metrics`` given must then be a :class:`PrometheusMetrics` (one is made when none is)."""
 
     def __init__(self, config: CsiConfig, *, metrics: Metrics | None = None) -> None:
         self.config = config
+        if metrics is None and config.metrics_listen is not None:
+            metrics = PrometheusMetrics()
         self._metrics: Metrics = metrics or NoMetrics()
         self._server: grpc.aio.Server | None = None
         self._client: VolumeServerClient | None = None
+        self._metrics_http: MetricsHttpServer | None = None
 
     async def start(self) -> None:
         """Serve on the socket; raises :class:`ConfigError` or :class:`StartError`."""
@@ -273,20 +282,50 @@ class CsiServer:
             config.socket_path,
             config.node_id,
         )
+        if config.metrics_listen is not None:
+            await self._serve_metrics(config.metrics_listen)
+
+    async def _serve_metrics(self, address: Address) -> None:
+        """Serve /metrics on ``address``; a bind failure stops the plugin again and raises
+        :class:`StartError`."""
+        assert isinstance(self._metrics, PrometheusMetrics), "--metrics-listen needs Prometheus"
+        http = MetricsHttpServer(self._metrics.registry)
+        try:
+            await asyncio.to_thread(http.start, address.host, address.port)
+        except OSError as exc:
+            await self.stop()
+            raise StartError(
+                f"cannot serve metrics on {address} (--metrics-listen): {exc}; choose a free "
+                "port on a local address, or leave --metrics-listen out"
+            ) from exc
+        self._metrics_http = http
+        log.info("serving Prometheus metrics on http://%s/metrics", self.metrics_address)
+
+    @property
+    def metrics_address(self) -> Address | None:
+        """Where /metrics is served (the chosen port when --metrics-listen gave port 0)."""
+        if self._metrics_http is None or self.config.metrics_listen is None:
+            return None
+        return Address(self.config.metrics_listen.host, self._metrics_http.port)
 
     def ready_line(self) -> str:
-        return f"READY endpoint=unix://{self.config.socket_path} mode={self.config.mode.value}"
+        line = f"READY endpoint=unix://{self.config.socket_path} mode={self.config.mode.value}"
+        if self.metrics_address is not None:
+            line += f" metrics=http://{self.metrics_address}/metrics"
+        return line
 
     async def wait(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
 
     async def stop(self) -> None:
-        """Stop taking RPCs, let running ones finish within the shutdown timeout, then remove
-        the socket file."""
+        """Stop taking RPCs, let running ones finish within the shutdown timeout, then stop
+        the metrics endpoint and remove the socket file."""
         grace_s = self.config.shutdown_timeout_s
         if self._server is not None:
             await self._server.stop(grace_s)
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.stop)
         if self._client is not None:
             await self._client.close()
         with contextlib.suppress(FileNotFoundError):

@@ -5,6 +5,14 @@ turns each call into one (or a few) SCSI commands on it. Any number of threads m
 once; their commands are outstanding together (up to the queue depth per path and the
 target's CmdSN window), so a FUSE daemon's worker threads get parallel I/O.
 
+Hand-off: a calling thread appends its request to a deque and, only when the loop has no
+wake-up pending, schedules one (``call_soon_threadsafe``); the loop drains every queued
+request in that one callback and starts each without a coroutine
+(:meth:`MultipathSession.submit`), so PDUs of one batch leave in one ``send()``. The caller
+then blocks on a plain lock that the loop releases on completion. Each calling thread has at
+most one request queued, so the queue is bounded by the number of callers; every wait is
+bounded (the session's timeouts, and the facade's own call timeout as a last resort).
+
 Durability is the target's: ``write`` returns once the target acknowledged the data (it is in
 the volume's WAL), ``write(fua=True)`` and ``flush()`` once it is durable (SBC-4 FUA and
 SYNCHRONIZE CACHE). Failures follow :mod:`blockyard.attach.initiator.errors`: bad requests
@@ -15,11 +23,13 @@ carried for the replacement timeout raises :class:`NoPathError` (a ``StorageIOEr
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,6 +42,7 @@ from blockyard.attach.initiator.multipath import (
     MultipathSession,
     MultipathSettings,
     PathStatus,
+    Submission,
 )
 from blockyard.blockdev import BytesLike, LbaStatus
 from blockyard.errors import (
@@ -71,6 +82,59 @@ def parse_portal(text: str) -> Portal:
     if not sep:
         return Portal(text, DEFAULT_PORT)
     return Portal(host, int(port_text))
+
+
+class _Request:
+    """One caller's command on its way to the loop and back. ``lock`` is held until the loop
+    completes the request; then exactly one of ``outcome``/``error`` is set."""
+
+    __slots__ = (
+        "abandoned",
+        "cdb",
+        "command",
+        "data_out",
+        "error",
+        "inflight",
+        "lba",
+        "lock",
+        "outcome",
+        "read_into",
+        "read_length",
+        "sub",
+    )
+
+    def __init__(
+        self,
+        inflight: set[_Request],
+        cdb: bytes,
+        command: str,
+        lba: int | None,
+        data_out: memoryview | None,
+        read_length: int,
+        read_into: memoryview | None,
+    ) -> None:
+        self.inflight = inflight
+        self.cdb = cdb
+        self.command = command
+        self.lba = lba
+        self.data_out = data_out
+        self.read_length = read_length
+        self.read_into = read_into
+        self.outcome: CommandOutcome | None = None
+        self.error: BaseException | None = None
+        self.sub: Submission | None = None
+        self.abandoned = False
+        self.lock = _thread.allocate_lock()
+        self.lock.acquire()
+
+    def complete(self, outcome: CommandOutcome | None, error: BaseException | None) -> None:
+        """Loop thread (or the closing thread once the loop ended): hand the result over."""
+        self.inflight.discard(self)
+        if self.outcome is not None or self.error is not None:
+            return
+        self.outcome = outcome
+        self.error = error
+        self.lock.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +194,12 @@ class IscsiBlockDevice:
         )
         self._closed = False
         self._close_lock = threading.Lock()
+        # Requests handed to the loop: appended by callers, drained by the loop (see the
+        # module docstring); ``_inflight`` (loop thread only) are those started and not done.
+        self._pending: deque[_Request] = deque()
+        self._drain_scheduled = False
+        self._inflight: set[_Request] = set()
+        self._leftover_lock = threading.Lock()
         self._thread.start()
         s = self._initiator
         start_bound = (
@@ -221,8 +291,85 @@ class IscsiBlockDevice:
             )
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        with contextlib.suppress(RuntimeError):  # already closed
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(START_THREAD_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        """After the loop thread ended: fail whatever it can no longer complete."""
+        error = VolumeClosedError(f"iSCSI device {self.spec.target_name} is closed")
+        with self._leftover_lock:
+            leftovers = list(self._inflight)
+            self._inflight.clear()
+            while self._pending:
+                leftovers.append(self._pending.popleft())
+        for req in leftovers:
+            req.complete(None, error)
+
+    # ---- request hand-off ---------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Loop thread: start every queued request (one wake-up serves the whole batch)."""
+        self._drain_scheduled = False
+        pending = self._pending
+        submit = self._session.submit
+        inflight = self._inflight
+        while pending:
+            req = pending.popleft()
+            if req.abandoned:
+                continue
+            inflight.add(req)
+            try:
+                req.sub = submit(
+                    req.cdb, req.complete, req.command, req.lba, req.data_out,
+                    req.read_length, req.read_into,
+                )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, not the loop
+                inflight.discard(req)
+                req.complete(None, exc)
+        self._session.flush()
+
+    async def _abandon(self, req: _Request) -> None:
+        """Loop thread: the caller stopped waiting; stop the command (Submission.cancel). Returns
+        once the command can no longer write into the caller's buffer: an outstanding task is
+        marked aborting at once, a retry coroutine once it has processed its cancellation."""
+        req.abandoned = True
+        self._inflight.discard(req)
+        sub = req.sub
+        if sub is None:
+            return
+        worker = sub.worker
+        sub.cancel()
+        if worker is not None and not worker.done():
+            await asyncio.wait([worker], timeout=START_THREAD_TIMEOUT_S)
+
+    def _submit(self, req: _Request) -> CommandOutcome:
+        if self._closed:
+            raise VolumeClosedError(f"iSCSI device {self.spec.target_name} is closed")
+        self._pending.append(req)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: close() ran concurrently
+                self._fail_leftovers()
+        if not self._thread.is_alive():
+            self._fail_leftovers()  # close() finished between our check and the append
+        timeout = self._call_timeout_s
+        if not req.lock.acquire(timeout=timeout):
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                # Also the barrier: once _abandon ran, no late Data-In lands in the buffer.
+                abandon = asyncio.run_coroutine_threadsafe(self._abandon(req), self._loop)
+                abandon.result(2 * START_THREAD_TIMEOUT_S)
+            raise NoPathError(
+                f"I/O to {self.spec.target_name} did not finish within {timeout:.0f} s"
+            )
+        if req.error is not None:
+            raise req.error
+        assert req.outcome is not None
+        return req.outcome
 
     def close(self) -> None:
         """Log out of every path (bounded by the logout timeout) and stop the loop thread.
@@ -235,6 +382,12 @@ class IscsiBlockDevice:
             finally:
                 self._closed = True
                 self._stop_loop()
+
+    def refresh_capacity(self) -> int:
+        """Ask the target for the LUN's size again (after it grew online); returns the new
+        block count. Thread-safe."""
+        self._call(self._session.read_capacity())
+        return self.block_count
 
     def __enter__(self) -> IscsiBlockDevice:
         return self
@@ -311,15 +464,13 @@ class IscsiBlockDevice:
         read_length: int = 0,
         read_into: memoryview | None = None,
     ) -> CommandOutcome:
-        return self._call(
-            self._session.execute(
-                cdb,
-                command=command,
-                lba=lba,
-                data_out=data_out,
-                read_length=read_length,
-                read_into=read_into,
-            )
+        out: memoryview | None = None
+        if data_out is not None and len(data_out):
+            out = data_out if isinstance(data_out, memoryview) else memoryview(data_out)
+            if out.format != "B" or out.ndim != 1:
+                out = out.cast("B")
+        return self._submit(
+            _Request(self._inflight, cdb, command, lba, out, read_length, read_into)
         )
 
     # ---- I/O ----------------------------------------------------------------------------
@@ -341,7 +492,9 @@ class IscsiBlockDevice:
         self._check_transfer(block_count, "readinto")
         if block_count == 0:
             return
-        outcome = self._run(scsi.read16(lba, block_count), "READ (16)", lba, read_into=view)
+        outcome = self._submit(
+            _Request(self._inflight, scsi.read16(lba, block_count), "READ (16)", lba, None, 0, view)
+        )
         self._check_full(outcome, view.nbytes, lba)
 
     def _check_full(self, outcome: CommandOutcome, length: int, lba: int) -> None:
@@ -358,7 +511,14 @@ class IscsiBlockDevice:
         self._check_transfer(block_count, "write")
         if block_count == 0:
             return
-        self._run(scsi.write16(lba, block_count, fua=fua), "WRITE (16)", lba, data_out=view)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        self._submit(
+            _Request(
+                self._inflight, scsi.write16(lba, block_count, fua=fua), "WRITE (16)", lba,
+                view, 0, None,
+            )
+        )  # fmt: skip
 
     def unmap(self, lba: int, block_count: int) -> None:
         """Deallocate (UNMAP, SBC-4 §5.32); the blocks then read as zeros (LBPRZ)."""

@@ -191,6 +191,11 @@ class _Task:
     owns_buffer: bool = False
     received: int = 0
     aborting: bool = False
+    #: Fast-path tasks (:meth:`IscsiConnection.start_command`): called synchronously when the
+    #: task ends (not after a timeout or cancellation), and when its deadline passes.
+    on_done: Callable[[_Task], None] | None = None
+    on_timeout: Callable[[_Task], None] | None = None
+    deadline: float = 0.0
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -261,10 +266,24 @@ class IscsiConnection(asyncio.Protocol):
         self._cmd_sn = 0
         self._exp_stat_sn = 0
         self._max_cmd_sn = 0
-        self._window_changed = asyncio.Event()
+        # Set (and dropped) when MaxCmdSN advances; created only when someone waits, since
+        # nearly every response advances the window.
+        self._window_changed: asyncio.Event | None = None
         self._writable = True
         self._writable_changed = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.queue_depth)
+        # Command slots (queue_depth): a counter so the synchronous fast path can take one
+        # without a coroutine; coroutine waiters park on a broadcast event.
+        self._free_slots = settings.queue_depth
+        self._slot_waiters = 0
+        self._slot_freed = asyncio.Event()
+        # PDUs encoded during one pass of the event loop go out in one write (one send()):
+        # with many commands in flight this turns N syscalls into one.
+        self._out: list[BytesLike] = []
+        self._flush_scheduled = False
+        # Fast-path tasks in start order, which is deadline order (one timeout for all): one
+        # timer for the oldest instead of one per command.
+        self._fast: dict[int, _Task] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._next_itt_value = 1
         self._tasks: dict[int, _Task] = {}
         self._waiters: dict[int, asyncio.Future[Pdu]] = {}
@@ -418,17 +437,144 @@ class IscsiConnection(asyncio.Protocol):
         timeout = self.settings.command_timeout_s if timeout_s is None else timeout_s
         deadline = self._loop.time() + timeout
         self._check_alive()
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise CommandTimeoutError(
-                f"no command slot free on {self._where()} within {timeout} s"
-            ) from exc
+        if self._free_slots <= 0 or self._slot_waiters:
+            self._slot_waiters += 1
+            try:
+                async with asyncio.timeout_at(deadline):
+                    while self._free_slots <= 0:
+                        self._check_alive()
+                        await self._slot_freed.wait()
+            except TimeoutError as exc:
+                raise CommandTimeoutError(
+                    f"no command slot free on {self._where()} within {timeout} s"
+                ) from exc
+            finally:
+                self._slot_waiters -= 1
+        self._free_slots -= 1
         try:
             return await self._execute(cdb, data_out, read_length, read_into, deadline, timeout)
         finally:
-            self._slots.release()
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        self._free_slots += 1
+        if self._slot_waiters:
+            self._slot_freed = _broadcast(self._slot_freed)
+
+    def start_command(
+        self,
+        cdb: bytes,
+        data_out: memoryview | None,
+        read_length: int,
+        read_into: memoryview | None,
+        on_done: Callable[[_Task], None],
+        on_timeout: Callable[[_Task], None],
+    ) -> _Task | None:
+        """The synchronous fast path of :meth:`execute`: send the command now if a queue slot
+        is free, the CmdSN window is open and the transport takes data; else return None (the
+        caller then uses :meth:`execute`, which waits for those). Raises PathFailedError when
+        the connection is unusable.
+
+        When the task ends, its slot and ITT are released and ``on_done(task)`` is called on
+        the loop, synchronously, with ``task.future`` done (outcome, or PathFailedError /
+        CommandRejectedError / cancelled). After ``command_timeout_s`` without an answer,
+        ``on_timeout(task)`` is called instead and ``on_done`` never: the caller must then
+        :meth:`abort_timed_out` the task. ``data_out`` must be a flat byte view.
+        """
+        self._check_alive()
+        if (
+            self._free_slots <= 0
+            or self._slot_waiters
+            or not self._writable
+            or not serial_le(self._cmd_sn, self._max_cmd_sn)
+        ):
+            return None
+        self._free_slots -= 1
+        out = data_out if data_out is not None and data_out.nbytes else None
+        owns = False
+        buffer = read_into
+        if buffer is None and read_length:
+            buffer = memoryview(bytearray(read_length))
+            owns = True
+        loop = self._loop
+        task = _Task(
+            self._next_itt(), self._cmd_sn, self._lun_field, buffer, out, loop.create_future(),
+            owns, 0, False, on_done, on_timeout, loop.time() + self.settings.command_timeout_s,
+        )  # fmt: skip
+        self._cmd_sn = (self._cmd_sn + 1) & _SN_MASK
+        self._tasks[task.itt] = task
+        self._fast[task.itt] = task
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(task.deadline, self._sweep)
+        try:
+            self._send_command(task, cdb)
+        except PathFailedError:
+            # The transport is going away (a failure is being reported): undo, the caller
+            # takes the slow path, which sees the failed connection.
+            task.on_done = None
+            task.future.cancel()
+            self._fast.pop(task.itt, None)
+            self._tasks.pop(task.itt, None)
+            self._release_slot()
+            raise
+        return task
+
+    def _settled(self, task: _Task) -> None:
+        """``task.future`` was just resolved: finish a fast-path task (release its slot and
+        ITT unless an abort owns them, then tell its owner)."""
+        on_done = task.on_done
+        if on_done is None:
+            return
+        task.on_done = None
+        _retrieve(task.future)
+        if task.aborting:
+            return  # the abort releases the ITT and the slot
+        self._fast.pop(task.itt, None)
+        self._tasks.pop(task.itt, None)
+        self._release_slot()
+        on_done(task)
+
+    def _sweep(self) -> None:
+        """Fire the timeouts of fast-path tasks whose deadline passed; re-arm for the next."""
+        self._sweeper = None
+        now = self._loop.time()
+        expired: list[_Task] = []
+        for task in self._fast.values():
+            if task.deadline > now:
+                self._sweeper = self._loop.call_at(task.deadline, self._sweep)
+                break
+            expired.append(task)
+        for task in expired:
+            del self._fast[task.itt]
+            on_timeout = task.on_timeout
+            if task.future.done() or task.aborting or on_timeout is None:
+                continue
+            # From here on the ITT stays reserved until the target has let go of the task.
+            task.aborting = True
+            on_timeout(task)
+
+    async def abort_timed_out(self, task: _Task) -> CommandOutcome:
+        """ABORT TASK for a fast-path task whose timer fired; always raises
+        (CommandTimeoutError, or PathFailedError when the abort is not answered)."""
+        try:
+            return await self._abort_task(task, self.settings.command_timeout_s)
+        finally:
+            self._release_slot()
+
+    def cancel_command(self, task: _Task) -> None:
+        """The caller gave up on a fast-path task: abort it in the background; its ITT and
+        buffer are released only once the target has let go of it."""
+        if task.future.done() or task.aborting:
+            return
+        task.aborting = True
+        self._fast.pop(task.itt, None)
+        self._spawn(self._abort_fast_quietly(task))
+
+    async def _abort_fast_quietly(self, task: _Task) -> None:
+        try:
+            await self._abort_quietly(task)
+        finally:
+            self._release_slot()
 
     async def _execute(
         self,
@@ -445,7 +591,7 @@ class IscsiConnection(asyncio.Protocol):
                     self._check_alive()
                     if self._writable and serial_le(self._cmd_sn, self._max_cmd_sn):
                         break
-                    wait_for = self._window_changed if self._writable else self._writable_changed
+                    wait_for = self._window_event() if self._writable else self._writable_changed
                     await wait_for.wait()
         except TimeoutError as exc:
             raise CommandTimeoutError(
@@ -653,7 +799,7 @@ class IscsiConnection(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 while not serial_le(self._cmd_sn, self._max_cmd_sn):
                     self._check_alive()
-                    await self._window_changed.wait()
+                    await self._window_event().wait()
                 self._check_alive()
                 pdu = replace(request, cmd_sn=self._cmd_sn, exp_stat_sn=self._exp_stat_sn)
                 self._cmd_sn = (self._cmd_sn + 1) & _SN_MASK
@@ -847,6 +993,7 @@ class IscsiConnection(asyncio.Protocol):
                 task.future.set_exception(
                     PathFailedError(f"target failure response {pdu.response:#x} on a command")
                 )
+                self._settled(task)
             return
         sense = parse_sense(parse_sense_segment(pdu.data)) if len(pdu.data) else None
         self._complete(task, pdu.status, sense)
@@ -858,6 +1005,7 @@ class IscsiConnection(asyncio.Protocol):
         if task.owns_buffer and task.buffer is not None:
             data = bytes(task.buffer[: task.received])
         task.future.set_result(CommandOutcome(status, sense, data, task.received))
+        self._settled(task)
 
     def _on_r2t(self, pdu: R2T) -> None:
         task = self._tasks.get(pdu.itt)
@@ -907,6 +1055,7 @@ class IscsiConnection(asyncio.Protocol):
         )
         if task is not None and not task.future.done():
             task.future.set_exception(error)
+            self._settled(task)
             return
         waiter = self._waiters.get(itt)
         if waiter is not None and not waiter.done():
@@ -953,7 +1102,19 @@ class IscsiConnection(asyncio.Protocol):
             return
         if serial_lt(self._max_cmd_sn, max_cmd_sn):
             self._max_cmd_sn = max_cmd_sn
-            self._window_changed = _broadcast(self._window_changed)
+            self._wake_window()
+
+    def _window_event(self) -> asyncio.Event:
+        event = self._window_changed
+        if event is None:
+            event = self._window_changed = asyncio.Event()
+        return event
+
+    def _wake_window(self) -> None:
+        event = self._window_changed
+        if event is not None:
+            self._window_changed = None
+            event.set()
 
     def _next_itt(self) -> int:
         for _ in range(len(self._tasks) + len(self._waiters) + 3):
@@ -972,11 +1133,30 @@ class IscsiConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             raise self._failed or PathFailedError(f"{self._where()} is not connected")
-        transport.writelines(
+        self._out.extend(
             encode_pdu_buffers(
                 pdu, header_digest=self._header_digest, data_digest=self._data_digest
             )
         )
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every PDU queued so far at once (bounded by queue_depth commands and their
+        Data-Out; the transport's write buffer limits apply after). Runs by itself at the
+        end of the loop pass; callers that queued a batch call it to save that pass."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        transport = self._transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(b"".join(out))
 
     def _check_alive(self) -> None:
         if self._failed is not None:
@@ -1018,11 +1198,13 @@ class IscsiConnection(asyncio.Protocol):
         for task in list(self._tasks.values()):
             if not task.future.done():
                 task.future.set_exception(error)
+                self._settled(task)
         for waiter in list(self._waiters.values()):
             if not waiter.done():
                 waiter.set_exception(error)
-        self._window_changed = _broadcast(self._window_changed)
+        self._wake_window()
         self._writable_changed = _broadcast(self._writable_changed)
+        self._slot_freed = _broadcast(self._slot_freed)
         if self._keepalive is not None and self._keepalive is not asyncio.current_task():
             self._keepalive.cancel()
 

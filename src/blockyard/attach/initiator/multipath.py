@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from blockyard.attach.initiator import scsi
@@ -43,6 +43,7 @@ from blockyard.attach.initiator.connection import (
     CommandOutcome,
     InitiatorSettings,
     IscsiConnection,
+    _Task,
     random_isid,
 )
 from blockyard.attach.initiator.errors import (
@@ -125,6 +126,67 @@ class _Path:
         if self.state is None:
             return _UNKNOWN_STATE_RANK
         return _STATE_RANK.get(AccessState(self.state)) if self.state in _STATE_RANK else None
+
+
+#: What :meth:`MultipathSession.submit` reports: exactly one of outcome / error is set.
+Completion = Callable[[CommandOutcome | None, BaseException | None], None]
+
+
+class Submission:
+    """One command started by :meth:`MultipathSession.submit`. Loop thread only."""
+
+    __slots__ = (
+        "cancelled",
+        "cdb",
+        "command",
+        "conn",
+        "data_out",
+        "done",
+        "finished",
+        "lba",
+        "path",
+        "read_into",
+        "read_length",
+        "task",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        cdb: bytes,
+        done: Completion,
+        command: str,
+        lba: int | None,
+        data_out: memoryview | None,
+        read_length: int,
+        read_into: memoryview | None,
+    ) -> None:
+        self.cdb = cdb
+        self.done = done
+        self.command = command
+        self.lba = lba
+        self.data_out = data_out
+        self.read_length = read_length
+        self.read_into = read_into
+        self.path: _Path | None = None
+        self.conn: IscsiConnection | None = None
+        self.task: _Task | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self.finished = False
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Give up on the command: an outstanding task is aborted in the background (the
+        target's late Data-In no longer lands in the caller's buffer once this returns), a
+        retry in progress is cancelled. ``done`` is not called afterwards."""
+        if self.finished:
+            return
+        self.cancelled = True
+        self.finished = True
+        if self.worker is not None:
+            self.worker.cancel()
+        elif self.task is not None and self.conn is not None:
+            self.conn.cancel_command(self.task)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +314,126 @@ class MultipathSession:
 
     # ---- I/O ----------------------------------------------------------------------------
 
+    def submit(
+        self,
+        cdb: bytes,
+        done: Completion,
+        command: str,
+        lba: int | None = None,
+        data_out: memoryview | None = None,
+        read_length: int = 0,
+        read_into: memoryview | None = None,
+    ) -> Submission:
+        """Start ``cdb`` now, without a coroutine, and call ``done(outcome, error)`` on the
+        loop when it ends; same semantics, errors and bounds as :meth:`execute`.
+
+        The common case (a usable path with a free slot and an open CmdSN window, answered
+        GOOD in time) costs one future and one timer; anything else (no path, a full queue,
+        a failure, a non-GOOD status, a timeout) continues in :meth:`execute` from where
+        the first attempt left off. ``data_out`` must be a flat byte view.
+        """
+        sub = Submission(cdb, done, command, lba, data_out, read_length, read_into)
+        path = None if self._closed else self._pick()
+        conn = path.conn if path is not None else None
+        task: _Task | None = None
+        if conn is not None:
+            try:
+                task = conn.start_command(
+                    cdb, data_out, read_length, read_into,
+                    lambda t: self._fast_finished(sub, t.future),
+                    lambda t: self._fast_timed_out(sub),
+                )  # fmt: skip
+            except PathFailedError:
+                task = None
+        if task is None:
+            self._continue(sub, None)
+            return sub
+        sub.path, sub.conn, sub.task = path, conn, task
+        return sub
+
+    def flush(self) -> None:
+        """Send what :meth:`submit` queued on every path now (see IscsiConnection.flush)."""
+        for path in self._paths:
+            if path.conn is not None:
+                path.conn.flush()
+
+    def _fast_finished(self, sub: Submission, future: asyncio.Future[CommandOutcome]) -> None:
+        task = sub.task
+        if sub.finished or (task is not None and task.aborting):
+            return  # cancelled, or the timer fired and _fast_timed_out owns the command
+        path, conn = sub.path, sub.conn
+        assert path is not None and conn is not None
+        result: CommandOutcome | BaseException
+        if future.cancelled():
+            result = PathFailedError(f"a command on {path.name} was cancelled")
+        else:
+            error = future.exception()
+            if error is None:
+                result = future.result()
+                if not result.status or (
+                    scsi.classify(result.status, result.sense) is Disposition.DONE
+                ):
+                    sub.finished = True
+                    sub.done(result, None)
+                    return
+            else:
+                result = error
+        self._continue(sub, (path, conn, result))
+
+    def _fast_timed_out(self, sub: Submission) -> None:
+        if sub.finished:
+            return
+        conn, task, path = sub.conn, sub.task, sub.path
+        assert conn is not None and task is not None and path is not None
+
+        async def abort_then_retry() -> None:
+            try:
+                await conn.abort_timed_out(task)
+            except BlockyardError as exc:
+                error: BaseException = exc
+            else:  # pragma: no cover - abort_timed_out always raises
+                error = PathFailedError("command timed out")
+            await self._resume(sub, (path, conn, error))
+
+        sub.worker = self._loop.create_task(abort_then_retry())
+
+    def _continue(
+        self,
+        sub: Submission,
+        first: tuple[_Path, IscsiConnection, CommandOutcome | BaseException] | None,
+    ) -> None:
+        sub.worker = self._loop.create_task(self._resume(sub, first))
+
+    async def _resume(
+        self,
+        sub: Submission,
+        first: tuple[_Path, IscsiConnection, CommandOutcome | BaseException] | None,
+    ) -> None:
+        try:
+            outcome = await self.execute(
+                sub.cdb,
+                command=sub.command,
+                lba=sub.lba,
+                data_out=sub.data_out,
+                read_length=sub.read_length,
+                read_into=sub.read_into,
+                first=first,
+            )
+        except asyncio.CancelledError:
+            if not sub.cancelled:
+                raise
+            return
+        except BaseException as exc:  # every error goes to the caller
+            if not sub.finished:
+                sub.finished = True
+                sub.done(None, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not sub.finished:
+            sub.finished = True
+            sub.done(outcome, None)
+
     async def execute(
         self,
         cdb: bytes,
@@ -261,41 +443,55 @@ class MultipathSession:
         data_out: BytesLike | None = None,
         read_length: int = 0,
         read_into: memoryview | None = None,
+        first: tuple[_Path, IscsiConnection, CommandOutcome | BaseException] | None = None,
     ) -> CommandOutcome:
         """Run ``cdb`` on the best path, failing over as the module docstring says.
 
         Returns only a successful outcome; a final SCSI error raises the blockyard error of
         :func:`scsi.outcome_error`, and running out of paths or time raises
-        :class:`NoPathError`.
+        :class:`NoPathError`. ``first`` is an attempt already made (by :meth:`submit`): its
+        path, connection and result are handled as if this loop had made it.
         """
         trouble_deadline: float | None = None
         last_problem = ""
         while True:
-            if self._closed:
-                raise NoPathError(f"the session to {self.target_name} is closed")
-            if trouble_deadline is not None and self._loop.time() >= trouble_deadline:
-                raise NoPathError(
-                    f"{command} on {self.target_name} did not succeed within the "
-                    f"{self.multipath.replacement_timeout_s} s replacement timeout "
-                    f"(last problem: {last_problem})"
-                )
-            path = self._pick()
-            if path is None:
-                await self._wait_for_path(command, trouble_deadline, last_problem)
-                continue
-            conn = path.conn
-            assert conn is not None
-            try:
-                outcome = await conn.execute(
-                    cdb, data_out=data_out, read_length=read_length, read_into=read_into
-                )
-            except CommandRejectedError:
-                raise
-            except PathFailedError as exc:
-                last_problem = f"{path.name}: {exc}"
-                self._path_failed(path, conn, exc)
+            if first is not None:
+                path, conn, result = first
+                first = None
+                outcome_or_error = result
+            else:
+                if self._closed:
+                    raise NoPathError(f"the session to {self.target_name} is closed")
+                if trouble_deadline is not None and self._loop.time() >= trouble_deadline:
+                    raise NoPathError(
+                        f"{command} on {self.target_name} did not succeed within the "
+                        f"{self.multipath.replacement_timeout_s} s replacement timeout "
+                        f"(last problem: {last_problem})"
+                    )
+                picked = self._pick()
+                if picked is None:
+                    await self._wait_for_path(command, trouble_deadline, last_problem)
+                    continue
+                path = picked
+                picked_conn = path.conn
+                assert picked_conn is not None
+                conn = picked_conn
+                try:
+                    outcome_or_error = await conn.execute(
+                        cdb, data_out=data_out, read_length=read_length, read_into=read_into
+                    )
+                except CommandRejectedError:
+                    raise
+                except PathFailedError as exc:
+                    outcome_or_error = exc
+            if isinstance(outcome_or_error, BaseException):
+                if not isinstance(outcome_or_error, PathFailedError):
+                    raise outcome_or_error
+                last_problem = f"{path.name}: {outcome_or_error}"
+                self._path_failed(path, conn, outcome_or_error)
                 trouble_deadline = trouble_deadline or self._trouble_deadline()
                 continue
+            outcome = outcome_or_error
             disposition = scsi.classify(outcome.status, outcome.sense)
             if disposition is Disposition.DONE:
                 return outcome
@@ -547,6 +743,11 @@ class MultipathSession:
         except BlockyardError as exc:
             log.warning("re-reading the capacity of %s failed: %s", self.target_name, exc)
 
+    async def read_capacity(self) -> None:
+        """Re-read READ CAPACITY (16) now: how a grown LUN becomes visible without waiting
+        for the next CAPACITY DATA HAS CHANGED unit attention."""
+        await self._read_capacity()
+
     async def _read_capacity(self) -> None:
         outcome = await self.execute(
             scsi.read_capacity16(),
@@ -569,4 +770,11 @@ def _state_name(state: AccessState | int | None) -> str:
     return f"state {state:#x}"
 
 
-__all__ = ["DEFAULT_REPLACEMENT_TIMEOUT_S", "MultipathSession", "MultipathSettings", "PathStatus"]
+__all__ = [
+    "DEFAULT_REPLACEMENT_TIMEOUT_S",
+    "Completion",
+    "MultipathSession",
+    "MultipathSettings",
+    "PathStatus",
+    "Submission",
+]

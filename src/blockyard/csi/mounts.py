@@ -1,0 +1,166 @@
+"""The node's mount table, read with a timeout and checked for mount storms.
+
+rds-csi's lessons: reading ``/proc/self/mountinfo`` can hang (a wedged NFS or FUSE server) or
+be enormous (a propagation storm of thousands of mounts), so it is read in a worker thread with
+a timeout and a size cap; and one source mounted again and again (a bind mount of ``/dev``
+propagated 2048 times exhausted kernel memory there) is refused before another mount is added.
+
+A duplicate is a mount of the same filesystem (``major:minor``) and the same root inside it:
+exactly what repeated bind mounts of one directory look like. Container overlays or separate
+tmpfs instances share a source *name* but each has its own device number, so a busy node does
+not look like a storm.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Final
+
+from blockyard.csi.node_config import DEFAULT_MOUNT_STORM_THRESHOLD, DEFAULT_MOUNT_TABLE_TIMEOUT_S
+from blockyard.csi.node_errors import MountStormError, MountTableTimeoutError
+from blockyard.errors import StorageIOError
+
+MOUNTINFO: Final = "/proc/self/mountinfo"
+#: A mount table larger than this is itself a storm; refuse to parse it.
+MOUNT_TABLE_MAX_BYTES: Final = 64 << 20
+#: proc(5): the fields before the optional ones in a mountinfo line.
+_MIN_FIELDS: Final = 6
+
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mountinfo")
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of proc(5) mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    dev: str
+    root: str
+    mountpoint: str
+    options: tuple[str, ...]
+    fstype: str
+    source: str
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    """proc(5): space, tab, newline and backslash are octal-escaped (``\\040``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Every well-formed line of ``text``; malformed lines are skipped."""
+    found: list[Mount] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        a = left.split()
+        b = right.split()
+        if len(a) < _MIN_FIELDS or len(b) < 2:
+            continue
+        try:
+            mount_id, parent_id = int(a[0]), int(a[1])
+        except ValueError:
+            continue
+        found.append(
+            Mount(
+                mount_id=mount_id,
+                parent_id=parent_id,
+                dev=a[2],
+                root=_unescape(a[3]),
+                mountpoint=_unescape(a[4]),
+                options=tuple(a[5].split(",")),
+                fstype=b[0],
+                source=_unescape(b[1]),
+            )
+        )
+    return found
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(MOUNT_TABLE_MAX_BYTES + 1)
+
+
+def duplicates(mounts: list[Mount], threshold: int) -> list[tuple[Mount, int]]:
+    """One example mount and the count of each (device, root) mounted ``threshold`` times or
+    more, most frequent first."""
+    counts = Counter((m.dev, m.root) for m in mounts)
+    example = {(m.dev, m.root): m for m in mounts}
+    return [(example[key], n) for key, n in counts.most_common() if n >= threshold]
+
+
+class MountTable:
+    """Reads the mount table; thread-safe (each call reads afresh)."""
+
+    def __init__(
+        self,
+        *,
+        path: str = MOUNTINFO,
+        timeout_s: float = DEFAULT_MOUNT_TABLE_TIMEOUT_S,
+        storm_threshold: int = DEFAULT_MOUNT_STORM_THRESHOLD,
+    ) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self.storm_threshold = storm_threshold
+
+    def read(self) -> list[Mount]:
+        """The current mounts. Raises :class:`MountTableTimeoutError` after ``timeout_s``
+        and :class:`MountStormError` when the table exceeds its size cap."""
+        future = _pool.submit(_read_file, self.path)
+        try:
+            data = future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise MountTableTimeoutError(
+                f"reading {self.path} took longer than {self.timeout_s:.0f} s; a mount is "
+                "probably hanging (a dead NFS/FUSE server): find it with `findmnt` and "
+                "unmount it lazily (`umount -l`)"
+            ) from exc
+        except OSError as exc:
+            raise StorageIOError(f"cannot read {self.path}: {exc}") from exc
+        if len(data) > MOUNT_TABLE_MAX_BYTES:
+            raise MountStormError(
+                f"{self.path} is larger than {MOUNT_TABLE_MAX_BYTES >> 20} MiB: a mount storm. "
+                "Refusing to add mounts; inspect `findmnt` and remove the duplicates"
+            )
+        return parse_mountinfo(data.decode(errors="replace"))
+
+    def at(self, path: str, mounts: list[Mount] | None = None) -> list[Mount]:
+        """Mounts whose mountpoint is ``path`` (innermost last)."""
+        path = os.path.abspath(path)
+        return [m for m in (self.read() if mounts is None else mounts) if m.mountpoint == path]
+
+    def check_storm(self, mounts: list[Mount] | None = None) -> list[Mount]:
+        """Raise :class:`MountStormError` when one source is mounted at least the threshold
+        times; returns the table read, for the caller to reuse."""
+        table = self.read() if mounts is None else mounts
+        found = duplicates(table, self.storm_threshold)
+        if found:
+            m, n = found[0]
+            raise MountStormError(
+                f"mount storm on this node: {m.source} ({m.fstype} {m.dev}, root {m.root}) is "
+                f"mounted {n} times (threshold {self.storm_threshold}), e.g. at {m.mountpoint}. "
+                "Refusing to add mounts until the duplicates are removed: list them with "
+                f"`findmnt -n -o TARGET,MAJ:MIN,FSROOT | grep {m.dev}` and unmount them; "
+                "then retry"
+            )
+        return table
