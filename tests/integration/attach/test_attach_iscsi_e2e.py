@@ -8,63 +8,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from attach_helpers import AttachEnv, cli
 
-START_TIMEOUT_S = 30.0
+from blockyard.testing.serve import ServeProcess, serve_process
+
 SIZE = "320MiB"  # mkfs.xfs wants at least 300 MiB
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    api: str
-    portals: list[str]
-
-
 @pytest.fixture
-def served(attach_env: AttachEnv) -> Iterator[Served]:
-    data = Path(attach_env.data_dir)
-    data.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "blockyard.cli.main", "serve", "--data-dir", str(data)]
-    argv += ["--api-listen", "127.0.0.1:0", "--shutdown-timeout", "10"]
-    argv += ["--iscsi-listen", "127.0.0.1:0", "--iscsi-listen", "127.0.0.2:0"]
-    log = (attach_env.tmp / "serve.log").open("w")
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    assert proc.stdout is not None
-    out = proc.stdout
-    threading.Thread(target=lambda: lines.put(out.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=START_TIMEOUT_S)
-        assert line.startswith("READY "), line
-        fields = dict(part.split("=", 1) for part in line.split()[1:])
-        yield Served(proc, fields["api"], fields["iscsi"].split(","))
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        out.close()
-        log.close()
+def served(attach_env: AttachEnv) -> Iterator[ServeProcess]:
+    with serve_process(
+        Path(attach_env.data_dir),
+        attach_env.tmp / "serve.log",
+        ["127.0.0.1:0", "127.0.0.2:0"],
+    ) as proc:
+        yield proc
 
 
 def _write(root: str) -> dict[str, str]:
@@ -85,7 +48,7 @@ def _digests(root: str, names: list[str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
 def test_filesystem_over_iscsi_survives_reattach(
-    attach_env: AttachEnv, served: Served, fstype: str
+    attach_env: AttachEnv, served: ServeProcess, fstype: str
 ) -> None:
     state = ("--state-dir", attach_env.root)
     cli("volume", "create", "vol", "--size", SIZE, "--server", served.api)
@@ -113,7 +76,7 @@ def test_filesystem_over_iscsi_survives_reattach(
     assert "not attached" in cli("detach", "vol", *state).stdout
 
 
-def test_raw_block_over_two_portals(attach_env: AttachEnv, served: Served) -> None:
+def test_raw_block_over_two_portals(attach_env: AttachEnv, served: ServeProcess) -> None:
     state = ("--state-dir", attach_env.root)
     cli("volume", "create", "blk", "--size", "64MiB", "--server", served.api)
     argv = ["attach", "--iqn", "iqn.2026-11.io.blockyard:blk", "--block", *state]

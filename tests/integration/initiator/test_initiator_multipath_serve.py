@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,62 +19,28 @@ import pytest
 from blockyard.attach.initiator import IscsiBlockDevice
 from blockyard.scsi.alua import AccessState
 from blockyard.server.client import VolumeServerClient
+from blockyard.testing.serve import ServeProcess, serve_process
 
-START_TIMEOUT_S = 30.0
 PROGRESS_TIMEOUT_S = 20.0
 IQN = "iqn.2026-11.io.blockyard:mp"
 INITIATOR = "iqn.2026-11.io.blockyard.test:multipath-serve"
 RECORD_BLOCKS = 16  # 8 KiB records of 512-byte blocks
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    api: str
-    portals: list[str]
+def api_call(served: ServeProcess, fn: Callable[[VolumeServerClient], Awaitable[object]]) -> object:
+    async def main() -> object:
+        async with VolumeServerClient(served.api, timeout_s=20, slow_timeout_s=60) as client:
+            return await fn(client)
 
-    def api_call(self, coro_fn: object) -> object:
-        async def main() -> object:
-            async with VolumeServerClient(self.api, timeout_s=20, slow_timeout_s=60) as c:
-                return await coro_fn(c)  # type: ignore[operator]
-
-        return asyncio.run(main())
+    return asyncio.run(main())
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    data = tmp_path / "data"
-    data.mkdir()
-    argv = [sys.executable, "-m", "blockyard.cli.main", "serve", "--data-dir", str(data)]
-    argv += ["--api-listen", "127.0.0.1:0", "--shutdown-timeout", "10"]
-    argv += ["--iscsi-listen", "127.0.0.1:0", "--iscsi-listen", "127.0.0.2:0"]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    assert proc.stdout is not None
-    out = proc.stdout
-    threading.Thread(target=lambda: lines.put(out.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=START_TIMEOUT_S)
-        assert line.startswith("READY "), line
-        fields = dict(part.split("=", 1) for part in line.split()[1:])
-        yield Served(proc, fields["api"], fields["iscsi"].split(","))
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        out.close()
-        log.close()
+def served(tmp_path: Path) -> Iterator[ServeProcess]:
+    with serve_process(
+        tmp_path / "data", tmp_path / "serve.log", ["127.0.0.1:0", "127.0.0.2:0"]
+    ) as proc:
+        yield proc
 
 
 class Writer(threading.Thread):
@@ -112,12 +73,12 @@ class Writer(threading.Thread):
             time.sleep(0.02)
 
 
-def _set(served: Served, group: int, state: AccessState) -> None:
-    served.api_call(lambda c: c.set_port_state("mp", group, state))
+def _set(served: ServeProcess, group: int, state: AccessState) -> None:
+    api_call(served, lambda c: c.set_port_state("mp", group, state))
 
 
-def test_active_group_moves_through_the_api_without_io_errors(served: Served) -> None:
-    served.api_call(lambda c: c.create_volume("mp", 64 << 20))
+def test_active_group_moves_through_the_api_without_io_errors(served: ServeProcess) -> None:
+    api_call(served, lambda c: c.create_volume("mp", 64 << 20))
     _set(served, 2, AccessState.STANDBY)
     device = IscsiBlockDevice.connect(served.portals, IQN, INITIATOR, replacement_timeout_s=20.0)
     writer = Writer(device)
