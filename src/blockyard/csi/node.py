@@ -224,6 +224,11 @@ class NodeService(pb_grpc.NodeServicer):
             else:
                 log.warning("staged volume %s: %s; NodeStageVolume will repair it",
                             record.volume_id, problem)  # fmt: skip
+        self._report_staged()
+
+    def _report_staged(self) -> None:
+        """Tell the metrics how many volumes are staged on this node now."""
+        self.runner.metrics.attachment_changed(len(self.store.all()))
 
     # ---- stage -------------------------------------------------------------------------------
 
@@ -255,8 +260,13 @@ class NodeService(pb_grpc.NodeServicer):
                         state.failures,
                         self.breakers.threshold,
                     )
+                    if state.failures == self.breakers.threshold:
+                        self.runner.metrics.breaker_tripped(volume_id)
+                    self.runner.metrics.breaker_state(volume_id, state.opened_at is not None)
                     raise
                 self.breakers.record_success(volume_id)
+                self.runner.metrics.breaker_state(volume_id, False)
+                self._report_staged()
             return pb.NodeStageVolumeResponse()
 
         return await self.runner.run(context, "NodeStageVolume", request.volume_id, work)
@@ -342,6 +352,8 @@ class NodeService(pb_grpc.NodeServicer):
             staging = _abs_path(request.staging_target_path, "staging_target_path")
             with self.locks.claim("NodeUnstageVolume", f"volume:{volume_id}"):
                 await run_blocking(lambda: self._unstage(volume_id, staging))
+            self.runner.metrics.breaker_removed(volume_id)
+            self._report_staged()
             return pb.NodeUnstageVolumeResponse()
 
         return await self.runner.run(context, "NodeUnstageVolume", request.volume_id, work)
