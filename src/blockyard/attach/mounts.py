@@ -8,69 +8,15 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 
 from blockyard.attach.errors import ToolError
 from blockyard.attach.loop import TOOL_TIMEOUT_S, dev_numbers, run_tool
+from blockyard.mountinfo import MOUNT_TABLE_MAX_BYTES, MOUNTINFO, Mount, parse_mountinfo
 
 log = logging.getLogger(__name__)
 
-MOUNTINFO = "/proc/self/mountinfo"
-#: rds-csi: a mount table this large means a mount storm; refuse to act on it blindly.
-MOUNT_TABLE_MAX_BYTES = 64 << 20
 
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    mount_id: int
-    dev: str
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    # proc(5): space, tab, newline and backslash are octal-escaped in mountinfo.
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse proc(5) mountinfo; malformed lines are skipped."""
-    entries: list[MountEntry] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        a = left.split()
-        b = right.split()
-        if len(a) < 5 or len(b) < 2:
-            continue
-        try:
-            mount_id = int(a[0])
-        except ValueError:
-            continue
-        entries.append(
-            MountEntry(
-                mount_id=mount_id,
-                dev=a[2],
-                mountpoint=_unescape(a[4]),
-                fstype=b[0],
-                source=_unescape(b[1]),
-            )
-        )
-    return entries
-
-
-def read_mounts() -> list[MountEntry]:
+def read_mounts() -> list[Mount]:
     with open(MOUNTINFO, "rb") as f:
         data = f.read(MOUNT_TABLE_MAX_BYTES + 1)
     if len(data) > MOUNT_TABLE_MAX_BYTES:
@@ -81,17 +27,17 @@ def read_mounts() -> list[MountEntry]:
     return parse_mountinfo(data.decode(errors="replace"))
 
 
-def mounts_at(path: str) -> list[MountEntry]:
+def mounts_at(path: str) -> list[Mount]:
     return [m for m in read_mounts() if m.mountpoint == path]
 
 
-def mounts_under(root: str) -> list[MountEntry]:
+def mounts_under(root: str) -> list[Mount]:
     """Mounts whose mountpoint is strictly below ``root``."""
     prefix = root.rstrip("/") + "/"
     return [m for m in read_mounts() if m.mountpoint.startswith(prefix)]
 
 
-def mounts_of_device(device: str) -> list[MountEntry]:
+def mounts_of_device(device: str) -> list[Mount]:
     """Mounts of ``device`` or any of its partitions (matched by major:minor, not by name)."""
     numbers = dev_numbers(device)
     if not numbers:

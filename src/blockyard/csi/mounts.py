@@ -16,83 +16,13 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import Final
 
 from blockyard.csi.node_config import DEFAULT_MOUNT_STORM_THRESHOLD, DEFAULT_MOUNT_TABLE_TIMEOUT_S
 from blockyard.csi.node_errors import MountStormError, MountTableTimeoutError
 from blockyard.errors import StorageIOError
-
-MOUNTINFO: Final = "/proc/self/mountinfo"
-#: A mount table larger than this is itself a storm; refuse to parse it.
-MOUNT_TABLE_MAX_BYTES: Final = 64 << 20
-#: proc(5): the fields before the optional ones in a mountinfo line.
-_MIN_FIELDS: Final = 6
+from blockyard.mountinfo import MOUNT_TABLE_MAX_BYTES, MOUNTINFO, Mount, parse_mountinfo
 
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mountinfo")
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """One line of proc(5) mountinfo."""
-
-    mount_id: int
-    parent_id: int
-    dev: str
-    root: str
-    mountpoint: str
-    options: tuple[str, ...]
-    fstype: str
-    source: str
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.options
-
-
-def _unescape(field: str) -> str:
-    """proc(5): space, tab, newline and backslash are octal-escaped (``\\040``)."""
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """Every well-formed line of ``text``; malformed lines are skipped."""
-    found: list[Mount] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        a = left.split()
-        b = right.split()
-        if len(a) < _MIN_FIELDS or len(b) < 2:
-            continue
-        try:
-            mount_id, parent_id = int(a[0]), int(a[1])
-        except ValueError:
-            continue
-        found.append(
-            Mount(
-                mount_id=mount_id,
-                parent_id=parent_id,
-                dev=a[2],
-                root=_unescape(a[3]),
-                mountpoint=_unescape(a[4]),
-                options=tuple(a[5].split(",")),
-                fstype=b[0],
-                source=_unescape(b[1]),
-            )
-        )
-    return found
 
 
 def _read_file(path: str) -> bytes:

@@ -55,7 +55,7 @@ from blockyard.csi.controller import (
 from blockyard.csi.errors import IncompatibleVolumeError, MissingFieldError, UnknownObjectError
 from blockyard.csi.ids import is_volume_id
 from blockyard.csi.locks import OperationLocks
-from blockyard.csi.mounts import Mount, MountTable
+from blockyard.csi.mounts import MountTable
 from blockyard.csi.node_attach import (
     KernelVolumeAttacher,
     Target,
@@ -86,6 +86,7 @@ from blockyard.csi.proto import csi_pb2 as pb
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
 from blockyard.csi.rpc import Context, RpcRunner
 from blockyard.errors import BlockyardError, InvalidArgumentError, OperationInProgressError
+from blockyard.mountinfo import Mount
 
 if TYPE_CHECKING:  # server imports this module
     from blockyard.csi.server import CsiConfig

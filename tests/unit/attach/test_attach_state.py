@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from blockyard.attach.errors import AttachError
-from blockyard.attach.mounts import parse_mountinfo
 from blockyard.attach.source import (
     IscsiSource,
     LocalSource,
@@ -26,6 +25,7 @@ from blockyard.attach.state import (
     write_state,
 )
 from blockyard.errors import InvalidArgumentError
+from blockyard.mountinfo import parse_mountinfo
 
 
 def _state(layout: Layout, aid: str = "vol-0123456789") -> AttachmentState:

@@ -11,7 +11,7 @@ import pytest
 
 from blockyard.csi.breaker import CircuitBreakers
 from blockyard.csi.errors import StateFileError
-from blockyard.csi.mounts import MountTable, duplicates, parse_mountinfo
+from blockyard.csi.mounts import MountTable, duplicates
 from blockyard.csi.node import parse_target
 from blockyard.csi.node_config import AttachLauncher, AttachMode, parse_node_options
 from blockyard.csi.node_errors import (
@@ -23,6 +23,7 @@ from blockyard.csi.node_errors import (
 from blockyard.csi.node_fs import mount_options, publish_block, remove_target
 from blockyard.csi.node_state import NodeStateStore, StagedVolume
 from blockyard.errors import InvalidArgumentError
+from blockyard.mountinfo import parse_mountinfo
 
 
 class Clock:
