@@ -158,6 +158,12 @@ class StorageIOError(BlockyardError):
     """The operating system failed an I/O call; the cause is chained."""
 
 
+class VolumeFailedError(StorageIOError):
+    """The volume was taken offline after its file failed to persist data (a failed
+    ``fdatasync``): the page cache can no longer be trusted to reach the disk, so no later flush
+    may be acknowledged. Reopening the volume recovers it from what is on disk."""
+
+
 # --- services --------------------------------------------------------------------------------
 
 
@@ -167,3 +173,17 @@ class ServerUnavailableError(BlockyardError):
 
 class ServerStoppingError(ServerUnavailableError):
     """The volume server is shutting down and takes no new operations; retry once it is back."""
+
+
+# --- transport security ----------------------------------------------------------------------
+
+
+class TlsConfigError(InvalidArgumentError):
+    """The TLS flags cannot work as given: an incomplete set, TLS and ``--insecure`` together,
+    or plaintext gRPC off loopback without ``--insecure``. A usage error (exit 2)."""
+
+
+class TlsFileError(InvalidArgumentError):
+    """A TLS certificate, key or CA file is missing, unreadable or not PEM, or the key does not
+    belong to the certificate. An operating error (exit 1): the flags were right, the files
+    are not."""

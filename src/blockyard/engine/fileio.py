@@ -4,8 +4,10 @@ The engine does every byte of file I/O through :class:`IoFile` and every directo
 :class:`VolumeFS`, so that :mod:`blockyard.testing.faultfs` can model power loss (unsynced writes
 lost, reordered or torn at sector granularity) under the unchanged engine.
 
-OS errors are translated here, in one place: ``ENOSPC``/``EDQUOT`` become ``NoSpaceError``,
-everything else ``StorageIOError``, with the OS error chained as the cause.
+OS errors are translated by :func:`blockyard.fileutil.translate_os_error`, in one place.
+
+Short writes: every write goes through :func:`blockyard.fileutil.write_fully`, so no caller can
+mistake a partial write for a complete one (see that module).
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import shutil
 from collections.abc import Sequence
 from typing import Protocol
 
 from blockyard.blockdev import BytesLike
-from blockyard.errors import NoSpaceError, StorageIOError, VolumeBusyError
+from blockyard.errors import VolumeBusyError
+from blockyard.fileutil import (
+    fsync_dir,
+    remaining_views,
+    translate_os_error,
+    write_fully,
+)
+
+log = logging.getLogger(__name__)
 
 # linux/falloc.h
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -31,26 +42,13 @@ _fallocate = _libc.fallocate64
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
-#: Linux IOV_MAX: the most buffers one preadv/pwritev takes.
-IOV_MAX = 1024
-
-
-def translate_os_error(exc: OSError, what: str) -> Exception:
-    """Map an OSError to the blockyard error a caller can act on; the cause stays chained."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        err: Exception = NoSpaceError(
-            f"{what}: no space left on the data directory's filesystem; free space or move "
-            "volumes elsewhere"
-        )
-    else:
-        err = StorageIOError(f"{what}: {exc.strerror or exc} (errno {exc.errno})")
-    err.__cause__ = exc
-    return err
-
 
 class IoFile(Protocol):
     """Positional I/O on one open file. Not thread-safe for overlapping ranges; the engine
-    orders its own writes."""
+    orders its own writes.
+
+    ``pwrite``/``pwritev`` write every byte or raise (implementations use :func:`write_fully`);
+    after an error the range's content is undefined until written again."""
 
     path: str
 
@@ -85,6 +83,11 @@ class IoFile(Protocol):
         ...
 
     def lock_exclusive(self) -> None: ...
+
+    def drop_cache(self) -> None:
+        """Evict the file's clean cached pages (after a failed sync they may hold bytes the
+        disk never got). Best effort."""
+        ...
 
     def close(self) -> None: ...
 
@@ -144,17 +147,28 @@ class OsFile:
         except OSError as exc:
             raise translate_os_error(exc, f"read {self.path}@{offset}") from exc
 
-    def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
+    def _raw_pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
         try:
             return os.pwritev(self._fd, buffers, offset)
         except OSError as exc:
             raise translate_os_error(exc, f"write {self.path}@{offset}") from exc
 
+    def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
+        return write_fully(self._raw_pwritev, buffers, offset, what=f"write {self.path}@{offset}")
+
     def pwrite(self, data: BytesLike, offset: int) -> int:
         try:
-            return os.pwrite(self._fd, data, offset)
+            n = os.pwrite(self._fd, data, offset)
         except OSError as exc:
             raise translate_os_error(exc, f"write {self.path}@{offset}") from exc
+        if n == len(data):
+            return n
+        return n + write_fully(
+            self._raw_pwritev,
+            remaining_views([data], n),
+            offset + n,
+            what=f"write {self.path}@{offset}",
+        )
 
     def fdatasync(self) -> None:
         try:
@@ -220,18 +234,18 @@ class OsFile:
                 "data directory?); stop it or use its management API"
             ) from exc
 
+    def drop_cache(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            log.warning("could not drop the cached pages of %s: %s", self.path, exc)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OsFS:
@@ -240,7 +254,7 @@ class OsFS:
     def open(self, path: str, *, create: bool = False) -> IoFile:
         f = OsFile(path, create=create)
         if create:
-            _fsync_dir(os.path.dirname(path) or ".")
+            fsync_dir(os.path.dirname(path) or ".")
         return f
 
     def exists(self, path: str) -> bool:
@@ -252,21 +266,21 @@ class OsFS:
     def mkdir(self, path: str) -> None:
         try:
             os.makedirs(path, exist_ok=True)
-            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
         except OSError as exc:
             raise translate_os_error(exc, f"mkdir {path}") from exc
 
     def rename(self, src: str, dst: str) -> None:
         try:
             os.rename(src, dst)
-            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+            fsync_dir(os.path.dirname(os.path.abspath(dst)))
         except OSError as exc:
             raise translate_os_error(exc, f"rename {src} -> {dst}") from exc
 
     def remove(self, path: str) -> None:
         try:
             os.unlink(path)
-            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
         except FileNotFoundError:
             return
         except OSError as exc:

@@ -46,6 +46,8 @@ DEFAULT_FLUSH_TIMEOUT_S = 60.0
 FLUSH_HIGH_WATERMARK = 0.25
 FLUSH_IDLE_INTERVAL_S = 0.2
 CLOSE_TIMEOUT_S = 60.0
+#: A failing checkpoint (a full disk) is retried this often; the WAL keeps the records meanwhile.
+CHECKPOINT_RETRY_S = 1.0
 #: Longest a group-commit leader waits for sibling flushers before its fdatasync.
 GROUP_COMMIT_DELAY_MAX_S = 0.004
 

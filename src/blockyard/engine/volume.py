@@ -37,9 +37,10 @@ from blockyard.blockdev import BytesLike, LbaStatus
 from blockyard.engine import superblock as sbmod
 from blockyard.engine import wal
 from blockyard.engine.epoch import Role, check_epoch_advance, check_role_transition
-from blockyard.engine.fileio import IOV_MAX, IoFile, VolumeFS
+from blockyard.engine.fileio import IoFile, VolumeFS
 from blockyard.engine.limits import (
     BLOCK_SIZE,
+    CHECKPOINT_RETRY_S,
     CLOSE_TIMEOUT_S,
     DEFAULT_BACKPRESSURE_TIMEOUT_S,
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -72,9 +73,11 @@ from blockyard.errors import (
     StaleEpochError,
     TransferTooLargeError,
     VolumeClosedError,
+    VolumeFailedError,
     WalFullTimeoutError,
     WalTruncatedError,
 )
+from blockyard.fileutil import IOV_MAX
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +208,8 @@ class Volume:
 
         self._closed = False
         self._stopping = False
+        #: Set for good when the file failed to persist data (see :meth:`_take_offline`).
+        self._offline: VolumeFailedError | None = None
         self._failure: BlockyardError | None = None
         self._wake = threading.Event()
         self._flusher = threading.Thread(
@@ -330,10 +335,15 @@ class Volume:
                 "the underlying storage may be hung"
             )
         try:
-            self._checkpoint()
-            self._file.fdatasync()
+            if self._offline is None:
+                self._checkpoint()
+                self._sync_file()
         finally:
             self._closed = True
+            if self._offline is not None:
+                # Pages whose write-back failed may sit clean in the cache with bytes the disk
+                # never got; drop them so the next open recovers from the disk's truth.
+                self._file.drop_cache()
             self._close_files()
             if callable(self._on_close):
                 self._on_close(self)
@@ -435,8 +445,50 @@ class Volume:
             )
 
     def _check_usable(self) -> None:
+        if self._offline is not None:
+            raise VolumeFailedError(str(self._offline)) from self._offline.__cause__
         if self._closed or self._stopping:
             raise VolumeClosedError(f"volume {self._name!r} is closed; open it again")
+
+    def _take_offline(self, exc: BlockyardError, what: str) -> None:
+        """The volume file failed to persist data: stop for good (sticky).
+
+        After a failed ``fdatasync`` Linux may mark the unwritten pages clean, so a later sync
+        that succeeds would not carry them and a flush acknowledged then could be a lie. Every
+        later operation fails with :class:`VolumeFailedError` until the volume is reopened,
+        which recovers from the disk (the WAL still holds everything since the last durable
+        checkpoint; writes not covered by a completed flush may be lost, as the contract
+        allows)."""
+        if self._offline is None:
+            err = VolumeFailedError(
+                f"volume {self._name!r} was taken offline: {what} failed ({exc}); no later "
+                "flush can be trusted. Fix the device or free space, then reopen the volume "
+                "(restart the volume server)"
+            )
+            err.__cause__ = exc
+            self._offline = err
+            log.error("%s", err)
+        self._stopping = True
+        self._wake.set()
+        with self._lock:
+            self._space_cv.notify_all()
+        with self._sync_cv:
+            self._sync_cv.notify_all()
+
+    def _sync_file(self) -> None:
+        """``fdatasync`` the volume file; a failure takes the volume offline (sticky)."""
+        if self._offline is not None:
+            self._check_usable()
+        try:
+            self._file.fdatasync()
+        except BlockyardError as exc:
+            self._take_offline(exc, "fdatasync")
+            raise
+
+    @property
+    def offline(self) -> bool:
+        """True once a failed sync took the volume offline; reopen it to recover."""
+        return self._offline is not None
 
     def _check_epoch(self, epoch: int | None) -> None:
         if epoch is None:
@@ -695,6 +747,8 @@ class Volume:
             return
         deadline = time.monotonic() + self._backpressure_timeout_s
         while self._used + need > self._wal_size:
+            if self._offline is not None:
+                self._check_usable()
             if self._failure is not None:
                 raise type(self._failure)(
                     f"volume {self._name!r}: WAL full and the flusher is failing: {self._failure}"
@@ -777,12 +831,21 @@ class Volume:
             with self._lock:
                 self._check_usable()
                 self._checkpoint_locked()
+                # Copy-on-write for the newest snapshot first: it needs space and may fail,
+                # and nothing may be logged until only the (space-free) punch is left.
+                self._preserve_range(first, end)
                 block = first
                 while block < end:
                     count = min(end - block, _RANGE_RECORD_MAX_BLOCKS)
                     self._append(wal.Kind.ZERO, block, count, None)
                     block += count
-            self._zero_blocks(first, end)
+            try:
+                self._zero_blocks(first, end)
+            except BlockyardError as exc:
+                # The record is logged but the data region still holds the old blocks: reads
+                # would disagree with what recovery replays. Only a reopen reconciles them.
+                self._take_offline(exc, "punching an unmapped range")
+                raise
             with self._lock:
                 self._write_seq += 1
 
@@ -813,6 +876,8 @@ class Volume:
                 cv.notify_all()  # a leader gathering siblings counts arrivals
             try:
                 while self._synced_seq < target:
+                    if self._offline is not None:
+                        self._check_usable()
                     if not self._sync_running:
                         self._lead_sync(cv)
                         continue
@@ -845,7 +910,7 @@ class Volume:
         synced = False
         started = time.monotonic()
         try:
-            self._file.fdatasync()
+            self._sync_file()
             synced = True
         finally:
             cv.acquire()
@@ -866,7 +931,7 @@ class Volume:
     def _tracked_fdatasync(self) -> None:
         """An fdatasync outside the group-commit path that still advances what is durable."""
         seq, lsn = self._write_seq, self._last_lsn
-        self._file.fdatasync()
+        self._sync_file()
         self.stats.checkpoint_syncs += 1
         with self._sync_cv:
             self._note_synced(seq, lsn)
@@ -892,12 +957,24 @@ class Volume:
             try:
                 self._checkpoint()
             except BlockyardError as exc:
+                if self._offline is not None:
+                    return
+                if self._failure is None:
+                    # Once per failing spell, not once per retry: a full disk retries every
+                    # second for as long as it stays full.
+                    log.exception(
+                        "volume %s: checkpoint failed, the WAL keeps every record and reads "
+                        "stay correct; retrying every %.0f s",
+                        self._name,
+                        CHECKPOINT_RETRY_S,
+                    )
                 self._failure = exc
-                log.exception("volume %s: checkpoint failed", self._name)
                 with self._lock:
                     self._space_cv.notify_all()
-                time.sleep(1.0)
+                self._wake.wait(CHECKPOINT_RETRY_S)
             else:
+                if self._failure is not None:
+                    log.warning("volume %s: checkpoints succeed again", self._name)
                 self._failure = None
 
     def _checkpoint(self) -> None:
@@ -1038,19 +1115,25 @@ class Volume:
         finally:
             self._apply_gen += 1
 
+    def _preserve_range(self, first: int, end: int) -> None:
+        """Copy-on-write every allocated data-region block in [first, end) the newest snapshot
+        does not hold yet. Caller holds ``_apply_lock``."""
+        if not self._deltas:
+            return
+        off = self._data_offset + (first << _BLOCK_SHIFT)
+        stop = self._data_offset + (end << _BLOCK_SHIFT)
+        while off < stop:
+            data = self._file.next_data(off)
+            if data < 0 or data >= stop:
+                break
+            hole = min(self._file.next_hole(data), stop)
+            b0 = (data - self._data_offset) >> _BLOCK_SHIFT
+            b1 = (hole - self._data_offset + BLOCK_SIZE - 1) >> _BLOCK_SHIFT
+            self._preserve(list(range(b0, b1)))
+            off = hole
+
     def _zero_blocks_now(self, first: int, end: int) -> None:
-        if self._deltas:
-            off = self._data_offset + (first << _BLOCK_SHIFT)
-            stop = self._data_offset + (end << _BLOCK_SHIFT)
-            while off < stop:
-                data = self._file.next_data(off)
-                if data < 0 or data >= stop:
-                    break
-                hole = min(self._file.next_hole(data), stop)
-                b0 = (data - self._data_offset) >> _BLOCK_SHIFT
-                b1 = (hole - self._data_offset + BLOCK_SIZE - 1) >> _BLOCK_SHIFT
-                self._preserve(list(range(b0, b1)))
-                off = hole
+        self._preserve_range(first, end)
         self._file.punch_hole(
             self._data_offset + (first << _BLOCK_SHIFT), (end - first) << _BLOCK_SHIFT
         )

@@ -13,6 +13,14 @@ once (like the page cache). ``fdatasync`` makes a file's earlier writes durable.
 Directory operations (create, rename, remove) are durable when they return, as the real
 :class:`~blockyard.engine.fileio.OsFS` makes them by fsyncing the directory.
 
+Running out of space is modelled as a real filesystem does it: the model tracks which 4 KiB
+pages of each file are allocated (written and not punched since). While :attr:`FaultFS.full` is
+set, a write that reaches an unallocated page writes everything before that page and returns a
+short count, and the next call fails with ``NoSpaceError`` — exactly what ``pwritev`` did on the
+tmpfs where a flushed write was once lost. Overwriting allocated pages (the preallocated WAL,
+the superblock) never fails. Writes go through the engine's own
+:func:`~blockyard.engine.fileio.write_fully`, so the crash suite exercises it.
+
 The model never raises in the middle of an operation; a test runs a workload, takes crash
 images at chosen points (``on_op`` hook), writes them to real files and opens them with the
 real engine.
@@ -26,9 +34,12 @@ from dataclasses import dataclass, field
 
 from blockyard.blockdev import BytesLike
 from blockyard.errors import NoSpaceError
+from blockyard.fileutil import write_fully
 
 SECTOR = 512
 PUNCH_GRAIN = 4096
+#: Allocation granularity of the model (a page).
+PAGE = 4096
 
 
 @dataclass
@@ -44,6 +55,8 @@ class _Node:
     durable: bytearray = field(default_factory=bytearray)
     current: bytearray = field(default_factory=bytearray)
     pending: list[_Op] = field(default_factory=list)
+    #: Pages written and not punched since (what would need no new space to overwrite).
+    allocated: set[int] = field(default_factory=set)
 
 
 class FaultFile:
@@ -69,23 +82,45 @@ class FaultFile:
             total += n
         return total
 
-    def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
+    def _raw_pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
+        """One ``pwritev`` system call of the model: may write short when space runs out."""
         data = b"".join(bytes(b) for b in buffers)
         if self._fs.space_limit is not None and offset + len(data) > self._fs.space_limit:
             raise NoSpaceError(f"{self.path}: model disk full at {offset + len(data)}")
+        if not data:
+            return 0
+        node = self._node
+        first_page, last_page = offset // PAGE, (offset + len(data) - 1) // PAGE
+        if self._fs.full:
+            for page in range(first_page, last_page + 1):
+                if page not in node.allocated:
+                    room = max(0, page * PAGE - offset)
+                    if room == 0:
+                        self._fs.enospc_count += 1
+                        raise NoSpaceError(f"{self.path}: model disk full at page {page}")
+                    data = data[:room]
+                    last_page = page - 1
+                    self._fs.short_write_count += 1
+                    break
         self._tick()
-        cur = self._node.current
+        cur = node.current
         end = offset + len(data)
         if end > len(cur):
             cur.extend(bytes(end - len(cur)))
         cur[offset:end] = data
-        self._node.pending.append(_Op("write", offset, data))
+        node.pending.append(_Op("write", offset, data))
+        node.allocated.update(range(first_page, last_page + 1))
         return len(data)
+
+    def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
+        return write_fully(self._raw_pwritev, buffers, offset, what=f"write {self.path}")
 
     def pwrite(self, data: BytesLike, offset: int) -> int:
         return self.pwritev([data], offset)
 
     def fdatasync(self) -> None:
+        if self._fs.sync_error is not None:
+            raise self._fs.sync_error
         self._tick()
         node = self._node
         node.durable = bytearray(node.current)
@@ -101,6 +136,10 @@ class FaultFile:
         if end > offset:
             cur[offset:end] = bytes(end - offset)
         self._node.pending.append(_Op("punch", offset, length=length))
+        # Only whole pages inside the range are freed.
+        self._node.allocated.difference_update(
+            range((offset + PAGE - 1) // PAGE, (offset + length) // PAGE)
+        )
 
     def write_zeros(self, offset: int, length: int) -> None:
         self.pwritev([bytes(length)], offset)
@@ -110,6 +149,7 @@ class FaultFile:
         cur = self._node.current
         if size < len(cur):
             del cur[size:]
+            self._node.allocated = {p for p in self._node.allocated if p * PAGE < size}
         else:
             cur.extend(bytes(size - len(cur)))
         self._node.pending.append(_Op("truncate", size))
@@ -128,6 +168,9 @@ class FaultFile:
         return max(offset, len(self._node.current))
 
     def lock_exclusive(self) -> None:
+        return
+
+    def drop_cache(self) -> None:
         return
 
     def close(self) -> None:
@@ -187,6 +230,12 @@ class FaultFS:
         self.ops = 0
         self.sync_count = 0
         self.space_limit = space_limit
+        #: While set, writes that need a new page fail as on a full filesystem (module doc).
+        self.full = False
+        self.short_write_count = 0
+        self.enospc_count = 0
+        #: When set, every ``fdatasync`` raises it (a device that fails write-back).
+        self.sync_error: Exception | None = None
         #: Called before every mutating file operation with the operation number.
         self.on_op: Callable[[int], None] | None = None
 
@@ -201,6 +250,13 @@ class FaultFS:
 
     def durable_image(self) -> dict[str, bytes]:
         return {path: bytes(node.durable) for path, node in sorted(self._files.items())}
+
+    def restore(self, path: str, data: bytes) -> None:
+        """Make ``path`` hold ``data`` durably, as after a power cycle: pages that hold only
+        zeros count as holes (unallocated), as in the sparse file the image came from."""
+        node = _Node(bytearray(data), bytearray(data))
+        node.allocated = {i // PAGE for i in range(0, len(data), PAGE) if any(data[i : i + PAGE])}
+        self._files[path] = node
 
     # ---- VolumeFS ------------------------------------------------------------------------
 
