@@ -67,6 +67,9 @@ RESERVATIONS_RELEASED: Final[AscPair] = (0x2A, 0x04)
 REGISTRATIONS_PREEMPTED: Final[AscPair] = (0x2A, 0x05)
 ASYMMETRIC_ACCESS_STATE_CHANGED: Final[AscPair] = (0x2A, 0x06)
 CAPACITY_DATA_HAS_CHANGED: Final[AscPair] = (0x2A, 0x09)
+#: SBC-4 §4.7.3.7.3: the thin-provisioned resources backing the LU fell below the soft threshold
+#: (Linux raises the SDEV_UA uevent THIN_PROVISIONING_SOFT_THRESHOLD_REACHED for it).
+THIN_PROVISIONING_SOFT_THRESHOLD_REACHED: Final[AscPair] = (0x38, 0x07)
 SAVING_PARAMETERS_NOT_SUPPORTED: Final[AscPair] = (0x39, 0x00)
 INTERNAL_TARGET_FAILURE: Final[AscPair] = (0x44, 0x00)
 INSUFFICIENT_REGISTRATION_RESOURCES: Final[AscPair] = (0x55, 0x04)

@@ -46,6 +46,7 @@ from blockyard.scsi.constants import (
     POWER_ON_OCCURRED,
     POWER_ON_RESET_OCCURRED,
     SCSI_BUS_RESET_OCCURRED,
+    THIN_PROVISIONING_SOFT_THRESHOLD_REACHED,
     AscPair,
     Op,
     SenseKey,
@@ -350,6 +351,12 @@ class LogicalUnit:
     def notify_capacity_changed(self) -> None:
         """Call after the device grew: every nexus gets CAPACITY DATA HAS CHANGED (2A/09)."""
         self._broadcast(CAPACITY_DATA_HAS_CHANGED)
+
+    def notify_soft_threshold(self) -> None:
+        """Call when the space behind this thin-provisioned LU ran low: every nexus gets THIN
+        PROVISIONING SOFT THRESHOLD REACHED (38/07, SBC-4 §4.7.3.7.3), before writes start
+        failing with SPACE ALLOCATION FAILED."""
+        self._broadcast(THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
 
     def notify_alua_changed(self) -> None:
         """Call after an ALUA state changed: ASYMMETRIC ACCESS STATE CHANGED (2A/06). Also

@@ -47,6 +47,15 @@ def test_unit_attentions_are_reported_in_order_per_nexus() -> None:
     assert h.lu.pending_unit_attentions(I2) == ((0x2A, 0x09), (0x2A, 0x06))
 
 
+def test_soft_threshold_unit_attention_reaches_every_nexus() -> None:
+    h = Harness().ready(I1, I2)
+    h.lu.notify_soft_threshold()
+    # SBC-4 §4.7.3.7.3: THIN PROVISIONING SOFT THRESHOLD REACHED.
+    assert sense_of(h.run(tur())) == (6, 0x38, 0x07)
+    assert h.run(tur()).status == Status.GOOD
+    assert h.lu.pending_unit_attentions(I2) == ((0x38, 0x07),)
+
+
 def test_reset_supersedes_older_unit_attentions() -> None:
     h = Harness().ready(I1)
     h.lu.notify_capacity_changed()
