@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from blockyard import tls
 from blockyard.attach import manager, mounts
 from blockyard.attach.errors import (
     AttachError,
@@ -24,7 +25,7 @@ from blockyard.attach.errors import (
 from blockyard.attach.loop import MKFS_TIMEOUT_S, run_tool
 from blockyard.attach.source import IscsiSource, LocalSource, SourceSpec, check_address
 from blockyard.attach.state import DEFAULT_STATE_ROOT
-from blockyard.errors import InvalidArgumentError
+from blockyard.errors import InvalidArgumentError, TlsConfigError
 
 FILESYSTEMS = ("ext4", "xfs")
 #: blkid exit status when it finds no signature (blkid(8)).
@@ -59,6 +60,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     what.add_argument("--block", action="store_true", help="only attach (the default)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_ROOT, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
+    tls.add_arguments(p, role="dial")  # for --server
     p.set_defaults(func=_attach)
 
     p = verbs.add_parser(
@@ -80,6 +82,9 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _source(args: argparse.Namespace) -> SourceSpec:
+    security = tls.from_args(args)
+    if not args.server and (security.tls is not None or security.insecure):
+        raise TlsConfigError("the --tls-* flags and --insecure go with --server")
     if args.local:
         if args.name:
             raise InvalidArgumentError("--local takes DATA_DIR/NAME; drop the extra NAME")
@@ -95,10 +100,10 @@ def _source(args: argparse.Namespace) -> SourceSpec:
         )
     if not args.name:
         raise InvalidArgumentError("--server needs the volume NAME")
-    return _resolve_on_server(check_address(args.server), args.name)
+    return _resolve_on_server(check_address(args.server), args.name, security)
 
 
-def _resolve_on_server(server: str, name: str) -> SourceSpec:
+def _resolve_on_server(server: str, name: str, security: tls.TransportSecurity) -> SourceSpec:
     """Ask the volume server where the volume is exported (its portals, IQN and LUN)."""
     try:
         from blockyard.server.client import VolumeServerClient  # noqa: PLC0415  # grpc is heavy
@@ -108,7 +113,8 @@ def _resolve_on_server(server: str, name: str) -> SourceSpec:
         ) from exc
 
     async def lookup() -> SourceSpec:
-        async with VolumeServerClient(server, timeout_s=_SERVER_TIMEOUT_S) as client:
+        client = VolumeServerClient(server, timeout_s=_SERVER_TIMEOUT_S, security=security)
+        async with client:
             desc = await client.get_volume(name)
         export = desc.export
         if not export.portals:

@@ -7,7 +7,11 @@ SIGTERM or SIGINT stops it: no new RPCs, running ones finish within the shutdown
 and the socket file is removed.
 
 Exit codes: 0 after a clean stop, 1 when it cannot start (the message says why), 2 for usage
-errors (bad mode, endpoint, managed prefix or address).
+errors (bad mode, endpoint, managed prefix or address, or plaintext to a --backend off
+loopback without --insecure).
+
+The CSI socket is local and has no TLS; ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` are what
+the plugin presents to, and checks the volume server with, when it dials ``--backend``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import sys
 from typing import Final
 
+from blockyard import tls
 from blockyard.csi.node_config import (
     DEFAULT_ATTACH_STATE_DIR,
     DEFAULT_MOUNT_STORM_THRESHOLD,
@@ -95,6 +100,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"refuse to mount when one source is mounted this often "
         f"(default {DEFAULT_MOUNT_STORM_THRESHOLD})",
     )
+    tls.add_arguments(p, role="dial")  # for --backend
     p.set_defaults(func=run)
 
 
@@ -110,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             managed_prefix=args.managed_prefix,
             metrics_listen=args.metrics_listen,
             topology=args.topology,
+            backend_security=tls.from_args(args),
         )
         config = dataclasses.replace(
             config,

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from blockyard.cli import attach, bench, csi, serve, volume
-from blockyard.errors import BlockyardError
+from blockyard.errors import BlockyardError, TlsConfigError
 
 #: Exit codes: 0 success, 1 operating error (message says how to fix), 2 usage error.
 EXIT_ERROR = 1
+EXIT_USAGE = 2
+#: gRPC's C core writes INFO lines (one per failed TLS handshake, for one) straight to stderr,
+#: outside the logging configuration: a CLI error would no longer be one line, and a server
+#: could be made to log one line per hostile connection. GRPC_VERBOSITY=INFO brings them back.
+#: It is read once, when grpc is first imported, so it is set before any verb module loads.
+GRPC_VERBOSITY_DEFAULT = "ERROR"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)
+    # The verb modules import grpc: only after the line above.
+    from blockyard.cli import attach, bench, csi, serve, volume  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(
         prog="blockyard", description="Replicated block storage for Kubernetes."
     )
@@ -37,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         rc: int = args.func(args)
+    except TlsConfigError as exc:
+        print(f"blockyard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BlockyardError as exc:
         print(f"blockyard: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

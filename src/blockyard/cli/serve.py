@@ -6,8 +6,12 @@ and serves the management API (``blockyard.v1.VolumeServer``) on ``--api-listen`
 it: no new API calls or iSCSI commands, running ones finish or are aborted, every volume is
 flushed and closed, and the process exits 0 within ``--shutdown-timeout``.
 
+The management API uses mutual TLS with ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` (clients
+must present a certificate signed by that CA). Without them it listens only on a loopback
+address, unless ``--insecure`` accepts plaintext elsewhere.
+
 Exit codes: 0 after a clean stop, 1 when it cannot start or stop cleanly (the message says
-why), 2 for usage errors.
+why), 2 for usage errors (including plaintext off loopback without --insecure).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import signal
 import sys
 from typing import Final
 
+from blockyard import tls
+from blockyard.errors import TlsConfigError
 from blockyard.server.daemon import (
     DaemonConfig,
     StartError,
@@ -31,6 +37,7 @@ log = logging.getLogger("blockyard.cli.serve")
 
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 30.0
 EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
 
 
 def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,6 +71,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         help=f"bound on a graceful stop (default {DEFAULT_SHUTDOWN_TIMEOUT_S:.0f})",
     )
+    tls.add_arguments(p, role="serve")
     p.set_defaults(func=run)
 
 
@@ -78,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
             iqn_prefix=args.iqn_prefix,
             advertise_host=args.advertise_host,
             shutdown_timeout_s=args.shutdown_timeout,
+            api_security=tls.from_args(args),
         )
-    except ValueError as exc:
+    except ValueError as exc:  # TlsConfigError is one too
         print(f"blockyard serve: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if config.shutdown_timeout_s <= 0:
         print("blockyard serve: error: --shutdown-timeout must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     # gRPC's asyncio support runs on the standard event loop; uvloop is not used here.
     return asyncio.run(serve(config))
 
@@ -96,7 +105,8 @@ async def serve(config: DaemonConfig) -> int:
         await daemon.start()
     except StartError as exc:
         print(f"blockyard serve: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        # Plaintext off loopback without --insecure is a usage error, like a bad address.
+        return EXIT_USAGE if isinstance(exc.__cause__, TlsConfigError) else EXIT_ERROR
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,7 +3,8 @@
 With ``--data-dir`` these commands open volume files directly; while ``blockyard serve`` runs on
 the same directory the volume file lock refuses them with a message pointing at the management
 API. With ``--server HOST:PORT`` they go through that server's management API instead (restore
-needs ``--data-dir``: the API has no restore).
+needs ``--data-dir``: the API has no restore). A server off loopback is dialed with mutual TLS
+(``--tls-cert``, ``--tls-key``, ``--tls-ca``) or, explicitly, ``--insecure``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from blockyard import tls
 from blockyard.cli.sizes import format_size, parse_size
 from blockyard.engine import VolumeInfo, VolumeStore
-from blockyard.errors import InvalidArgumentError
+from blockyard.errors import InvalidArgumentError, TlsConfigError
 from blockyard.server.backend import SnapshotDescription, SnapshotRef, VolumeDescription
 from blockyard.server.client import VolumeServerClient
 
@@ -30,6 +32,7 @@ def _add_location(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
         where.add_argument(
             "--server", metavar="HOST:PORT", help="a volume server's management API address"
         )
+        tls.add_arguments(sp, role="dial")
 
 
 def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,12 +90,17 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _store(args: argparse.Namespace) -> VolumeStore:
+    security = tls.from_args(args)
+    if security.tls is not None or security.insecure:
+        raise TlsConfigError("the --tls-* flags and --insecure go with --server, not --data-dir")
     return VolumeStore(args.data_dir)
 
 
 def _remote(args: argparse.Namespace, fn: Callable[[VolumeServerClient], Awaitable[T]]) -> T:
+    security = tls.from_args(args)
+
     async def main() -> T:
-        async with VolumeServerClient(args.server) as client:
+        async with VolumeServerClient(args.server, security=security) as client:
             return await fn(client)
 
     return asyncio.run(main())
@@ -193,10 +201,16 @@ def _create(args: argparse.Namespace) -> int:
 
 def _delete(args: argparse.Namespace) -> int:
     if args.server:
-        _remote(args, lambda c: c.delete_volume(args.name))
+        existed = _remote(args, lambda c: c.delete_volume(args.name)).existed
     else:
-        _store(args).delete(args.name)
-    print(f"deleted volume {args.name}")
+        store = _store(args)
+        existed = store.exists(args.name)
+        store.delete(args.name)
+    # Idempotent (exit 0 either way), but say which it was: a typo must not look like success.
+    if existed:
+        print(f"deleted volume {args.name}")
+    else:
+        print(f"no volume {args.name}: nothing to delete")
     return 0
 
 

@@ -4,6 +4,10 @@ Modes: ``controller`` (Identity + Controller), ``node`` (Identity + Node) and ``
 service, for single-machine clusters). The Node service lives in :mod:`blockyard.csi.node`,
 which must provide ``build_node_service(config: CsiConfig, runner: RpcRunner) ->
 csi_pb2_grpc.NodeServicer``; a build without that module refuses the node modes at start.
+
+The CSI socket is local (a unix socket shared with the sidecars), so it has no TLS. The client
+of the volume server's management API (``--backend``) dials with ``backend_security``: mutual
+TLS, or plaintext only to a loopback address unless ``--insecure`` (see :mod:`blockyard.tls`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Final
 
 import grpc
 
+from blockyard import tls
 from blockyard.csi.controller import ControllerService, TopologySegment
 from blockyard.csi.identity import IdentityService
 from blockyard.csi.metrics import Metrics, MetricsHttpServer, NoMetrics, PrometheusMetrics
@@ -29,7 +34,7 @@ from blockyard.csi.node_config import NodeOptions
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
 from blockyard.csi.publish_store import PublishStore
 from blockyard.csi.rpc import RpcRunner
-from blockyard.errors import BlockyardError, InvalidNameError
+from blockyard.errors import BlockyardError, InvalidNameError, TlsConfigError, TlsFileError
 from blockyard.iscsi.discovery import iqn_for_volume
 from blockyard.server.client import VolumeServerClient
 from blockyard.server.daemon import Address, parse_address
@@ -81,6 +86,7 @@ class CsiConfig:
     topology: TopologySegment = field(default_factory=TopologySegment)
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     node_options: NodeOptions = field(default_factory=NodeOptions)
+    backend_security: tls.TransportSecurity = tls.PLAINTEXT
 
 
 def parse_endpoint(text: str) -> Path:
@@ -149,8 +155,10 @@ def build_config(
     managed_prefix: str | None,
     metrics_listen: str | None,
     topology: str | None,
+    backend_security: tls.TransportSecurity = tls.PLAINTEXT,
 ) -> CsiConfig:
-    """Check the command line; raises :class:`ConfigError` for anything that cannot work."""
+    """Check the command line; raises :class:`ConfigError` for anything that cannot work.
+    Reads no file: the TLS files are loaded at :meth:`CsiServer.start`."""
     plugin_mode = parse_mode(mode)
     socket_path = parse_endpoint(endpoint)
     if not node_id:
@@ -163,8 +171,11 @@ def build_config(
     if backend:
         try:
             parse_address(backend, option="--backend")
-        except ValueError as exc:
+            tls.check_dial(backend, backend_security)
+        except ValueError as exc:  # TlsConfigError is one too
             raise ConfigError(str(exc)) from exc
+    elif backend_security.tls is not None or backend_security.insecure:
+        raise ConfigError("the --tls-* flags and --insecure are for --backend; give --backend")
     metrics: Address | None = None
     if metrics_listen:
         try:
@@ -181,6 +192,7 @@ def build_config(
         managed_prefix=check_managed_prefix(managed_prefix, plugin_mode),
         metrics_listen=metrics,
         topology=parse_topology(topology) if topology else TopologySegment(),
+        backend_security=backend_security,
     )
 
 
@@ -252,7 +264,12 @@ class CsiServer:
             except BlockyardError as exc:
                 raise StartError(str(exc)) from exc
         if config.backend:
-            self._client = VolumeServerClient(config.backend)
+            try:
+                self._client = VolumeServerClient(config.backend, security=config.backend_security)
+            except TlsConfigError as exc:
+                raise ConfigError(str(exc)) from exc
+            except TlsFileError as exc:
+                raise StartError(str(exc)) from exc
         server = grpc.aio.server()
         pb_grpc.add_IdentityServicer_to_server(
             IdentityService(self._client, RpcRunner("Identity", self._metrics)), server

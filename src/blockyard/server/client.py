@@ -4,6 +4,11 @@ Every call has a deadline; a failed call raises the
 :class:`~blockyard.errors.BlockyardError` subclass its status code maps to (see
 :mod:`blockyard.server.status`), with the server's message, so callers handle local and remote
 errors alike. Use as ``async with VolumeServerClient("host:port") as client: ...``.
+
+The channel is plaintext to loopback by default; anything else needs ``security`` with mutual
+TLS, or ``insecure`` (see :mod:`blockyard.tls`). Integer fields are range-checked before they
+reach protobuf, so an impossible size is an :class:`~blockyard.errors.InvalidSizeError`, not a
+``ValueError`` from the encoder.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Final, TypeVar
 
 import grpc
 
+from blockyard import tls
 from blockyard.engine.epoch import Role
-from blockyard.errors import ServerUnavailableError
+from blockyard.engine.limits import MAX_VOLUME_SIZE_BYTES
+from blockyard.errors import InvalidArgumentError, InvalidSizeError, ServerUnavailableError
 from blockyard.scsi.alua import AccessState
 from blockyard.server import convert
 from blockyard.server.backend import (
@@ -37,7 +44,31 @@ DEFAULT_TIMEOUT_S: Final = 30.0
 #: Deadline of calls that may move data (create zero-fills the WAL, clone copies blocks).
 DEFAULT_SLOW_TIMEOUT_S: Final = 300.0
 
+#: Ranges of the protobuf scalar types of the requests (protobuf language guide, scalar types).
+UINT32_MAX: Final = (1 << 32) - 1
+INT32_MIN: Final = -(1 << 31)
+INT32_MAX: Final = (1 << 31) - 1
+UINT64_MAX: Final = (1 << 64) - 1
+
 Resp = TypeVar("Resp")
+
+
+def _check_size(field: str, size_bytes: int) -> int:
+    """Sizes the uint64 field can carry; the server checks the volume limits themselves."""
+    if size_bytes < 0:
+        raise InvalidSizeError(f"{field} {size_bytes} is negative: give the size in bytes")
+    if size_bytes > UINT64_MAX:
+        raise InvalidSizeError(
+            f"{field} {size_bytes} is larger than any volume can be (at most "
+            f"{MAX_VOLUME_SIZE_BYTES} bytes); give a smaller size"
+        )
+    return size_bytes
+
+
+def _check_int(field: str, value: int, minimum: int, maximum: int) -> int:
+    if not minimum <= value <= maximum:
+        raise InvalidArgumentError(f"{field} {value} is out of range: use {minimum} to {maximum}")
+    return value
 
 
 class VolumeServerClient:
@@ -50,11 +81,15 @@ class VolumeServerClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         slow_timeout_s: float = DEFAULT_SLOW_TIMEOUT_S,
+        security: tls.TransportSecurity = tls.PLAINTEXT,
     ) -> None:
+        """Raises TlsConfigError (plaintext off loopback without ``insecure``) or
+        TlsFileError (TLS files unusable) before any connection is made."""
         self.target = target
         self._timeout_s = timeout_s
         self._slow_timeout_s = slow_timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._security = security
+        self._channel = tls.open_channel(target, security)
         self._stub = pb_grpc.VolumeServerStub(self._channel)
 
     async def __aenter__(self) -> VolumeServerClient:
@@ -85,8 +120,10 @@ class VolumeServerClient:
             code = exc.code()
             details = exc.details() or "no details"
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                # Transport failures carry gRPC's words, not ours: say which server it was.
-                details = f"volume server {self.target}: {details}"
+                # Transport failures carry gRPC's words, not ours: say which server it was,
+                # and what to check when TLS is what failed (gRPC cannot tell us that it was).
+                hint = tls.transport_hint(self._security, tls.target_host(self.target) or "")
+                details = f"volume server {self.target}: {details} ({hint})"
             raise error_for(code, details) from exc
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -97,7 +134,8 @@ class VolumeServerClient:
         except TimeoutError as exc:
             raise ServerUnavailableError(
                 f"no volume server answered at {self.target} within {timeout_s:.0f} s; is "
-                "`blockyard serve` running there with that --api-listen address?"
+                "`blockyard serve` running there with that --api-listen address? "
+                f"({tls.transport_hint(self._security, tls.target_host(self.target) or '')})"
             ) from exc
 
     # ---- VolumeBackend --------------------------------------------------------------------
@@ -105,7 +143,9 @@ class VolumeServerClient:
     async def create_volume(
         self, name: str, size_bytes: int, *, source: SnapshotRef | None = None
     ) -> VolumeDescription:
-        request = pb.CreateVolumeRequest(name=name, size_bytes=size_bytes)
+        request = pb.CreateVolumeRequest(
+            name=name, size_bytes=_check_size("size_bytes", size_bytes)
+        )
         if source is not None:
             request.source.CopyFrom(convert.source_to_pb(source))
         msg: pb.Volume = await self._call(self._stub.CreateVolume, request, slow=True)
@@ -124,7 +164,10 @@ class VolumeServerClient:
     async def list_volumes(self, page_size: int = 0, page_token: str = "") -> VolumePage:
         msg: pb.ListVolumesResponse = await self._call(
             self._stub.ListVolumes,
-            pb.ListVolumesRequest(page_size=page_size, page_token=page_token),
+            pb.ListVolumesRequest(
+                page_size=_check_int("page_size", page_size, INT32_MIN, INT32_MAX),
+                page_token=page_token,
+            ),
         )
         return VolumePage(
             tuple(convert.volume_from_pb(v) for v in msg.volumes), msg.next_page_token
@@ -144,7 +187,7 @@ class VolumeServerClient:
     async def expand_volume(self, name: str, size_bytes: int) -> VolumeDescription:
         msg: pb.Volume = await self._call(
             self._stub.ExpandVolume,
-            pb.ExpandVolumeRequest(name=name, size_bytes=size_bytes),
+            pb.ExpandVolumeRequest(name=name, size_bytes=_check_size("size_bytes", size_bytes)),
             slow=True,
         )
         return convert.volume_from_pb(msg)
@@ -188,7 +231,11 @@ class VolumeServerClient:
     # ---- VolumeServerControl --------------------------------------------------------------
 
     async def set_volume_role(self, name: str, role: Role, epoch: int) -> VolumeDescription:
-        request = pb.SetVolumeRoleRequest(name=name, role=convert.ROLE_TO_PB[role], epoch=epoch)
+        request = pb.SetVolumeRoleRequest(
+            name=name,
+            role=convert.ROLE_TO_PB[role],
+            epoch=_check_int("epoch", epoch, 0, UINT64_MAX),
+        )
         msg: pb.Volume = await self._call(self._stub.SetVolumeRole, request, slow=True)
         return convert.volume_from_pb(msg)
 
@@ -196,7 +243,9 @@ class VolumeServerClient:
         self, volume: str, portal_group_tag: int, state: AccessState
     ) -> VolumeDescription:
         request = pb.SetPortStateRequest(
-            volume=volume, portal_group_tag=portal_group_tag, state=convert.STATE_TO_PB[state]
+            volume=volume,
+            portal_group_tag=_check_int("portal_group_tag", portal_group_tag, 0, UINT32_MAX),
+            state=convert.STATE_TO_PB[state],
         )
         msg: pb.Volume = await self._call(self._stub.SetPortState, request)
         return convert.volume_from_pb(msg)

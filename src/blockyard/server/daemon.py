@@ -5,6 +5,11 @@ or undoes all of it and raises :class:`StartError`. :meth:`VolumeServerDaemon.cl
 the order that keeps data safe: the API first (no new operations), then the iSCSI listeners
 (running commands finish or are aborted), then the manager (every volume flushed and closed).
 Both may be called again on the same object: a failed or stopped daemon starts anew.
+
+The management API is served with mutual TLS when ``api_security`` has TLS files; without
+them it serves only on a loopback address unless ``api_security.insecure`` (see
+:mod:`blockyard.tls`). Both are checked, and the files loaded, before the data directory is
+touched.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from typing import Final
 
 import grpc
 
-from blockyard.errors import BlockyardError
+from blockyard import tls
+from blockyard.errors import BlockyardError, TlsConfigError, TlsFileError
 from blockyard.server.api import VolumeServerService, add_to_server
 from blockyard.server.iscsi_server import DictTargetRegistry, IscsiServer, ServerSettings
 from blockyard.server.manager import DEFAULT_IQN_PREFIX, PortalGroup, VolumeManager
 
 log = logging.getLogger("blockyard.server")
 
+MANAGEMENT_API: Final = "the management API"
 #: Concurrent management RPCs; more get RESOURCE_EXHAUSTED from gRPC itself.
 MAX_CONCURRENT_RPCS: Final = 64
 #: Share of the shutdown bound each stage may use (API, iSCSI; the manager gets the rest).
@@ -70,6 +77,7 @@ class DaemonConfig:
     iqn_prefix: str = DEFAULT_IQN_PREFIX
     advertise_host: str | None = None
     shutdown_timeout_s: float = 30.0
+    api_security: tls.TransportSecurity = tls.PLAINTEXT
 
 
 class VolumeServerDaemon:
@@ -101,6 +109,14 @@ class VolumeServerDaemon:
 
     async def _start(self) -> None:
         cfg = self.config
+        try:
+            tls.check_listen(
+                str(cfg.api_listen), cfg.api_listen.host, cfg.api_security, api=MANAGEMENT_API
+            )
+            files = cfg.api_security.tls
+            credentials = None if files is None else tls.server_credentials(files)
+        except (TlsConfigError, TlsFileError) as exc:
+            raise StartError(str(exc)) from exc
         groups: list[PortalGroup] = []
         self._iscsi = []
         for tag, addr in enumerate(cfg.iscsi_listen, start=1):
@@ -139,10 +155,14 @@ class VolumeServerDaemon:
                     f"cannot listen for iSCSI on {addr}: {exc.strerror or exc}; stop whatever "
                     "uses that address or pick another --iscsi-listen"
                 ) from exc
-        await self._start_api()
-        log.info("volume server ready: %s", self.ready_line())
+        await self._start_api(credentials)
+        log.info(
+            "volume server ready: %s (management API: %s)",
+            self.ready_line(),
+            cfg.api_security.describe(),
+        )
 
-    async def _start_api(self) -> None:
+    async def _start_api(self, credentials: grpc.ServerCredentials | None) -> None:
         assert self.manager is not None
         addr = self.config.api_listen
         # SO_REUSEPORT (gRPC's default) would let a second server bind the same port silently.
@@ -155,7 +175,7 @@ class VolumeServerDaemon:
             "local; stop whatever uses it or pick another --api-listen"
         )
         try:
-            port = server.add_insecure_port(str(addr))
+            port = tls.bind(server, str(addr), credentials)
         except RuntimeError as exc:
             raise StartError(failure) from exc
         if port == 0:

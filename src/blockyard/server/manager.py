@@ -127,8 +127,10 @@ class _Op:
     pending: set[asyncio.Future[Any]] = field(default_factory=set)
 
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    # A shielded call whose waiter timed out still finishes; log what it raised, once.
+def _report_abandoned(fut: asyncio.Future[Any]) -> None:
+    # Attached only once the caller stopped waiting (timeout or cancellation): the shielded
+    # call still finishes, and nobody else will see what it raised. Log that once. Errors the
+    # caller did receive are its to report, not ours.
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("background engine call failed after its caller gave up: %s", fut.exception())
 
@@ -291,11 +293,11 @@ class VolumeManager:
         fut: asyncio.Future[T] = loop.run_in_executor(self._executor, functools.partial(fn, *args))
         if op is not None:
             op.pending.add(fut)
-        fut.add_done_callback(_consume)
+        waiter = asyncio.shield(fut)
         timer = asyncio.timeout(self._op_timeout_s)
         try:
             async with timer:
-                return await asyncio.shield(fut)
+                return await waiter
         except TimeoutError as exc:
             if not timer.expired():
                 raise  # the engine's own bounded wait ran out: its error says which
@@ -304,6 +306,10 @@ class VolumeManager:
                 f"{self.data_dir} may be slow or hung. The operation goes on in the background: "
                 "retry later"
             ) from exc
+        finally:
+            # The shield, not the call, is cancelled when the timer or the caller gave up.
+            if waiter.cancelled():
+                fut.add_done_callback(_report_abandoned)
 
     def _require(self, name: str) -> _Exported:
         exp = self._exported.get(name)

@@ -89,14 +89,17 @@ def launch(
     iscsi_listen: list[str] | None = None,
     api_listen: str = "127.0.0.1:0",
     shutdown_timeout_s: float = SHUTDOWN_BOUND_S,
+    extra_args: tuple[str, ...] = (),
 ) -> Serve:
-    """Start a server; returns once it printed READY or exited (``iscsi`` then stays empty)."""
+    """Start a server; returns once it printed READY or exited (``iscsi`` then stays empty).
+    ``extra_args`` go after the other ``serve`` flags (e.g. the --tls-* flags)."""
     listen = iscsi_listen or ["127.0.0.1:0"] * portals
     args = [sys.executable, "-m", "blockyard.cli.main", "--log-level", "INFO", "serve"]
     args += ["--data-dir", str(data_dir), "--api-listen", api_listen]
     args += ["--shutdown-timeout", str(shutdown_timeout_s)]
     for addr in listen:
         args += ["--iscsi-listen", addr]
+    args += extra_args
     log_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = log_dir / f"serve-{len(list(log_dir.iterdir()))}.log"
     with stderr_path.open("w") as err:
