@@ -7,7 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BY=.venv/bin/blockyard
 DATA=${BLOCKYARD_DEMO_DIR:-/var/tmp/blockyard-demo}
-PREFIX=iqn.2026-11.io.blockyard
 
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -42,7 +41,9 @@ for _ in $(seq 1 100); do
 done
 grep -q '^READY' "$DATA/serve.log" || { echo "server did not start"; cat "$DATA/serve.log"; exit 1; }
 
-URL="iscsi://127.0.0.1:$ISCSI_PORT/$PREFIX:demo/0"
+# The target name carries the volume instance's UUID: ask the server for it.
+IQN=$($BY volume info demo --server "127.0.0.1:$API_PORT" --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[0]["iqn"])')
+URL="iscsi://127.0.0.1:$ISCSI_PORT/$IQN/0"
 echo "== discovery (iscsi-ls)"
 iscsi-ls -s "iscsi://127.0.0.1:$ISCSI_PORT"
 echo "== inquiry (iscsi-inq)"

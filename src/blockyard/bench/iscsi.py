@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from blockyard.engine import VolumeStore
 from blockyard.errors import BlockyardError
+from blockyard.server.manager import DEFAULT_IQN_PREFIX, volume_iqn
 
-IQN_PREFIX = "iqn.2026-11.io.blockyard"
+IQN_PREFIX = DEFAULT_IQN_PREFIX
 START_TIMEOUT_S = 30.0
 TOOL_TIMEOUT_EXTRA_S = 60.0
 #: tgtd's management socket number; 0 would be a system daemon's.
@@ -101,7 +102,10 @@ def blockyard_target(directory: str, size_bytes: int) -> Iterator[ServedVolume]:
     """``blockyard serve`` on a fresh engine volume ``bench``; yields its URL and API address."""
     data_dir = os.path.join(directory, "blockyard")
     store = VolumeStore(data_dir)
-    store.create("bench", size_bytes).close()
+    volume = store.create("bench", size_bytes)
+    # The server names the target after the volume instance (name and UUID).
+    iqn = volume_iqn(IQN_PREFIX, volume.name, volume.uuid)
+    volume.close()
     port, api_port = _free_port(), _free_port()
     argv = [
         sys.executable,
@@ -127,9 +131,7 @@ def blockyard_target(directory: str, size_bytes: int) -> Iterator[ServedVolume]:
                 break
         else:
             raise BenchError(f"blockyard serve was not ready within {START_TIMEOUT_S} s")
-        yield ServedVolume(
-            f"iscsi://127.0.0.1:{port}/{IQN_PREFIX}:bench/0", f"127.0.0.1:{api_port}"
-        )
+        yield ServedVolume(f"iscsi://127.0.0.1:{port}/{iqn}/0", f"127.0.0.1:{api_port}")
     finally:
         _stop(proc)
         if proc.stdout is not None:

@@ -5,6 +5,10 @@ the same directory the volume file lock refuses them with a message pointing at 
 API. With ``--server HOST:PORT`` they go through that server's management API instead (restore
 needs ``--data-dir``: the API has no restore). A server off loopback is dialed with mutual TLS
 (``--tls-cert``, ``--tls-key``, ``--tls-ca``) or, explicitly, ``--insecure``.
+
+``volume auth`` and ``volume access`` set who may log in to a volume's iSCSI target (CHAP,
+mutual CHAP, the initiator ACL; see docs/ARCHITECTURE.md, "Authentication"). Secrets are read
+from files (``-`` for stdin), never taken on the command line, and never printed.
 """
 
 from __future__ import annotations
@@ -12,17 +16,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from blockyard import tls
 from blockyard.cli.sizes import format_size, parse_size
 from blockyard.engine import VolumeInfo, VolumeStore
 from blockyard.errors import InvalidArgumentError, TlsConfigError
-from blockyard.server.backend import SnapshotDescription, SnapshotRef, VolumeDescription
+from blockyard.iscsi.chap import MAX_SECRET_LENGTH, ChapCredentials
+from blockyard.server.auth import (
+    VolumeAuth,
+    check_initiator_name,
+    credentials,
+    load_auth,
+    save_auth,
+)
+from blockyard.server.backend import (
+    AccessInfo,
+    SnapshotDescription,
+    SnapshotRef,
+    VolumeDescription,
+)
 from blockyard.server.client import VolumeServerClient
 
 T = TypeVar("T")
+#: A secret file holds one secret (and maybe a newline); more is a wrong path, not a secret.
+SECRET_FILE_BYTES_MAX: Final = MAX_SECRET_LENGTH + 2
 
 
 def _add_location(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
@@ -69,6 +89,31 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sp.add_argument("source")
     sp.add_argument("snapshot")
     sp.add_argument("name")
+
+    sp = add("auth", "require CHAP (or mutual CHAP) to log in to a volume, or stop", _auth)
+    sp.add_argument("name")
+    sp.add_argument("--chap-user", help="the CHAP user initiators log in as")
+    sp.add_argument(
+        "--chap-secret-file",
+        metavar="FILE",
+        help="file holding the initiators' CHAP secret (12-255 bytes; - reads stdin)",
+    )
+    sp.add_argument("--mutual-user", help="the target's own CHAP user, for mutual CHAP")
+    sp.add_argument(
+        "--mutual-secret-file", metavar="FILE", help="file holding the target's CHAP secret"
+    )
+    sp.add_argument("--off", action="store_true", help="stop requiring CHAP")
+
+    sp = add("access", "show or change which initiators may log in to a volume", _access)
+    sp.add_argument("name")
+    sp.add_argument("--allow", action="append", default=[], metavar="IQN",
+                    help="admit this initiator (repeat for several)")  # fmt: skip
+    sp.add_argument("--revoke", action="append", default=[], metavar="IQN",
+                    help="stop admitting this initiator and end its sessions")  # fmt: skip
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--only", action="store_true",
+                     help="admit exactly the --allow initiators (none: nobody)")  # fmt: skip
+    how.add_argument("--open", action="store_true", help="admit every initiator name")
 
     snap = sub.add_parser("snapshot", help="create, list, delete or restore snapshots")
     ssub = snap.add_subparsers(dest="snapshot_action", required=True, metavar="ACTION")
@@ -118,6 +163,10 @@ def _remote_dict(d: VolumeDescription) -> dict[str, Any]:
         "iqn": d.export.iqn,
         "lun": d.export.lun,
         "naa_id": d.export.naa_id,
+        "chap_user": d.access.chap_user,
+        "mutual_chap_user": d.access.mutual_chap_user,
+        "restricted": d.access.restricted,
+        "allowed_initiators": list(d.access.allowed_initiators),
         "portals": [
             {"address": p.address, "portal_group_tag": p.portal_group_tag,
              "state": p.state.name.lower()}
@@ -323,4 +372,130 @@ def _snap_list(args: argparse.Namespace) -> int:
             f"{s.name:<32} {format_size(s.size_bytes):>10} "
             f"{format_size(s.delta_blocks * 4096):>10}  {s.uuid}"
         )
+    return 0
+
+
+# ---- access control -------------------------------------------------------------------------
+
+
+def _read_secret(path: str, flag: str) -> bytes:
+    """A secret from a file (``-``: stdin), without one trailing newline."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(SECRET_FILE_BYTES_MAX + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(SECRET_FILE_BYTES_MAX + 1)
+    except OSError as exc:
+        raise InvalidArgumentError(f"{flag} {path}: cannot read it ({exc.strerror})") from exc
+    if len(data) > SECRET_FILE_BYTES_MAX:
+        raise InvalidArgumentError(
+            f"{flag} {path} holds more than {MAX_SECRET_LENGTH} bytes: a CHAP secret file "
+            "holds the secret alone"
+        )
+    return data.removesuffix(b"\n").removesuffix(b"\r")
+
+
+def _chap_args(
+    args: argparse.Namespace,
+) -> tuple[ChapCredentials | None, ChapCredentials | None]:
+    given = [args.chap_user, args.chap_secret_file, args.mutual_user, args.mutual_secret_file]
+    if args.off:
+        if any(given):
+            raise InvalidArgumentError("--off takes no credentials")
+        return None, None
+    if not args.chap_user or not args.chap_secret_file:
+        raise InvalidArgumentError(
+            "give --chap-user and --chap-secret-file (and --mutual-user with "
+            "--mutual-secret-file for mutual CHAP), or --off"
+        )
+    if bool(args.mutual_user) != bool(args.mutual_secret_file):
+        raise InvalidArgumentError("mutual CHAP needs both --mutual-user and --mutual-secret-file")
+    chap = credentials(
+        "--chap-user/--chap-secret-file",
+        args.chap_user,
+        _read_secret(args.chap_secret_file, "--chap-secret-file"),
+    )
+    mutual = None
+    if args.mutual_user:
+        mutual = credentials(
+            "--mutual-user/--mutual-secret-file",
+            args.mutual_user,
+            _read_secret(args.mutual_secret_file, "--mutual-secret-file"),
+        )
+    return chap, mutual
+
+
+def _describe_access(name: str, info: AccessInfo) -> str:
+    chap = f"CHAP user {info.chap_user}" if info.chap_user else "no CHAP"
+    if info.mutual_chap_user:
+        chap += f", mutual CHAP user {info.mutual_chap_user}"
+    if not info.restricted:
+        who = "every initiator"
+    else:
+        who = ", ".join(info.allowed_initiators) or "no initiator"
+    return f"volume {name}: {chap}; admits {who}"
+
+
+def _local_update(
+    args: argparse.Namespace, change: Callable[[VolumeAuth], VolumeAuth]
+) -> AccessInfo:
+    """Change the rules of a volume that no server has open (its lock proves it)."""
+    with _store(args).open(args.name) as vol:
+        current = load_auth(vol.directory, vol.name)
+        updated = change(current)
+        if updated != current:
+            save_auth(vol.directory, updated)
+        return updated.info()
+
+
+def _auth(args: argparse.Namespace) -> int:
+    chap, mutual = _chap_args(args)
+    if args.server:
+        info = _remote(args, lambda c: c.set_volume_auth(args.name, chap, mutual)).access
+    else:
+        info = _local_update(args, lambda a: a.with_chap(chap, mutual))
+    print(_describe_access(args.name, info))
+    return 0
+
+
+def _access(args: argparse.Namespace) -> int:
+    allow = [check_initiator_name("--allow", n) for n in args.allow]
+    revoke = [check_initiator_name("--revoke", n) for n in args.revoke]
+    if args.open and (allow or revoke):
+        raise InvalidArgumentError("--open admits everyone: it takes no --allow or --revoke")
+    if args.only and revoke:
+        raise InvalidArgumentError("--only replaces the list: give it --allow names only")
+    if args.server:
+
+        async def remote(c: VolumeServerClient) -> VolumeDescription:
+            # One idempotent call per change: the server applies each to its current rules,
+            # so a CSI publish running at the same time is never overwritten.
+            if args.open:
+                return await c.set_volume_access(args.name, None)
+            if args.only:
+                return await c.set_volume_access(args.name, allow)
+            desc = await c.get_volume(args.name)
+            for name in allow:
+                desc = await c.allow_initiator(args.name, name)
+            for name in revoke:
+                desc = await c.revoke_initiator(args.name, name)
+            return desc
+
+        info = _remote(args, remote).access
+    else:
+
+        def change(rules: VolumeAuth) -> VolumeAuth:
+            if args.open:
+                return rules.with_access(None)
+            if args.only:
+                return rules.with_access(allow)
+            for name in allow:
+                rules = rules.allowing(name)
+            for name in revoke:
+                rules = rules.revoking(name)
+            return rules
+
+        info = _local_update(args, change)
+    print(_describe_access(args.name, info))
     return 0

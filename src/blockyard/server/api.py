@@ -175,6 +175,52 @@ class VolumeServerService(pb_grpc.VolumeServerServicer):
 
         return await self._run(context, "Health", "-", work)
 
+    # Access control. The log line names the volume only: requests carry secrets.
+
+    async def SetVolumeAuth(self, request: pb.SetVolumeAuthRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            chap = convert.chap_from_pb(request.chap, "chap") if request.HasField("chap") else None
+            mutual = (
+                convert.chap_from_pb(request.mutual_chap, "mutual_chap")
+                if request.HasField("mutual_chap")
+                else None
+            )
+            desc = await self._backend.set_volume_auth(request.name, chap, mutual)
+            return convert.volume_to_pb(desc)
+
+        return await self._run(context, "SetVolumeAuth", request.name, work)
+
+    async def SetVolumeAccess(
+        self, request: pb.SetVolumeAccessRequest, context: Context
+    ) -> pb.Volume:
+        async def work() -> pb.Volume:
+            if not request.restricted and request.allowed_initiators:
+                raise InvalidArgumentError(
+                    "allowed_initiators given with restricted false: set restricted to admit "
+                    "only those initiators, or send no names to admit every initiator"
+                )
+            allowed = list(request.allowed_initiators) if request.restricted else None
+            desc = await self._backend.set_volume_access(request.name, allowed)
+            return convert.volume_to_pb(desc)
+
+        return await self._run(context, "SetVolumeAccess", request.name, work)
+
+    async def AllowInitiator(self, request: pb.InitiatorRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            desc = await self._backend.allow_initiator(request.name, request.initiator_name)
+            return convert.volume_to_pb(desc)
+
+        subject = f"{request.name} {request.initiator_name[:64]}"
+        return await self._run(context, "AllowInitiator", subject, work)
+
+    async def RevokeInitiator(self, request: pb.InitiatorRequest, context: Context) -> pb.Volume:
+        async def work() -> pb.Volume:
+            desc = await self._backend.revoke_initiator(request.name, request.initiator_name)
+            return convert.volume_to_pb(desc)
+
+        subject = f"{request.name} {request.initiator_name[:64]}"
+        return await self._run(context, "RevokeInitiator", subject, work)
+
 
 def add_to_server(service: VolumeServerService, server: grpc.aio.Server) -> None:
     pb_grpc.add_VolumeServerServicer_to_server(service, server)

@@ -20,10 +20,12 @@ Contract common to every implementation:
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 from blockyard.engine.epoch import Role
+from blockyard.iscsi.chap import ChapCredentials
 from blockyard.scsi.alua import AccessState
 
 
@@ -66,6 +68,20 @@ class ExportInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessInfo:
+    """Who may log in to the volume's target; never carries a secret.
+
+    ``chap_user`` empty: no CHAP. ``restricted`` False: every initiator name may log in;
+    True: only ``allowed_initiators`` (none when it is empty).
+    """
+
+    chap_user: str = ""
+    mutual_chap_user: str = ""
+    restricted: bool = False
+    allowed_initiators: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeDescription:
     name: str
     uuid: uuidlib.UUID
@@ -76,6 +92,7 @@ class VolumeDescription:
     snapshot_count: int
     created_ns: int
     export: ExportInfo
+    access: AccessInfo = AccessInfo()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +183,37 @@ class VolumeBackend(Protocol):
     async def get_capacity(self) -> CapacityInfo: ...
 
     async def health(self) -> HealthInfo: ...
+
+    async def set_volume_auth(
+        self,
+        name: str,
+        chap: ChapCredentials | None,
+        mutual_chap: ChapCredentials | None = None,
+    ) -> VolumeDescription:
+        """Require CHAP (``chap``; ``mutual_chap`` lets initiators authenticate the target too)
+        for new logins, or stop requiring it (None). Durable on return. Turning CHAP on ends
+        the sessions that logged in without it; changing credentials keeps sessions that
+        authenticated with the old ones (a rotation does not interrupt I/O)."""
+        ...
+
+    async def set_volume_access(
+        self, name: str, allowed_initiators: Collection[str] | None
+    ) -> VolumeDescription:
+        """Replace the initiator ACL: None admits every initiator name, a collection only
+        those (empty: nobody). Durable on return; sessions of initiators no longer admitted
+        are ended, and only those."""
+        ...
+
+    async def allow_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
+        """Add one initiator to the ACL (an open volume becomes restricted to it, ending
+        other initiators' sessions). Idempotent; durable on return."""
+        ...
+
+    async def revoke_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
+        """Remove one initiator from the ACL and end its sessions, so an unpublished node
+        cannot keep writing. Idempotent; durable on return. An open volume becomes restricted
+        to nobody."""
+        ...
 
 
 class VolumeServerControl(VolumeBackend, Protocol):

@@ -14,7 +14,7 @@ reach protobuf, so an impossible size is an :class:`~blockyard.errors.InvalidSiz
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
 from typing import Final, TypeVar
 
@@ -24,6 +24,7 @@ from blockyard import tls
 from blockyard.engine.epoch import Role
 from blockyard.engine.limits import MAX_VOLUME_SIZE_BYTES
 from blockyard.errors import InvalidArgumentError, InvalidSizeError, ServerUnavailableError
+from blockyard.iscsi.chap import ChapCredentials
 from blockyard.scsi.alua import AccessState
 from blockyard.server import convert
 from blockyard.server.backend import (
@@ -227,6 +228,43 @@ class VolumeServerClient:
     async def health(self) -> HealthInfo:
         msg: pb.HealthResponse = await self._call(self._stub.Health, pb.HealthRequest())
         return convert.health_from_pb(msg)
+
+    # ---- access control -------------------------------------------------------------------
+
+    async def set_volume_auth(
+        self,
+        name: str,
+        chap: ChapCredentials | None,
+        mutual_chap: ChapCredentials | None = None,
+    ) -> VolumeDescription:
+        request = pb.SetVolumeAuthRequest(name=name)
+        if chap is not None:
+            request.chap.CopyFrom(convert.chap_to_pb(chap))
+        if mutual_chap is not None:
+            request.mutual_chap.CopyFrom(convert.chap_to_pb(mutual_chap))
+        msg: pb.Volume = await self._call(self._stub.SetVolumeAuth, request, slow=True)
+        return convert.volume_from_pb(msg)
+
+    async def set_volume_access(
+        self, name: str, allowed_initiators: Collection[str] | None
+    ) -> VolumeDescription:
+        request = pb.SetVolumeAccessRequest(
+            name=name,
+            restricted=allowed_initiators is not None,
+            allowed_initiators=sorted(allowed_initiators or ()),
+        )
+        msg: pb.Volume = await self._call(self._stub.SetVolumeAccess, request, slow=True)
+        return convert.volume_from_pb(msg)
+
+    async def allow_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
+        request = pb.InitiatorRequest(name=name, initiator_name=initiator_name)
+        msg: pb.Volume = await self._call(self._stub.AllowInitiator, request, slow=True)
+        return convert.volume_from_pb(msg)
+
+    async def revoke_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
+        request = pb.InitiatorRequest(name=name, initiator_name=initiator_name)
+        msg: pb.Volume = await self._call(self._stub.RevokeInitiator, request, slow=True)
+        return convert.volume_from_pb(msg)
 
     # ---- VolumeServerControl --------------------------------------------------------------
 

@@ -11,8 +11,11 @@ from typing import Final
 
 from blockyard.engine.epoch import Role
 from blockyard.errors import InvalidArgumentError
+from blockyard.iscsi.chap import ChapCredentials
 from blockyard.scsi.alua import AccessState
+from blockyard.server.auth import credentials
 from blockyard.server.backend import (
+    AccessInfo,
     CapacityInfo,
     ExportInfo,
     HealthInfo,
@@ -94,6 +97,7 @@ def volume_to_pb(desc: VolumeDescription) -> pb.Volume:
             lun=desc.export.lun,
             naa_id=desc.export.naa_id,
         ),
+        access=access_to_pb(desc.access),
     )
 
 
@@ -113,7 +117,36 @@ def volume_from_pb(msg: pb.Volume) -> VolumeDescription:
             msg.export.lun,
             msg.export.naa_id,
         ),
+        access=access_from_pb(msg.access),
     )
+
+
+def access_to_pb(info: AccessInfo) -> pb.Access:
+    return pb.Access(
+        chap_user=info.chap_user,
+        mutual_chap_user=info.mutual_chap_user,
+        restricted=info.restricted,
+        allowed_initiators=list(info.allowed_initiators),
+    )
+
+
+def access_from_pb(msg: pb.Access) -> AccessInfo:
+    return AccessInfo(
+        chap_user=msg.chap_user,
+        mutual_chap_user=msg.mutual_chap_user,
+        restricted=msg.restricted,
+        allowed_initiators=tuple(msg.allowed_initiators),
+    )
+
+
+def chap_to_pb(chap: ChapCredentials) -> pb.ChapSecret:
+    return pb.ChapSecret(user=chap.name, secret=chap.secret)
+
+
+def chap_from_pb(msg: pb.ChapSecret, field: str) -> ChapCredentials | None:
+    """Credentials from a request (None when both parts are empty); the error names the field
+    and never the secret."""
+    return credentials(field, msg.user, msg.secret)
 
 
 def snapshot_to_pb(desc: SnapshotDescription) -> pb.Snapshot:

@@ -21,7 +21,8 @@ import fcntl
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+import uuid as uuidlib
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -43,12 +44,14 @@ from blockyard.errors import (
     VolumeExistsError,
     VolumeNotFoundError,
 )
+from blockyard.iscsi.chap import ChapCredentials
 from blockyard.iscsi.discovery import iqn_for_volume
 from blockyard.iscsi.login import TargetConfig
 from blockyard.scsi.alua import AccessState, StaticAlua, TargetPortGroup
 from blockyard.scsi.identity import LuIdentity
 from blockyard.scsi.lu import LogicalUnit
 from blockyard.scsi.reservations import FileReservationStore
+from blockyard.server.auth import OPEN, VolumeAuth, check_initiator_name, load_auth, save_auth
 from blockyard.server.backend import (
     CapacityInfo,
     DeleteResult,
@@ -87,6 +90,12 @@ SESSION_DRAIN_TIMEOUT_S: Final = 5.0
 _SESSION_POLL_S: Final = 0.01
 #: The logical unit number every volume is exported at (one LU per target).
 LUN: Final = 0
+#: Hex digits of the volume UUID in its IQN: 48 bits, so two instances of one name never
+#: share a target name by chance.
+IQN_UUID_HEX_DIGITS: Final = 12
+#: A login that began before an ACL change may complete after it with the old rules; the
+#: sessions of initiators no longer admitted are looked for again this much later.
+ACL_RECHECK_DELAY_S: Final = 2.0
 
 #: Role → ALUA state on every portal group of the volume (SPC-4 §5.15).
 ROLE_ACCESS_STATE: Final[dict[Role, AccessState]] = {
@@ -95,6 +104,19 @@ ROLE_ACCESS_STATE: Final[dict[Role, AccessState]] = {
     Role.REPLICA: AccessState.STANDBY,
     Role.REBUILDING: AccessState.UNAVAILABLE,
 }
+
+
+def volume_iqn(prefix: str, name: str, volume_uuid: uuidlib.UUID) -> str:
+    """The target name of one volume instance: ``<prefix>:<name>.<12 hex digits of its UUID>``
+    (made valid by :func:`~blockyard.iscsi.discovery.iqn_for_volume`).
+
+    The UUID part is why an initiator still holding the name of a deleted volume can never log
+    in to a later volume of the same name: the new one has another UUID, so another IQN. A
+    replica of the volume on another server has the same UUID, hence the same IQN and NAA id,
+    which is what multipath expects. The suffix has a fixed length, so distinct (name, UUID)
+    pairs give distinct strings, and ``iqn_for_volume`` keeps distinct strings distinct.
+    """
+    return iqn_for_volume(prefix, f"{name}.{volume_uuid.hex[:IQN_UUID_HEX_DIGITS]}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +141,7 @@ class _Exported:
     lu: LogicalUnit
     iqn: str
     naa_id: str
+    auth: VolumeAuth = OPEN
 
 
 @dataclass(slots=True, eq=False)
@@ -152,7 +175,7 @@ class VolumeManager:
         tags = [g.portal_group_tag for g in portal_groups]
         if len(set(tags)) != len(tags):
             raise ValueError(f"portal group tags must be distinct, got {tags}")
-        iqn_for_volume(iqn_prefix, "probe")  # refuses a malformed prefix now, not per volume
+        volume_iqn(iqn_prefix, "probe", uuidlib.UUID(int=0))  # refuses a bad prefix now
         self.data_dir = data_dir
         self.iqn_prefix = iqn_prefix
         self._groups = tuple(portal_groups)
@@ -165,6 +188,7 @@ class VolumeManager:
         self._busy: set[str] = set()
         self._ops: set[_Op] = set()
         self._stopping = False
+        self._rechecks: set[asyncio.TimerHandle] = set()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -215,6 +239,9 @@ class VolumeManager:
         close every volume. Data acknowledged before is durable when this returns without
         error. Safe to call twice and after a failed :meth:`start`."""
         self._stopping = True
+        for handle in self._rechecks:
+            handle.cancel()
+        self._rechecks.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self._ops and loop.time() < deadline:
@@ -320,15 +347,16 @@ class VolumeManager:
         return exp
 
     def _open_sync(self, name: str) -> _Exported:
-        """Open ``name`` and build its logical unit. Runs in the pool."""
+        """Open ``name``, load its access rules and build its logical unit. Runs in the pool.
+        Access rules that cannot be read keep the volume unserved (fail closed)."""
         vol = self.store.open(name)
         try:
-            return self._wrap(vol)
+            return self._wrap(vol, load_auth(vol.directory, name))
         except BaseException:
             vol.close()
             raise
 
-    def _wrap(self, vol: Volume) -> _Exported:
+    def _wrap(self, vol: Volume, auth: VolumeAuth = OPEN) -> _Exported:
         state = ROLE_ACCESS_STATE[vol.role]
         alua = StaticAlua(
             [
@@ -341,14 +369,21 @@ class VolumeManager:
             os.path.join(vol.directory, RESERVATIONS_FILE), volume=vol.name
         )
         lu = LogicalUnit(vol, identity, alua, reservations, lun=LUN, volume_name=vol.name)
-        iqn = iqn_for_volume(self.iqn_prefix, vol.name)
-        return _Exported(vol, alua, lu, iqn, identity.naa_id().hex())
+        iqn = volume_iqn(self.iqn_prefix, vol.name, vol.uuid)
+        return _Exported(vol, alua, lu, iqn, identity.naa_id().hex(), auth)
 
     def _export(self, exp: _Exported) -> None:
-        """Add (or re-add) the volume's target to every portal group's registry."""
+        """Add (or re-add) the volume's target, with its access rules, to every portal group's
+        registry. New logins see the new rules at once."""
+        auth = exp.auth
         for group in self._groups:
             config = TargetConfig(
-                exp.iqn, alias=exp.volume.name, portal_group_tag=group.portal_group_tag
+                exp.iqn,
+                alias=exp.volume.name,
+                chap=auth.chap,
+                mutual_chap=auth.mutual_chap,
+                allowed_initiators=auth.allowed_initiators,
+                portal_group_tag=group.portal_group_tag,
             )
             group.registry.add(ServedTarget(config, exp.lu))
 
@@ -397,6 +432,7 @@ class VolumeManager:
             snapshot_count=info.snapshot_count,
             created_ns=info.created_ns,
             export=ExportInfo(self._portals(exp.alua), exp.iqn, LUN, exp.naa_id),
+            access=exp.auth.info(),
         )
 
     async def _describe(self, op: _Op | None, exp: _Exported) -> VolumeDescription:
@@ -621,3 +657,119 @@ class VolumeManager:
                 "volume %s portal group %d is now %s", volume, portal_group_tag, state.name.lower()
             )
             return await self._describe(op, exp)
+
+    # ---- access control -------------------------------------------------------------------
+
+    async def set_volume_auth(
+        self,
+        name: str,
+        chap: ChapCredentials | None,
+        mutual_chap: ChapCredentials | None = None,
+    ) -> VolumeDescription:
+        check_volume_name("name", name)
+        with self._exclusive(name) as op:
+            exp = self._require(name)
+            before = exp.auth
+            await self._apply_auth(op, exp, before.with_chap(chap, mutual_chap))
+            dropped = 0
+            if before.chap is None and chap is not None:
+                # Sessions that logged in without CHAP did not authenticate: end them.
+                dropped = sum(g.server.drop_sessions(exp.iqn) for g in self._serving_groups())
+            log.info(
+                "volume %s: CHAP %s, mutual CHAP %s (%d sessions ended)",
+                name,
+                f"required for user {chap.name!r}" if chap is not None else "off",
+                "on" if mutual_chap is not None else "off",
+                dropped,
+            )
+            return await self._describe(op, exp)
+
+    async def set_volume_access(
+        self, name: str, allowed_initiators: Collection[str] | None
+    ) -> VolumeDescription:
+        check_volume_name("name", name)
+        if allowed_initiators is not None:
+            allowed_initiators = [
+                check_initiator_name("allowed_initiators", n) for n in allowed_initiators
+            ]
+        with self._exclusive(name) as op:
+            exp = self._require(name)
+            return await self._change_access(op, exp, exp.auth.with_access(allowed_initiators))
+
+    async def allow_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
+        check_volume_name("name", name)
+        check_initiator_name("initiator_name", initiator_name)
+        with self._exclusive(name) as op:
+            exp = self._require(name)
+            return await self._change_access(op, exp, exp.auth.allowing(initiator_name))
+
+    async def revoke_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
+        check_volume_name("name", name)
+        check_initiator_name("initiator_name", initiator_name)
+        with self._exclusive(name) as op:
+            exp = self._require(name)
+            return await self._change_access(op, exp, exp.auth.revoking(initiator_name))
+
+    async def _apply_auth(self, op: _Op, exp: _Exported, auth: VolumeAuth) -> bool:
+        """Persist ``auth`` and export it; returns whether anything changed. The file is
+        written first, so rules a caller was told about survive a restart."""
+        if auth == exp.auth:
+            return False
+        directory = exp.volume.directory
+        await self._offload(op, "save the access settings", save_auth, directory, auth)
+        exp.auth = auth
+        self._export(exp)
+        return True
+
+    async def _change_access(self, op: _Op, exp: _Exported, auth: VolumeAuth) -> VolumeDescription:
+        if await self._apply_auth(op, exp, auth):
+            dropped = self._drop_unadmitted(exp)
+            self._schedule_recheck(exp)
+            info = auth.info()
+            log.info(
+                "volume %s admits %s (%d sessions ended)",
+                exp.volume.name,
+                ", ".join(info.allowed_initiators) or "no initiator"
+                if info.restricted
+                else "every initiator",
+                dropped,
+            )
+        return await self._describe(op, exp)
+
+    def _serving_groups(self) -> list[PortalGroup]:
+        return [g for g in self._groups if g.server.serving]
+
+    def _drop_unadmitted(self, exp: _Exported) -> int:
+        """End the sessions of ``exp``'s target whose initiator its rules no longer admit;
+        every other session, of this target or another, is left alone. Returns how many."""
+        dropped = 0
+        for group in self._serving_groups():
+            for proto in list(group.server.connections):
+                conn = proto.conn
+                if conn is None or conn.closed or conn.target_name != exp.iqn:
+                    continue
+                initiator = conn.params.initiator_name
+                if exp.auth.admits(initiator):
+                    continue
+                proto.close(f"initiator {initiator} is no longer allowed to use {exp.iqn}")
+                dropped += 1
+        return dropped
+
+    def _schedule_recheck(self, exp: _Exported) -> None:
+        """Look again a little later: a login that read the old rules just before the change
+        may only now have completed (the target login checks the ACL when it starts)."""
+        loop = asyncio.get_running_loop()
+
+        def recheck() -> None:
+            self._rechecks.discard(handle)
+            if self._exported.get(exp.volume.name) is exp and not self._stopping:
+                late = self._drop_unadmitted(exp)
+                if late:
+                    log.warning(
+                        "ended %d sessions of %s that logged in with the old access rules",
+                        late,
+                        exp.iqn,
+                    )
+
+        handle = loop.call_later(ACL_RECHECK_DELAY_S, recheck)
+        self._rechecks.add(handle)

@@ -51,7 +51,9 @@ def test_filesystem_over_iscsi_survives_reattach(
     attach_env: AttachEnv, served: ServeProcess, fstype: str
 ) -> None:
     state = ("--state-dir", attach_env.root)
-    cli("volume", "create", "vol", "--size", SIZE, "--server", served.api)
+    created = json.loads(
+        cli("volume", "create", "vol", "--size", SIZE, "--server", served.api, "--json").stdout
+    )
     mnt = str(attach_env.tmp / "mnt")
 
     first = cli("attach", "vol", "--server", served.api, "--fs", fstype, mnt, *state).stdout
@@ -59,7 +61,7 @@ def test_filesystem_over_iscsi_survives_reattach(
     assert os.path.ismount(mnt)
     digests = _write(mnt)
     (listed,) = json.loads(cli("attachments", "--json", *state).stdout)
-    assert listed["volume"] == "vol" and listed["iqn"] == "iqn.2026-11.io.blockyard:vol", listed
+    assert listed["volume"] == "vol" and listed["iqn"] == created["iqn"], listed
     assert listed["health"] == "ready" and listed["daemon_alive"], listed
     cli("detach", mnt, *state)
     assert not os.path.ismount(mnt)
@@ -78,8 +80,10 @@ def test_filesystem_over_iscsi_survives_reattach(
 
 def test_raw_block_over_two_portals(attach_env: AttachEnv, served: ServeProcess) -> None:
     state = ("--state-dir", attach_env.root)
-    cli("volume", "create", "blk", "--size", "64MiB", "--server", served.api)
-    argv = ["attach", "--iqn", "iqn.2026-11.io.blockyard:blk", "--block", *state]
+    created = json.loads(
+        cli("volume", "create", "blk", "--size", "64MiB", "--server", served.api, "--json").stdout
+    )
+    argv = ["attach", "--iqn", created["iqn"], "--block", *state]
     for portal in served.portals:
         argv += ["--portal", portal]
     device = cli(*argv).stdout.splitlines()[0]

@@ -18,11 +18,11 @@ import pytest
 
 from blockyard.attach.initiator import IscsiBlockDevice
 from blockyard.scsi.alua import AccessState
+from blockyard.server.backend import VolumeDescription
 from blockyard.server.client import VolumeServerClient
 from blockyard.testing.serve import ServeProcess, serve_process
 
 PROGRESS_TIMEOUT_S = 20.0
-IQN = "iqn.2026-11.io.blockyard:mp"
 INITIATOR = "iqn.2026-11.io.blockyard.test:multipath-serve"
 RECORD_BLOCKS = 16  # 8 KiB records of 512-byte blocks
 
@@ -78,9 +78,11 @@ def _set(served: ServeProcess, group: int, state: AccessState) -> None:
 
 
 def test_active_group_moves_through_the_api_without_io_errors(served: ServeProcess) -> None:
-    api_call(served, lambda c: c.create_volume("mp", 64 << 20))
+    desc = api_call(served, lambda c: c.create_volume("mp", 64 << 20))
+    assert isinstance(desc, VolumeDescription)
     _set(served, 2, AccessState.STANDBY)
-    device = IscsiBlockDevice.connect(served.portals, IQN, INITIATOR, replacement_timeout_s=20.0)
+    iqn = desc.export.iqn
+    device = IscsiBlockDevice.connect(served.portals, iqn, INITIATOR, replacement_timeout_s=20.0)
     writer = Writer(device)
     try:
         writer.start()

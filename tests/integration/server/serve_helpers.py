@@ -48,7 +48,10 @@ class Serve:
     api: str = ""
 
     def url(self, volume: str, portal: int = 0) -> str:
-        return f"iscsi://{self.iscsi[portal]}/{IQN_PREFIX}:{volume}/0"
+        """The volume's iscsi:// URL, with the IQN the server reports (it names the volume
+        instance, not only the name)."""
+        iqn = self.call(lambda c: c.get_volume(volume)).export.iqn
+        return f"iscsi://{self.iscsi[portal]}/{iqn}/0"
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()

@@ -58,7 +58,8 @@ def test_create_is_idempotent_and_size_mismatch_is_already_exists(shared_serve: 
     first = shared_serve.call(lambda c: c.create_volume("idem", 4 * MIB))
     again = shared_serve.call(lambda c: c.create_volume("idem", 4 * MIB))
     assert again.uuid == first.uuid and again.export == first.export
-    assert first.export.iqn == f"{IQN_PREFIX}:idem" and first.export.lun == 0
+    assert first.export.iqn == f"{IQN_PREFIX}:idem.{first.uuid.hex[:12]}"
+    assert first.export.lun == 0
     assert [p.address for p in first.export.portals] == shared_serve.iscsi
     assert [p.portal_group_tag for p in first.export.portals] == [1, 2]
     err = expect(
@@ -222,10 +223,10 @@ def test_role_changes_and_epoch_fencing(shared_serve: Serve) -> None:
 
 def test_created_volume_is_discoverable_and_usable_at_once(shared_serve: Serve) -> None:
     need_tools("iscsi-ls", "qemu-io")
-    shared_serve.call(lambda c: c.create_volume("fresh", 4 * MIB))
+    fresh = shared_serve.call(lambda c: c.create_volume("fresh", 4 * MIB))
     listing = run_tool("iscsi-ls", "-s", f"iscsi://{shared_serve.iscsi[0]}")
     assert listing.returncode == 0, listing.stderr
-    assert f"{IQN_PREFIX}:fresh" in listing.stdout
+    assert fresh.export.iqn in listing.stdout
     written = qemu_io(shared_serve.url("fresh"), "write -P 0x5a 0 64k", "flush")
     assert written.returncode == 0, written.stderr + written.stdout
     read = qemu_io(shared_serve.url("fresh", portal=1), "read -P 0x5a 0 64k")
@@ -280,7 +281,7 @@ def test_standby_portal_refuses_reads_active_one_serves(shared_serve: Serve) -> 
 
 def test_delete_terminates_live_sessions(shared_serve: Serve, tmp_path: Path) -> None:
     need_tools("qemu-io")
-    shared_serve.call(lambda c: c.create_volume("live", 4 * MIB))
+    live = shared_serve.call(lambda c: c.create_volume("live", 4 * MIB))
     # An interactive qemu-io keeps its iSCSI session open until stdin closes.
     proc = subprocess.Popen(
         ["qemu-io", "-f", "raw", shared_serve.url("live")],
@@ -298,6 +299,6 @@ def test_delete_terminates_live_sessions(shared_serve: Serve, tmp_path: Path) ->
         assert result.existed and result.sessions_dropped >= 1
         assert not (shared_serve.data_dir / "live").exists()
         listing = run_tool("iscsi-ls", f"iscsi://{shared_serve.iscsi[0]}")
-        assert f"{IQN_PREFIX}:live" not in listing.stdout
+        assert live.export.iqn not in listing.stdout
     finally:
         stop_tool(proc)

@@ -75,7 +75,8 @@ def clear_power_on_ua(lu: object, nx: Nexus) -> None:
 def test_create_exports_on_every_portal_group(tmp_path: Path) -> None:
     async def body(m: VolumeManager) -> None:
         desc = await m.create_volume("vol1", 4 * MIB)
-        assert desc.export.iqn == "iqn.2026-11.io.blockyard:vol1"
+        # The IQN names this volume instance: its name plus 12 hex digits of its UUID.
+        assert desc.export.iqn == f"iqn.2026-11.io.blockyard:vol1.{desc.uuid.hex[:12]}"
         assert [p.portal_group_tag for p in desc.export.portals] == [1, 2]
         assert len(desc.export.naa_id) == 32 and desc.export.naa_id.startswith("6")
         for group in m._groups:

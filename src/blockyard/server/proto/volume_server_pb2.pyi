@@ -59,8 +59,20 @@ class Export(_message.Message):
     naa_id: str
     def __init__(self, portals: _Optional[_Iterable[_Union[Portal, _Mapping]]] = ..., iqn: _Optional[str] = ..., lun: _Optional[int] = ..., naa_id: _Optional[str] = ...) -> None: ...
 
+class Access(_message.Message):
+    __slots__ = ("chap_user", "mutual_chap_user", "restricted", "allowed_initiators")
+    CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    RESTRICTED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_INITIATORS_FIELD_NUMBER: _ClassVar[int]
+    chap_user: str
+    mutual_chap_user: str
+    restricted: bool
+    allowed_initiators: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, chap_user: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., restricted: _Optional[bool] = ..., allowed_initiators: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Volume(_message.Message):
-    __slots__ = ("name", "uuid", "size_bytes", "role", "epoch", "allocated_bytes", "snapshot_count", "created_ns", "export")
+    __slots__ = ("name", "uuid", "size_bytes", "role", "epoch", "allocated_bytes", "snapshot_count", "created_ns", "export", "access")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +82,7 @@ class Volume(_message.Message):
     SNAPSHOT_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATED_NS_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     uuid: str
     size_bytes: int
@@ -79,7 +92,8 @@ class Volume(_message.Message):
     snapshot_count: int
     created_ns: int
     export: Export
-    def __init__(self, name: _Optional[str] = ..., uuid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., snapshot_count: _Optional[int] = ..., created_ns: _Optional[int] = ..., export: _Optional[_Union[Export, _Mapping]] = ...) -> None: ...
+    access: Access
+    def __init__(self, name: _Optional[str] = ..., uuid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., snapshot_count: _Optional[int] = ..., created_ns: _Optional[int] = ..., export: _Optional[_Union[Export, _Mapping]] = ..., access: _Optional[_Union[Access, _Mapping]] = ...) -> None: ...
 
 class SnapshotSource(_message.Message):
     __slots__ = ("volume", "snapshot")
@@ -252,3 +266,39 @@ class HealthResponse(_message.Message):
     portals: _containers.RepeatedCompositeFieldContainer[Portal]
     version: str
     def __init__(self, serving: _Optional[bool] = ..., volume_count: _Optional[int] = ..., portals: _Optional[_Iterable[_Union[Portal, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ChapSecret(_message.Message):
+    __slots__ = ("user", "secret")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    secret: bytes
+    def __init__(self, user: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
+
+class SetVolumeAuthRequest(_message.Message):
+    __slots__ = ("name", "chap", "mutual_chap")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHAP_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chap: ChapSecret
+    mutual_chap: ChapSecret
+    def __init__(self, name: _Optional[str] = ..., chap: _Optional[_Union[ChapSecret, _Mapping]] = ..., mutual_chap: _Optional[_Union[ChapSecret, _Mapping]] = ...) -> None: ...
+
+class SetVolumeAccessRequest(_message.Message):
+    __slots__ = ("name", "restricted", "allowed_initiators")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RESTRICTED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_INITIATORS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    restricted: bool
+    allowed_initiators: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., restricted: _Optional[bool] = ..., allowed_initiators: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InitiatorRequest(_message.Message):
+    __slots__ = ("name", "initiator_name")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    initiator_name: str
+    def __init__(self, name: _Optional[str] = ..., initiator_name: _Optional[str] = ...) -> None: ...

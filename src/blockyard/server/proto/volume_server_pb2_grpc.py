@@ -99,6 +99,26 @@ class VolumeServerStub:
                 request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.HealthRequest.SerializeToString,
                 response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.SetVolumeAuth = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/SetVolumeAuth',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetVolumeAuthRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+                _registered_method=True)
+        self.SetVolumeAccess = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/SetVolumeAccess',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetVolumeAccessRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+                _registered_method=True)
+        self.AllowInitiator = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/AllowInitiator',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+                _registered_method=True)
+        self.RevokeInitiator = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/RevokeInitiator',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+                _registered_method=True)
 
 
 class VolumeServerServicer:
@@ -191,6 +211,36 @@ class VolumeServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetVolumeAuth(self, request, context):
+        """Require CHAP (and optionally mutual CHAP) for new logins to the volume's target, or stop
+        requiring it (chap unset). Persisted with the volume; secrets are never returned or logged.
+        Turning CHAP on ends the sessions that logged in without it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetVolumeAccess(self, request, context):
+        """Replace the volume's initiator ACL. Sessions of initiators no longer admitted are ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllowInitiator(self, request, context):
+        """Add one initiator to the ACL (an open volume becomes restricted to it). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeInitiator(self, request, context):
+        """Remove one initiator from the ACL and end its sessions. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VolumeServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +308,26 @@ def add_VolumeServerServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.HealthRequest.FromString,
                     response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.HealthResponse.SerializeToString,
+            ),
+            'SetVolumeAuth': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVolumeAuth,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetVolumeAuthRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.SerializeToString,
+            ),
+            'SetVolumeAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVolumeAccess,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetVolumeAccessRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.SerializeToString,
+            ),
+            'AllowInitiator': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowInitiator,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.SerializeToString,
+            ),
+            'RevokeInitiator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeInitiator,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -611,6 +681,114 @@ class VolumeServer:
             '/blockyard.v1.VolumeServer/Health',
             blockyard_dot_server_dot_proto_dot_volume__server__pb2.HealthRequest.SerializeToString,
             blockyard_dot_server_dot_proto_dot_volume__server__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVolumeAuth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/SetVolumeAuth',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetVolumeAuthRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVolumeAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/SetVolumeAccess',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetVolumeAccessRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowInitiator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/AllowInitiator',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeInitiator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/RevokeInitiator',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,17 @@ class VolumeServerStub:
     """Override one portal group's ALUA state for one volume (in memory; for multipath tests)."""
     GetCapacity: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.GetCapacityRequest, _volume_server_pb2.GetCapacityResponse]
     Health: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.HealthRequest, _volume_server_pb2.HealthResponse]
+    SetVolumeAuth: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.SetVolumeAuthRequest, _volume_server_pb2.Volume]
+    """Require CHAP (and optionally mutual CHAP) for new logins to the volume's target, or stop
+    requiring it (chap unset). Persisted with the volume; secrets are never returned or logged.
+    Turning CHAP on ends the sessions that logged in without it.
+    """
+    SetVolumeAccess: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.SetVolumeAccessRequest, _volume_server_pb2.Volume]
+    """Replace the volume's initiator ACL. Sessions of initiators no longer admitted are ended."""
+    AllowInitiator: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.InitiatorRequest, _volume_server_pb2.Volume]
+    """Add one initiator to the ACL (an open volume becomes restricted to it). Idempotent."""
+    RevokeInitiator: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.InitiatorRequest, _volume_server_pb2.Volume]
+    """Remove one initiator from the ACL and end its sessions. Idempotent."""
 
 @_typing.type_check_only
 class VolumeServerAsyncStub(VolumeServerStub):
@@ -92,6 +103,17 @@ class VolumeServerAsyncStub(VolumeServerStub):
     """Override one portal group's ALUA state for one volume (in memory; for multipath tests)."""
     GetCapacity: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.GetCapacityRequest, _volume_server_pb2.GetCapacityResponse]  # type: ignore[assignment]
     Health: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.HealthRequest, _volume_server_pb2.HealthResponse]  # type: ignore[assignment]
+    SetVolumeAuth: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.SetVolumeAuthRequest, _volume_server_pb2.Volume]  # type: ignore[assignment]
+    """Require CHAP (and optionally mutual CHAP) for new logins to the volume's target, or stop
+    requiring it (chap unset). Persisted with the volume; secrets are never returned or logged.
+    Turning CHAP on ends the sessions that logged in without it.
+    """
+    SetVolumeAccess: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.SetVolumeAccessRequest, _volume_server_pb2.Volume]  # type: ignore[assignment]
+    """Replace the volume's initiator ACL. Sessions of initiators no longer admitted are ended."""
+    AllowInitiator: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.InitiatorRequest, _volume_server_pb2.Volume]  # type: ignore[assignment]
+    """Add one initiator to the ACL (an open volume becomes restricted to it). Idempotent."""
+    RevokeInitiator: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.InitiatorRequest, _volume_server_pb2.Volume]  # type: ignore[assignment]
+    """Remove one initiator from the ACL and end its sessions. Idempotent."""
 
 class VolumeServerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -195,5 +217,40 @@ class VolumeServerServicer(metaclass=_abc_1.ABCMeta):
         request: _volume_server_pb2.HealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_volume_server_pb2.HealthResponse, _abc.Awaitable[_volume_server_pb2.HealthResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetVolumeAuth(
+        self,
+        request: _volume_server_pb2.SetVolumeAuthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.Volume, _abc.Awaitable[_volume_server_pb2.Volume]]:
+        """Require CHAP (and optionally mutual CHAP) for new logins to the volume's target, or stop
+        requiring it (chap unset). Persisted with the volume; secrets are never returned or logged.
+        Turning CHAP on ends the sessions that logged in without it.
+        """
+
+    @_abc_1.abstractmethod
+    def SetVolumeAccess(
+        self,
+        request: _volume_server_pb2.SetVolumeAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.Volume, _abc.Awaitable[_volume_server_pb2.Volume]]:
+        """Replace the volume's initiator ACL. Sessions of initiators no longer admitted are ended."""
+
+    @_abc_1.abstractmethod
+    def AllowInitiator(
+        self,
+        request: _volume_server_pb2.InitiatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.Volume, _abc.Awaitable[_volume_server_pb2.Volume]]:
+        """Add one initiator to the ACL (an open volume becomes restricted to it). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def RevokeInitiator(
+        self,
+        request: _volume_server_pb2.InitiatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.Volume, _abc.Awaitable[_volume_server_pb2.Volume]]:
+        """Remove one initiator from the ACL and end its sessions. Idempotent."""
 
 def add_VolumeServerServicer_to_server(servicer: VolumeServerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
