@@ -29,6 +29,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 
+from blockyard import tls
 from blockyard.attach.initiator.api import ManagedPrefix
 from blockyard.attach.state import DEFAULT_STATE_ROOT
 from blockyard.cli.main import build_parser
@@ -662,6 +663,7 @@ def check_csi_args(c: dict[str, Any]) -> None:
             managed_prefix=ns.managed_prefix,
             metrics_listen=ns.metrics_listen,
             topology=ns.topology,
+            backend_security=tls.from_args(ns),
         )
         assert config.mode.value == flag(args, "--mode")
         return
@@ -710,6 +712,60 @@ def test_volume_server_command_line_parses_with_the_real_cli() -> None:
     assert ns.iscsi_listen == ["10.0.0.7:3260"]
     assert ns.api_listen == "10.0.0.7:7400"
     assert ns.shutdown_timeout == 30
+
+
+# --------------------------------------------------------------------------------------------
+# Mutual TLS on the management API
+
+
+def tls_secret(spec: dict[str, Any], c: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The Secret the container's --tls-* files come from, and which key each flag reads."""
+    ns = parse_blockyard(c["args"], c)
+    security = tls.from_args(ns)
+    assert security.tls is not None, f"{c['name']}: no --tls-cert/--tls-key/--tls-ca"
+    assert not security.insecure, f"{c['name']}: --insecure in a deployed manifest"
+    secrets, keys = set(), {}
+    files = security.tls
+    for flag_name, path in (
+        ("--tls-cert", files.cert_path),
+        ("--tls-key", files.key_path),
+        ("--tls-ca", files.ca_path),
+    ):
+        vol_name, key = resolve(spec, c, path)
+        assert mount_for(c, path).get("readOnly") is True, f"{c['name']}: {path} is writable"
+        source = volume(spec, vol_name)
+        assert "secret" in source, f"{c['name']}: {path} is not from a Secret"
+        assert not source["secret"].get("optional"), "TLS must not silently go missing"
+        secrets.add(source["secret"]["secretName"])
+        keys[flag_name] = key
+    assert len(secrets) == 1, f"{c['name']}: TLS files from several Secrets {secrets}"
+    # cert-manager's Certificate and `kubectl create secret tls` (+ ca.crt) use these keys.
+    assert keys == {"--tls-cert": "tls.crt", "--tls-key": "tls.key", "--tls-ca": "ca.crt"}
+    return secrets.pop(), keys
+
+
+def test_management_api_requires_mutual_tls() -> None:
+    spec = server_spec()
+    server = container(spec, "volume-server")
+    server_secret, _ = tls_secret(spec, server)
+    ns = parse_blockyard(server["args"], server)
+    # The real listen rule accepts it on the node address (it refuses plaintext there).
+    tls.check_listen(ns.api_listen, "10.0.0.7", tls.from_args(ns), api="the management API")
+    # Only the owner (root) reads the server's key.
+    assert volume(spec, "api-tls")["secret"]["defaultMode"] == 0o400
+
+    cspec = controller_spec()
+    plugin = container(cspec, "blockyard-csi")
+    client_secret, _ = tls_secret(cspec, plugin)
+    # The plugin runs as 65532 and reads its key through fsGroup: group-readable, no more.
+    assert cspec["securityContext"]["fsGroup"] == cspec["securityContext"]["runAsUser"]
+    assert volume(cspec, "backend-tls")["secret"]["defaultMode"] == 0o440
+    # Two identities, so the server's key never sits in the controller pod.
+    assert server_secret != client_secret
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    backend = flag(plugin["args"], "--backend") or ""
+    for word in (server_secret, client_secret, backend.rpartition(":")[0]):
+        assert word in doc, f"docs/kubernetes.md does not mention {word}"
 
 
 # --------------------------------------------------------------------------------------------
