@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from blockyard.attach import loop as loopmod
 from blockyard.attach import mounts
@@ -50,6 +51,7 @@ from blockyard.attach.state import (
     proc_start_ticks,
     remove_quietly,
     rmdir_quietly,
+    take_credentials,
     write_state,
 )
 from blockyard.errors import BlockyardError
@@ -112,6 +114,11 @@ class _Daemon:
         write_state(self.layout, self.state)
         crash_point("daemon_after_state")
 
+        # CHAP credentials come in a file the caller wrote (removed as it is read), never in
+        # argv or the state file.
+        chap, target_chap = take_credentials(self.layout, self.id)
+        if isinstance(self.spec, IscsiSource) and chap is not None:
+            self.spec = replace(self.spec, chap=chap, target_chap=target_chap)
         self.opened = open_source(self.spec)
         device = self.opened.device
         self.record(size_bytes=device.block_count * device.logical_block_size)
@@ -243,6 +250,7 @@ def remove_state_dir(layout: Layout, attachment_id: str) -> None:
     if not rmdir_quietly(layout.mountpoint(attachment_id)):
         raise AttachError(f"{layout.mountpoint(attachment_id)} is still mounted or not empty")
     remove_quietly(layout.log_file(attachment_id))
+    remove_quietly(layout.credentials_file(attachment_id))
     for entry in os.listdir(d) if os.path.isdir(d) else []:
         if entry.startswith("state.json.tmp-"):
             remove_quietly(os.path.join(d, entry))

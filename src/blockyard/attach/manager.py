@@ -32,7 +32,7 @@ from blockyard.attach import loop as loopmod
 from blockyard.attach import mounts
 from blockyard.attach.daemon import ERROR_PREFIX, READY_PREFIX, remove_state_dir
 from blockyard.attach.errors import AttachError, AttachmentNotFoundError, DeviceInUseError
-from blockyard.attach.source import SourceSpec, check_available
+from blockyard.attach.source import IscsiSource, SourceSpec, check_available
 from blockyard.attach.state import (
     DEFAULT_STATE_ROOT,
     AttachmentState,
@@ -44,6 +44,7 @@ from blockyard.attach.state import (
     op_lock,
     read_state,
     same_process,
+    write_credentials,
 )
 from blockyard.errors import BlockyardTimeoutError
 
@@ -213,6 +214,8 @@ def attach(
             )
         if found.state is not None or found.loop_devices or found.fuse_mounted:
             _cleanup_locked(layout, found, force=False)
+        if isinstance(source, IscsiSource):
+            write_credentials(layout, aid, source.chap, source.target_chap)
         if launcher:
             return _launch(layout, aid, source, timeout_s, launcher)
         return _spawn(layout, aid, source, timeout_s)

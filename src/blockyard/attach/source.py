@@ -27,6 +27,7 @@ from blockyard.attach.errors import SourceUnavailableError
 from blockyard.blockdev import BlockDevice
 from blockyard.engine import VolumeStore
 from blockyard.errors import InvalidArgumentError
+from blockyard.iscsi.chap import ChapCredentials
 
 #: RFC 7143 §4.2.7.1: an iSCSI name is at most 223 bytes.
 ISCSI_NAME_MAX_BYTES = 223
@@ -71,7 +72,13 @@ class LocalSource:
 
 @dataclass(frozen=True, slots=True)
 class IscsiSource:
-    """A LUN behind one or more portals of the same target (one multipath session)."""
+    """A LUN behind one or more portals of the same target (one multipath session).
+
+    ``chap``/``target_chap`` (one-way or mutual CHAP) are deliberately left out of
+    :meth:`canonical` and :meth:`to_dict`: those end up in the attachment id, the daemon's argv
+    and its state file. The caller hands them to the daemon in a 0600 file instead
+    (:func:`blockyard.attach.state.write_credentials`); ``repr`` shows no secret.
+    """
 
     portals: tuple[str, ...]
     iqn: str
@@ -80,6 +87,8 @@ class IscsiSource:
     volume_name: str = ""
     #: This node's IQN; empty means :func:`default_initiator_name`.
     initiator_name: str = ""
+    chap: ChapCredentials | None = None
+    target_chap: ChapCredentials | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.portals) <= PORTALS_MAX_COUNT:
@@ -207,6 +216,11 @@ def open_source(spec: SourceSpec) -> OpenedSource:
         return OpenedSource(device=vol, close=vol.close)
     cls = _iscsi_device_class()
     device = cls.connect(
-        list(spec.portals), spec.iqn, spec.initiator_name or default_initiator_name(), lun=spec.lun
+        list(spec.portals),
+        spec.iqn,
+        spec.initiator_name or default_initiator_name(),
+        lun=spec.lun,
+        chap=spec.chap,
+        target_chap=spec.target_chap,
     )
     return OpenedSource(device=device, close=device.close)

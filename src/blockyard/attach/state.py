@@ -6,6 +6,8 @@ mounts it describes at reboot)::
     ROOT/<id>/state.json     the attachment (written atomically by its daemon)
     ROOT/<id>/daemon.lock    flock held by the daemon for its whole life: held = daemon alive
     ROOT/<id>/daemon.log     the daemon's log
+    ROOT/<id>/credentials.json  CHAP credentials for the daemon (0600; the daemon reads and
+                             removes it at start, so secrets never travel on a command line)
     ROOT/<id>/mnt/           the FUSE mountpoint; mnt/disk is the loop device's backing file
     ROOT/.locks/<id>.lock    flock held by a caller for one attach/detach/cleanup of <id>
 
@@ -16,6 +18,8 @@ if its backing file is ``ROOT/<id>/mnt/disk``; a mount is ours only if its mount
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import enum
 import errno
@@ -33,11 +37,16 @@ from typing import Any
 from blockyard.attach.errors import AttachError
 from blockyard.attach.fusefile import FILE_NAME
 from blockyard.errors import BlockyardTimeoutError
+from blockyard.iscsi.chap import ChapCredentials
+from blockyard.iscsi.errors import IscsiConfigError
 
 DEFAULT_STATE_ROOT = "/run/blockyard/attach"
 STATE_FILE = "state.json"
 LOCK_FILE = "daemon.lock"
 LOG_FILE = "daemon.log"
+CREDENTIALS_FILE = "credentials.json"
+#: A credentials file is two CHAP names and secrets; anything larger is not ours.
+CREDENTIALS_FILE_MAX_BYTES = 4096
 MOUNT_DIR = "mnt"
 OP_LOCK_DIR = ".locks"
 STATE_VERSION = 1
@@ -154,6 +163,9 @@ class Layout:
     def log_file(self, attachment_id: str) -> str:
         return os.path.join(self.dir(attachment_id), LOG_FILE)
 
+    def credentials_file(self, attachment_id: str) -> str:
+        return os.path.join(self.dir(attachment_id), CREDENTIALS_FILE)
+
     def mountpoint(self, attachment_id: str) -> str:
         return os.path.join(self.dir(attachment_id), MOUNT_DIR)
 
@@ -201,6 +213,72 @@ def write_state(layout: Layout, state: AttachmentState) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _chap_json(chap: ChapCredentials | None) -> dict[str, str] | None:
+    if chap is None:
+        return None
+    return {"user": chap.name, "secret": base64.b64encode(chap.secret).decode("ascii")}
+
+
+def write_credentials(
+    layout: Layout,
+    attachment_id: str,
+    chap: ChapCredentials | None,
+    target_chap: ChapCredentials | None,
+) -> None:
+    """Hand CHAP credentials to the attachment's daemon through a 0600 file in its 0700
+    directory (replaced atomically). Nothing is written without credentials."""
+    path = layout.credentials_file(attachment_id)
+    remove_quietly(path)
+    if chap is None:
+        return
+    os.makedirs(layout.dir(attachment_id), mode=0o700, exist_ok=True)
+    data = json.dumps({"chap": _chap_json(chap), "target_chap": _chap_json(target_chap)})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:  # a buffered write: all of it or an error
+            f.write(data.encode())
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def _creds_from_json(entry: object) -> ChapCredentials | None:
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise TypeError("a credentials entry is not an object")
+    secret = base64.b64decode(str(entry["secret"]).encode("ascii"), validate=True)
+    return ChapCredentials(str(entry["user"]), secret)
+
+
+def take_credentials(
+    layout: Layout, attachment_id: str
+) -> tuple[ChapCredentials | None, ChapCredentials | None]:
+    """Read and remove the credentials :func:`write_credentials` left (None, None without
+    any). Raises AttachError, naming the file and never a secret, when it is malformed."""
+    path = layout.credentials_file(attachment_id)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(CREDENTIALS_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None, None
+    finally:
+        remove_quietly(path)
+    if len(data) > CREDENTIALS_FILE_MAX_BYTES:
+        raise AttachError(
+            f"credentials file {path} is larger than {CREDENTIALS_FILE_MAX_BYTES} bytes"
+        )
+    try:
+        raw = json.loads(data)
+        return _creds_from_json(raw.get("chap")), _creds_from_json(raw.get("target_chap"))
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
+        raise AttachError(f"credentials file {path} is malformed ({type(exc).__name__})") from exc
+    except IscsiConfigError as exc:
+        raise AttachError(f"credentials in {path} are unusable: {exc}") from exc
 
 
 def read_state(layout: Layout, attachment_id: str) -> AttachmentState | None:

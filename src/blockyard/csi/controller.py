@@ -14,8 +14,13 @@ Contract of every handler (CSI spec, "Controller Service RPC" and "Error Scheme"
 Volume ids are backend volume names; snapshot ids are ``<volume>@<snapshot>``
 (:mod:`blockyard.csi.ids`). What a volume was created as and where it is published lives in
 the :class:`~blockyard.csi.publish_store.PublishStore`, which survives controller restarts.
-ControllerPublishVolume only records the publication and answers how to reach the volume: in
-single-node mode every initiator may log in to every target, and the node attaches.
+Access control (docs/ARCHITECTURE.md, "Authentication"): every volume this driver creates is
+restricted at once to no initiator; ControllerPublishVolume adds the node's initiator name
+(:mod:`blockyard.csi.initiators`) to the volume's ACL, and, when the request carries CHAP
+secrets (the StorageClass's controller-publish secret), makes the target require them;
+ControllerUnpublishVolume removes the node's initiator from the ACL, which ends that node's
+sessions, before it forgets the publication. Both are idempotent, and the ACL change comes
+first so that a crash never leaves a node recorded as unpublished but still admitted.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ from blockyard.csi.errors import (
     UnsupportedOperationError,
     VolumeInUseError,
 )
+from blockyard.csi.initiators import node_initiator_name
 from blockyard.csi.locks import OperationLocks
 from blockyard.csi.params import (
     check_range,
+    parse_chap_secrets,
     parse_parameters,
     resolve_fs_type,
     round_up,
@@ -101,6 +108,8 @@ PUBLISH_PORTALS: Final = "portals"
 PUBLISH_IQN: Final = "iqn"
 PUBLISH_LUN: Final = "lun"
 PUBLISH_NAA_ID: Final = "naaId"
+#: The initiator name the node must log in with (the one now in the volume's ACL).
+PUBLISH_INITIATOR: Final = "initiatorName"
 
 CONTROLLER_CAPABILITIES: Final = (
     RPC.CREATE_DELETE_VOLUME,
@@ -186,6 +195,10 @@ class ControllerService(pb_grpc.ControllerServicer):
             with self._locks.claim("CreateVolume", f"volume:{name}"):
                 existing = await self._find_volume(name)
                 if existing is not None:
+                    if self._store.get(name) is None:
+                        # Created by a call that crashed before recording it: never published,
+                        # so it may still be open. Close it before it is handed out.
+                        existing = await self._restrict(existing)
                     record = self._check_existing(
                         existing, required_bytes, limit_bytes, volume_context, kind, source_id
                     )
@@ -201,10 +214,17 @@ class ControllerService(pb_grpc.ControllerServicer):
                 else:
                     size = size_for_range("capacity_range", required_bytes, limit_bytes)
                     desc = await self._backend.create_volume(name, size)
+                desc = await self._restrict(desc)
                 record = self._store.put_volume(name, volume_context, kind, source_id)
                 return pb.CreateVolumeResponse(volume=self._volume_pb(desc, record))
 
         return await self._runner.run(context, "CreateVolume", request.name or "-", work)
+
+    async def _restrict(self, desc: VolumeDescription) -> VolumeDescription:
+        """A new volume admits no initiator until it is published to a node."""
+        if desc.access.restricted:
+            return desc
+        return await self._backend.set_volume_access(desc.name, ())
 
     def _check_requirements(self, requirement: pb.TopologyRequirement) -> None:
         """CSI CreateVolume: the volume MUST be accessible from one of the requisite
@@ -357,6 +377,8 @@ class ControllerService(pb_grpc.ControllerServicer):
                     "volume_capability is required: say how the node will use the volume"
                 )
             cap = parse_capability("volume_capability", request.volume_capability)
+            secrets = parse_chap_secrets("secrets", request.secrets)
+            initiator = node_initiator_name(node_id)
             with self._locks.claim("ControllerPublishVolume", f"volume:{volume_id}"):
                 desc = await self._get_volume(volume_id, field="volume_id")
                 wanted = Attachment(node_id, request.readonly, cap.access_type.value, cap.mode_name)
@@ -369,9 +391,19 @@ class ControllerService(pb_grpc.ControllerServicer):
                     )
                 if current is None:
                     _check_sharing(volume_id, cap, list(attachments.values()))
+                # Target settings first, the record last: a retry after a crash redoes both.
+                if secrets.chap is not None:
+                    desc = await self._backend.set_volume_auth(
+                        volume_id, secrets.chap, secrets.mutual
+                    )
+                if initiator not in desc.access.allowed_initiators or not desc.access.restricted:
+                    desc = await self._backend.allow_initiator(volume_id, initiator)
+                if current is None:
                     self._store.attach(volume_id, wanted)
                     self._report_publications(volume_id)
-                return pb.ControllerPublishVolumeResponse(publish_context=_publish_context(desc))
+                context = _publish_context(desc)
+                context[PUBLISH_INITIATOR] = initiator
+                return pb.ControllerPublishVolumeResponse(publish_context=context)
 
         subject = f"{request.volume_id or '-'} -> {request.node_id or '-'}"
         return await self._runner.run(context, "ControllerPublishVolume", subject, work)
@@ -382,6 +414,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         async def work() -> pb.ControllerUnpublishVolumeResponse:
             volume_id = required(request.volume_id, "volume_id", "id of the volume to unpublish")
             with self._locks.claim("ControllerUnpublishVolume", f"volume:{volume_id}"):
+                # Fence first: once this returns, the node can neither keep nor open a session.
+                await self._revoke(volume_id, request.node_id)
                 # Unknown volumes and nodes count as unpublished (CSI: 0 OK).
                 if self._store.detach(volume_id, request.node_id):
                     self._report_publications(volume_id)
@@ -389,6 +423,19 @@ class ControllerService(pb_grpc.ControllerServicer):
 
         subject = f"{request.volume_id or '-'} -> {request.node_id or 'all nodes'}"
         return await self._runner.run(context, "ControllerUnpublishVolume", subject, work)
+
+    async def _revoke(self, volume_id: str, node_id: str) -> None:
+        """Take ``node_id`` (every node when empty) out of the volume's ACL, ending its
+        sessions. A volume that no longer exists has nothing to fence."""
+        if not ids.is_volume_id(volume_id):
+            return
+        try:
+            if node_id:
+                await self._backend.revoke_initiator(volume_id, node_initiator_name(node_id))
+            else:
+                await self._backend.set_volume_access(volume_id, ())
+        except NotFoundError:
+            return
 
     def _multi_writer_nodes(self, volume_id: str) -> int:
         """Nodes ``volume_id`` is published to read-write-many: two are both ends of a live

@@ -12,9 +12,11 @@ Contract of every handler (CSI spec, "Node Service RPC" and "Error Scheme"):
   separate processes) and finds its staged volumes in ``--node-state-dir``.
 
 Stage: the volume is attached (userspace daemon or open-iscsi, see
-:mod:`blockyard.csi.node_attach`); a ``mount`` volume gets its file system created only if the
-device is blank, else checked with fsck, then mounted at the staging directory; a ``block``
-volume is recorded in ``<staging>/blockyard-block.json``. Publish: a bind mount of the staging
+:mod:`blockyard.csi.node_attach`) under the node's initiator name and, when the request carries
+CHAP secrets (:func:`blockyard.csi.params.parse_chap_secrets`), with CHAP; a ``mount`` volume
+gets its file system created only if the device is blank, else checked with fsck, then
+mounted at the staging directory; a ``block`` volume is recorded in
+``<staging>/blockyard-block.json``. Publish: a bind mount of the staging
 directory, or for ``block`` a device node made with mknod at the target file. Safety: the
 mount table is read with a timeout and checked for mount storms before any mount is added;
 NodeStageVolume runs behind a per-volume circuit breaker (:mod:`blockyard.csi.breaker`).
@@ -32,6 +34,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -46,6 +49,7 @@ from blockyard.csi.capabilities import (
 )
 from blockyard.csi.controller import (
     CONTEXT_FS_TYPE,
+    PUBLISH_INITIATOR,
     PUBLISH_IQN,
     PUBLISH_LUN,
     PUBLISH_NAA_ID,
@@ -54,6 +58,7 @@ from blockyard.csi.controller import (
 )
 from blockyard.csi.errors import IncompatibleVolumeError, MissingFieldError, UnknownObjectError
 from blockyard.csi.ids import is_volume_id
+from blockyard.csi.initiators import node_initiator_name
 from blockyard.csi.locks import OperationLocks
 from blockyard.csi.mounts import MountTable
 from blockyard.csi.node_attach import (
@@ -82,6 +87,7 @@ from blockyard.csi.node_fs import (
 )
 from blockyard.csi.node_state import BLOCK_INFO_FILE, NodeStateStore, StagedVolume
 from blockyard.csi.node_state import write_json_atomic as _write_json
+from blockyard.csi.params import parse_chap_secrets
 from blockyard.csi.proto import csi_pb2 as pb
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
 from blockyard.csi.rpc import Context, RpcRunner
@@ -188,7 +194,14 @@ def parse_target(volume_id: str, context: dict[str, str]) -> Target:
     lun_text = context.get(PUBLISH_LUN, "0") or "0"
     if not lun_text.isdigit():
         raise InvalidArgumentError(f"publish_context.{PUBLISH_LUN} {lun_text!r} is not a number")
-    return Target(volume_id, iqn, portals, int(lun_text), context.get(PUBLISH_NAA_ID, ""))
+    return Target(
+        volume_id,
+        iqn,
+        portals,
+        int(lun_text),
+        context.get(PUBLISH_NAA_ID, ""),
+        initiator_name=context.get(PUBLISH_INITIATOR, ""),
+    )
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -202,6 +215,7 @@ class NodeService(pb_grpc.NodeServicer):
         topology: dict[str, str],
     ) -> None:
         self.node_id = node_id
+        self.initiator_name = node_initiator_name(node_id)
         self.options = options
         self.attacher = attacher
         self.runner = runner
@@ -240,7 +254,7 @@ class NodeService(pb_grpc.NodeServicer):
             volume_id = _volume_id(request.volume_id)
             staging = _abs_path(request.staging_target_path, "staging_target_path")
             cap = _capability(request.volume_capability, request.HasField("volume_capability"))
-            target = parse_target(volume_id, dict(request.publish_context))
+            target = self._login_target(volume_id, request)
             self.attacher_prefix_check(target)
             fs_type = ""
             if cap.access_type is AccessType.MOUNT:
@@ -271,6 +285,25 @@ class NodeService(pb_grpc.NodeServicer):
             return pb.NodeStageVolumeResponse()
 
         return await self.runner.run(context, "NodeStageVolume", request.volume_id, work)
+
+    def _login_target(self, volume_id: str, request: pb.NodeStageVolumeRequest) -> Target:
+        """Where to log in (publish_context), as whom (this node's initiator name, which must
+        be the one the controller put in the volume's ACL) and with which CHAP credentials
+        (the request's secrets)."""
+        target = parse_target(volume_id, dict(request.publish_context))
+        if target.initiator_name and target.initiator_name != self.initiator_name:
+            raise NodePreconditionError(
+                f"volume {volume_id} was published for initiator {target.initiator_name}, but "
+                f"this node (id {self.node_id}) logs in as {self.initiator_name}; the "
+                "VolumeAttachment belongs to another node"
+            )
+        secrets = parse_chap_secrets("secrets", request.secrets)
+        return replace(
+            target,
+            initiator_name=self.initiator_name,
+            chap=secrets.chap,
+            target_chap=secrets.mutual,
+        )
 
     def attacher_prefix_check(self, target: Target) -> None:
         prefix = getattr(self.attacher, "prefix", None)
@@ -570,7 +603,7 @@ class NodeService(pb_grpc.NodeServicer):
 
 def build_attacher(options: NodeOptions, managed_prefix: str, node_id: str) -> VolumeAttacher:
     if options.kernel_attach():
-        return KernelVolumeAttacher(managed_prefix)
+        return KernelVolumeAttacher(managed_prefix, node_id)
     return UserspaceVolumeAttacher(
         options.attach_state_dir, managed_prefix, node_id, options.attach_launcher.argv_prefix()
     )

@@ -7,15 +7,17 @@
 - :class:`KernelVolumeAttacher`: open-iscsi + dm-multipath
   (:class:`~blockyard.attach.initiator.kernel.KernelAttacher`); the device is found by NAA id.
 
-Both refuse an IQN outside the managed prefix before anything is touched. Blocking: call off
-the event loop.
+Both refuse an IQN outside the managed prefix before anything is touched, log in with the
+node's initiator name (:mod:`blockyard.csi.initiators`) and, when NodeStageVolume carried CHAP
+secrets, with CHAP (mutual CHAP too when given). Secrets are never logged, never stored in the
+node's records, and never put on a command line of ours (open-iscsi's ``iscsiadm`` takes them
+as arguments; see :mod:`blockyard.attach.initiator.kernel`). Blocking: call off the event loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +29,14 @@ from blockyard.attach.initiator.api import ManagedPrefix
 from blockyard.attach.initiator.blockdev import IscsiVolumeSpec, parse_portal
 from blockyard.attach.initiator.kernel import KernelAttachConfig, KernelAttacher
 from blockyard.attach.loop import run_tool
-from blockyard.attach.source import (
-    DEFAULT_INITIATOR_PREFIX,
-    ISCSI_NAME_MAX_BYTES,
-    IscsiSource,
-    default_initiator_name,
-)
+from blockyard.attach.source import IscsiSource
 from blockyard.attach.state import Layout
+from blockyard.csi.initiators import node_initiator_name
 from blockyard.csi.node_errors import NodePreconditionError
 from blockyard.csi.node_fs import device_size
 from blockyard.csi.node_state import StagedVolume
 from blockyard.errors import BlockyardTimeoutError
+from blockyard.iscsi.chap import ChapCredentials
 
 log = logging.getLogger("blockyard.csi.node_attach")
 
@@ -46,17 +45,25 @@ KIND_KERNEL: Final = "kernel"
 #: FUSE caches file attributes (libfuse's attr_timeout, 1 s by default): how long the loop
 #: device's backing file may take to show its new size.
 FUSE_SIZE_TIMEOUT_S: Final = 10.0
+#: The open-iscsi interface record the kernel path logs in through; it carries the node's
+#: initiator name (``iface.initiatorname``) so the host's default record is never changed.
+KERNEL_IFACE: Final = "blockyard"
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where the volume is, from the publish context."""
+    """Where the volume is (from the publish context) and how to log in to it: the initiator
+    name to use ("" = the node's own) and the CHAP credentials from NodeStageVolume's secrets
+    (``target_chap`` for mutual CHAP). ``repr`` never shows a secret."""
 
     volume_id: str
     iqn: str
     portals: tuple[str, ...]
     lun: int
     naa_id: str = ""
+    initiator_name: str = ""
+    chap: ChapCredentials | None = None
+    target_chap: ChapCredentials | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +96,6 @@ class VolumeAttacher(Protocol):
         ...
 
 
-def node_initiator_name(node_id: str) -> str:
-    """This node's initiator IQN for the userspace path: one per node id, so two node plugins
-    on one machine (tests, or a node migrating) never share an iSCSI identity."""
-    host = re.sub(r"[^a-z0-9.-]", "-", node_id.lower()) or "node"
-    return f"{DEFAULT_INITIATOR_PREFIX}{host}"[:ISCSI_NAME_MAX_BYTES]
-
-
 class UserspaceVolumeAttacher:
     kind = KIND_USERSPACE
 
@@ -114,7 +114,9 @@ class UserspaceVolumeAttacher:
             iqn=target.iqn,
             lun=target.lun,
             volume_name=target.volume_id,
-            initiator_name=self.initiator_name,
+            initiator_name=target.initiator_name or self.initiator_name,
+            chap=target.chap,
+            target_chap=target.target_chap,
         )
         state = manager.attach(source, state_root=self.state_root, launcher=self.launcher)
         assert state.loop_device is not None, "a ready attachment has its loop device"
@@ -180,9 +182,14 @@ class KernelVolumeAttacher:
 
     kind = KIND_KERNEL
 
-    def __init__(self, managed_prefix: str) -> None:
+    def __init__(
+        self, managed_prefix: str, node_id: str, attacher: KernelAttacher | None = None
+    ) -> None:
         self.prefix = ManagedPrefix(managed_prefix)
-        self._attacher = KernelAttacher(KernelAttachConfig(managed_prefix=managed_prefix))
+        self.initiator_name = node_initiator_name(node_id)
+        self._attacher = attacher or KernelAttacher(
+            KernelAttachConfig(managed_prefix=managed_prefix, iface=KERNEL_IFACE)
+        )
 
     def attach(self, target: Target) -> Attached:
         self.prefix.require(target.iqn, "log in to")
@@ -194,8 +201,10 @@ class KernelVolumeAttacher:
         spec = IscsiVolumeSpec(
             portals=tuple(parse_portal(p) for p in target.portals),
             target_name=target.iqn,
-            initiator_name=default_initiator_name(),
+            initiator_name=target.initiator_name or self.initiator_name,
             lun=target.lun,
+            chap=target.chap,
+            target_chap=target.target_chap,
             expected_naa=target.naa_id,
         )
         lun = self._attacher.attach(spec)

@@ -12,6 +12,19 @@ silently give a different volume):
 
 Kubernetes' external-provisioner strips its own ``csi.storage.k8s.io/*`` keys before calling,
 so they never reach this check.
+
+CHAP secrets (the ``secrets`` of ControllerPublishVolume and NodeStageVolume, from the
+Secrets the StorageClass names with ``csi.storage.k8s.io/controller-publish-secret-*`` and
+``csi.storage.k8s.io/node-stage-secret-*``) use open-iscsi's key names, as Kubernetes'
+``kubernetes.io/iscsi-chap`` Secret type does:
+
+- ``node.session.auth.username`` / ``node.session.auth.password``: the initiator's CHAP
+  credentials, which the target checks;
+- ``node.session.auth.username_in`` / ``node.session.auth.password_in``: the target's own
+  credentials for mutual CHAP, which the initiator checks.
+
+Other keys (e.g. the ``discovery.sendtargets.auth.*`` of that Secret type) are ignored: the
+driver never runs discovery. Secret values never appear in an error message.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from blockyard.csi.errors import (
 )
 from blockyard.engine.limits import BLOCK_SIZE, MAX_VOLUME_SIZE_BYTES, MIN_VOLUME_SIZE_BYTES
 from blockyard.errors import InvalidArgumentError
+from blockyard.iscsi.chap import ChapCredentials
+from blockyard.iscsi.errors import IscsiConfigError
 
 PARAM_FS_TYPE: Final = "fsType"
 PARAM_REPLICAS: Final = "replicas"
@@ -45,6 +60,56 @@ SINGLE_NODE_DURABILITY: Final = "local"
 DEFAULT_VOLUME_SIZE_BYTES: Final = 1 << 30
 #: Volume sizes are whole engine blocks; requests round up to this.
 SIZE_GRANULARITY_BYTES: Final = BLOCK_SIZE
+
+
+SECRET_CHAP_USER: Final = "node.session.auth.username"
+SECRET_CHAP_PASSWORD: Final = "node.session.auth.password"
+SECRET_MUTUAL_USER: Final = "node.session.auth.username_in"
+SECRET_MUTUAL_PASSWORD: Final = "node.session.auth.password_in"
+
+
+@dataclass(frozen=True, slots=True)
+class ChapSecrets:
+    """CHAP credentials from a CSI ``secrets`` map: ``chap`` the initiator's, ``mutual`` the
+    target's (mutual CHAP). Both None: no CHAP."""
+
+    chap: ChapCredentials | None = None
+    mutual: ChapCredentials | None = None
+
+
+def _pair(field: str, secrets: Mapping[str, str], user_key: str, password_key: str,
+          what: str) -> ChapCredentials | None:  # fmt: skip
+    user, password = secrets.get(user_key, ""), secrets.get(password_key, "")
+    if not user and not password:
+        return None
+    if not user or not password:
+        missing = user_key if not user else password_key
+        raise InvalidArgumentError(
+            f"{field}: the {what} needs both {user_key} and {password_key}; {missing} is "
+            "missing or empty in the Secret"
+        )
+    try:
+        return ChapCredentials(user, password.encode())
+    except IscsiConfigError as exc:
+        raise InvalidArgumentError(f"{field} ({user_key} {user[:64]!r}): {exc}") from exc
+
+
+def parse_chap_secrets(field: str, secrets: Mapping[str, str]) -> ChapSecrets:
+    """The CHAP credentials in ``secrets`` (keys in the module docstring). Mutual CHAP without
+    initiator CHAP, or the same secret both ways, is refused (RFC 7143 §12.1.3)."""
+    chap = _pair(field, secrets, SECRET_CHAP_USER, SECRET_CHAP_PASSWORD, "CHAP user")
+    mutual = _pair(field, secrets, SECRET_MUTUAL_USER, SECRET_MUTUAL_PASSWORD, "mutual CHAP user")
+    if mutual is not None and chap is None:
+        raise InvalidArgumentError(
+            f"{field}: mutual CHAP ({SECRET_MUTUAL_USER}) needs initiator CHAP "
+            f"({SECRET_CHAP_USER}, {SECRET_CHAP_PASSWORD}) in the same Secret"
+        )
+    if chap is not None and mutual is not None and chap.secret == mutual.secret:
+        raise InvalidArgumentError(
+            f"{field}: {SECRET_CHAP_PASSWORD} and {SECRET_MUTUAL_PASSWORD} are the same; mutual "
+            "CHAP needs two different secrets (RFC 7143 §12.1.3)"
+        )
+    return ChapSecrets(chap, mutual)
 
 
 @dataclass(frozen=True, slots=True)

@@ -311,7 +311,9 @@ def test_publish_context_and_idempotency(stack: Stack) -> None:
     first = dict(ctl.ControllerPublishVolume(request, timeout=30).publish_context)
     assert first["portals"].split(",") == stack.serve.iscsi
     assert first["portal"] == stack.serve.iscsi[0]
-    assert first["iqn"] == "iqn.2026-11.io.blockyard:pv-1" and first["lun"] == "0"
+    served = stack.serve.call(lambda c: c.get_volume("pv-1"))
+    assert first["iqn"] == served.export.iqn and first["lun"] == "0"
+    assert first["iqn"].startswith("iqn.2026-11.io.blockyard:pv-1.")
     assert re.fullmatch(r"[0-9a-f]{32}", first["naaId"])
     assert dict(ctl.ControllerPublishVolume(request, timeout=30).publish_context) == first
     readonly = publish(stack, "pv-1", "node-a", ro=True)

@@ -4,7 +4,10 @@ For real nodes with a kernel iSCSI initiator. Every external command goes throug
 :class:`CommandRunner` with a timeout, so tests replay command sequences against a recording
 fake and production runs :class:`SubprocessRunner`.
 
-Sequence of :meth:`KernelAttacher.attach`, per portal (each step idempotent):
+Sequence of :meth:`KernelAttacher.attach`, per portal (each step idempotent), after making
+sure the interface record exists and carries the spec's initiator name (unless it is open-iscsi's
+``default`` record, whose name is the host's ``/etc/iscsi/initiatorname.iscsi``, which is never
+changed):
 
 1. ``iscsiadm -m node -T IQN -p PORTAL -o new`` (a node record; no discovery, which would
    create records for every target the portal reports, foreign ones included);
@@ -48,6 +51,9 @@ log = logging.getLogger("blockyard.attach.kernel")
 #: open-iscsi exit codes (iscsi_err.h).
 ISCSI_ERR_SESS_EXISTS = 15
 ISCSI_ERR_NO_OBJS_FOUND = 21
+#: open-iscsi's built-in interface record: the host's initiator name, never modified by us.
+DEFAULT_IFACE = "default"
+_IFACE_NAME_RE = re.compile(r"^iface\.initiatorname\s*=\s*(\S*)\s*$", re.MULTILINE)
 #: multipathd's default path checker interval (multipath.conf(5) polling_interval).
 DEFAULT_POLLING_INTERVAL_S = 5
 DEFAULT_COMMAND_TIMEOUT_S = 30.0
@@ -201,6 +207,23 @@ class KernelAttacher:
     def _update(self, iqn: str, portal: Portal, key: str, value: str) -> None:
         self._run([*self._node(iqn, portal), "-o", "update", "-n", key, "-v", value])
 
+    def ensure_iface(self, initiator_name: str) -> None:
+        """Make the configured interface record log in as ``initiator_name`` (creating the
+        record when missing). The ``default`` record is left as the host configured it."""
+        iface = self.config.iface
+        if iface == DEFAULT_IFACE:
+            return
+        base = [self.config.iscsiadm, "-m", "iface", "-I", iface]
+        rc, out, _err = self._runner.run([*base, "-o", "show"], self.config.command_timeout_s)
+        current = ""
+        if rc == 0:
+            match = _IFACE_NAME_RE.search(out)
+            current = match.group(1) if match else ""
+        else:
+            self._run([*base, "-o", "new"])
+        if current != initiator_name:
+            self._run([*base, "-o", "update", "-n", "iface.initiatorname", "-v", initiator_name])
+
     # ---- discovery ----------------------------------------------------------------------
 
     def discover(self, portal: Portal) -> list[DiscoveryTarget]:
@@ -233,6 +256,7 @@ class KernelAttacher:
         """Create, configure and log in one node record per portal. Idempotent."""
         iqn = spec.target_name
         self._prefix.require(iqn, "log in to")
+        self.ensure_iface(spec.initiator_name)
         for portal in spec.portals:
             self._run([*self._node(iqn, portal), "-o", "new"])
             self._update(iqn, portal, "node.startup", "manual")
