@@ -42,6 +42,8 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 
 DRIVER = "block.blockyard.io"
 NAMESPACE = "blockyard-system"
+#: The Secret every StorageClass names for CHAP (docs/kubernetes.md says how to create it).
+CHAP_SECRET = "blockyard-chap"
 KUBELET_DIR = "/var/lib/kubelet"
 BLOCKYARD_IMAGE = "ghcr.io/blockyard/blockyard"
 #: Kubernetes releases whose schemas every core object must satisfy (both ship with
@@ -908,7 +910,7 @@ def permissions(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-def test_controller_service_account_has_no_wildcards_and_no_secrets() -> None:
+def test_controller_service_account_has_no_wildcards_and_one_secret() -> None:
     rules = rules_bound_to("blockyard-controller")
     assert rules
     for r in rules:
@@ -917,8 +919,31 @@ def test_controller_service_account_has_no_wildcards_and_no_secrets() -> None:
         assert "*" not in r["apiGroups"]
         assert "nonResourceURLs" not in r
     perms = permissions(rules)
-    assert not {p for p in perms if p[1] == "secrets"}
+    # Secrets: only csi-attacher's get of the CHAP Secret, by name, in our namespace.
+    secret_rules = [r for r in rules if "secrets" in r["resources"]]
+    assert secret_rules == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [CHAP_SECRET],
+            "verbs": ["get"],
+        }
+    ]
+    role = find("Role", "blockyard-external-attacher-chap")
+    assert role["metadata"]["namespace"] == NAMESPACE and role["rules"] == secret_rules
+    for cr in (o for o in deploy_objects() if o["kind"] == "ClusterRole"):
+        assert not {p for p in permissions(cr["rules"]) if p[1] == "secrets"}
     assert not {p for p in perms if p[2] in {"escalate", "bind", "impersonate", "deletecollection"}}
+
+
+def test_storage_classes_require_chap_from_one_secret() -> None:
+    """CHAP on every class: the same Secret configures the target (controller-publish) and
+    logs the node in (node-stage), so the two can never disagree."""
+    for sc in (o for o in deploy_objects() if o["kind"] == "StorageClass"):
+        params = sc["parameters"]
+        for stage in ("controller-publish", "node-stage"):
+            assert params[f"csi.storage.k8s.io/{stage}-secret-name"] == CHAP_SECRET
+            assert params[f"csi.storage.k8s.io/{stage}-secret-namespace"] == NAMESPACE
 
 
 EXPECTED_RULES = {
@@ -1145,4 +1170,16 @@ def test_docs_cover_deploy_and_examples() -> None:
     for p in EXAMPLES.glob("*.yaml"):
         assert f"deploy/examples/{p.name}" in doc, p.name
     for word in ("open-iscsi", "multipath", "FUSE", "loop", "blockyard.io/volume-server=true"):
+        assert word in doc, word
+    # How to create the CHAP Secret the StorageClasses name, with the keys the driver reads.
+    params = pytest.importorskip("blockyard.csi.params")
+    for word in (
+        f"create secret generic {CHAP_SECRET}",
+        params.SECRET_CHAP_USER,
+        params.SECRET_CHAP_PASSWORD,
+        params.SECRET_MUTUAL_USER,
+        params.SECRET_MUTUAL_PASSWORD,
+        "csi.storage.k8s.io/node-stage-secret-name",
+        "csi.storage.k8s.io/controller-publish-secret-name",
+    ):
         assert word in doc, word
