@@ -43,6 +43,7 @@ from blockyard.attach.state import (
     make_id,
     op_lock,
     read_state,
+    remove_quietly,
     same_process,
     write_credentials,
 )
@@ -216,9 +217,14 @@ def attach(
             _cleanup_locked(layout, found, force=False)
         if isinstance(source, IscsiSource):
             write_credentials(layout, aid, source.chap, source.target_chap)
-        if launcher:
-            return _launch(layout, aid, source, timeout_s, launcher)
-        return _spawn(layout, aid, source, timeout_s)
+        try:
+            if launcher:
+                return _launch(layout, aid, source, timeout_s, launcher)
+            return _spawn(layout, aid, source, timeout_s)
+        except BaseException:
+            # The daemon takes the file as it starts; one that never did leaves it behind.
+            remove_quietly(layout.credentials_file(aid))
+            raise
 
 
 def _daemon_argv(layout: Layout, aid: str, source: SourceSpec) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,3 +180,54 @@ def test_bad_access_requests_are_invalid_argument_and_name_no_secret(
         assert words in str(info.value), str(info.value)
         assert "tiny-secret" not in str(info.value) and "same-secret-00" not in str(info.value)
     assert "tiny-secret" not in serve.stderr() and "same-secret-00" not in serve.stderr()
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blockyard.cli.main", "volume", *args],
+        capture_output=True, text=True, timeout=60, check=False, input=stdin,
+    )  # fmt: skip
+
+
+def test_cli_sets_the_rules_with_secrets_from_files_only(
+    start_serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    need_tools("iscsi-inq")
+    serve = start_serve()
+    serve.call(lambda c: c.create_volume("byhand", 4 * MIB))
+    secret_file = tmp_path / "chap.secret"
+    secret_file.write_bytes(SECRET + b"\n")  # as `echo` writes it: the newline is not part of it
+    done = cli("auth", "byhand", "--server", serve.api, "--chap-user", USER,
+               "--chap-secret-file", str(secret_file))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"volume byhand: CHAP user {USER}; admits every initiator"
+    url = serve.url("byhand")
+    assert inq(url) != 0 and inq(with_chap(url, USER, SECRET)) == 0
+    missing = str(tmp_path / "missing")
+    done = cli("auth", "byhand", "--server", serve.api, "--chap-user", USER,
+               "--chap-secret-file", "-", "--mutual-user", TARGET_USER,
+               "--mutual-secret-file", missing, stdin=SECRET.decode())  # fmt: skip
+    assert done.returncode != 0 and "cannot read it" in done.stderr, done.stderr
+
+    for args in (("--allow", ALLOWED_A, "--allow", ALLOWED_C), ("--revoke", ALLOWED_A)):
+        done = cli("access", "byhand", "--server", serve.api, *args)
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"admits {ALLOWED_C}"), done.stdout
+    assert inq(with_chap(url, USER, SECRET), initiator=ALLOWED_A) != 0
+    assert inq(with_chap(url, USER, SECRET), initiator=ALLOWED_C) == 0
+    # While the server holds the volume, the data directory is not the place to change it.
+    busy = cli("access", "byhand", "--data-dir", str(serve.data_dir), "--open")
+    assert busy.returncode != 0 and "management API" in busy.stderr, busy.stderr
+
+    assert serve.stop() == 0, serve.stderr()
+    done = cli("access", "byhand", "--data-dir", str(serve.data_dir), "--only",
+               "--allow", ALLOWED_A)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"volume byhand: CHAP user {USER}; admits {ALLOWED_A}"
+    again = start_serve(data_dir=serve.data_dir)
+    assert inq(with_chap(again.url("byhand"), USER, SECRET), initiator=ALLOWED_A) == 0
+    assert inq(with_chap(again.url("byhand"), USER, SECRET), initiator=ALLOWED_C) != 0
+    info = cli("info", "byhand", "--server", again.api, "--json")
+    assert '"allowed_initiators": [\n      "' + ALLOWED_A in info.stdout, info.stdout
+    for text in (serve.stderr(), again.stderr(), info.stdout):
+        assert SECRET.decode() not in text
