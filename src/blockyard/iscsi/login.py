@@ -125,6 +125,12 @@ class TargetDirectory(Protocol):
     def lookup(self, target_name: str) -> TargetConfig | None: ...
 
 
+#: ``admit_session(session_type, target)`` -> None to admit the session, or the failure to
+#: answer with (e.g. OUT_OF_RESOURCES when the target's session slots are taken). ``target``
+#: is None for a Discovery session.
+AdmitSession = Callable[[str, TargetConfig | None], LoginFailedError | None]
+
+
 @dataclass(frozen=True, slots=True)
 class TargetLoginSettings:
     """Portal-wide login settings. ``discovery_chap`` protects Discovery sessions."""
@@ -165,6 +171,11 @@ class TargetLogin:
     After a response with non-zero status the state is FAILED and the connection must be
     closed once the response is sent (RFC 7143 §11.13.5); after the final response the state
     is COMPLETE and :attr:`result` holds the session parameters.
+
+    ``admit_session`` is asked once, right before the final response, whether the new session
+    may exist (session limits); it runs only after authentication succeeded, so an initiator
+    that cannot authenticate never holds a session slot. A refusal is answered with its
+    status and no TSIH is allocated.
     """
 
     def __init__(
@@ -174,12 +185,14 @@ class TargetLogin:
         *,
         allocate_tsih: Callable[[], int],
         session_exists: Callable[[int, int], bool] | None = None,
+        admit_session: AdmitSession | None = None,
         initial_stat_sn: int | None = None,
     ) -> None:
         self._directory = directory
         self._settings = settings
         self._allocate_tsih = allocate_tsih
         self._session_exists = session_exists
+        self._admit_session = admit_session
         self._stat_sn = (
             secrets.randbelow(1 << 32) if initial_stat_sn is None else initial_stat_sn & _SN_MASK
         )
@@ -282,7 +295,22 @@ class TargetLogin:
         ready = self._stage != LoginStage.SECURITY_NEGOTIATION or self._authenticated
         if pdu.transit and ready:
             return self._transit(pdu.nsg, answers)
-        return self._respond(transit=False, nsg=0, data=encode_text(answers))
+        return self._respond(transit=False, nsg=0, data=self._answer_text(answers))
+
+    def _answer_text(self, answers: TextPairs) -> bytes:
+        """The encoded answers, or a login failure when they cannot travel in one Login
+        Response. Only an initiator can make them that long (a flood of keys we answer
+        NotUnderstood or Reject): its mistake, so status class 2, "initiator error"
+        (RFC 7143 §11.13.5; no more specific detail code fits)."""
+        data = encode_text(answers)
+        if len(data) > LOGIN_MAX_DATA_SEGMENT_LENGTH:
+            raise _fail(
+                LoginStatus.INITIATOR_ERROR,
+                f"the answers to this login request need {len(data)} bytes, over the "
+                f"{LOGIN_MAX_DATA_SEGMENT_LENGTH} bytes of one Login Response "
+                "(RFC 7143 §13.12); the request offered too many keys",
+            )
+        return data
 
     def _check_first(self, pdu: LoginRequest) -> None:
         self._first = pdu
@@ -462,17 +490,22 @@ class TargetLogin:
         assert negotiator is not None
         if nsg == LoginStage.LOGIN_OPERATIONAL_NEGOTIATION:
             answers += negotiator.offers()
-            response = self._respond(transit=True, nsg=nsg, data=encode_text(answers))
+            response = self._respond(transit=True, nsg=nsg, data=self._answer_text(answers))
             self._stage = LoginStage.LOGIN_OPERATIONAL_NEGOTIATION
             return response
         answers += negotiator.offers()
+        data = self._answer_text(answers)
+        target = self._target
+        if self._admit_session is not None:
+            refusal = self._admit_session(self._session_type, target)
+            if refusal is not None:
+                raise refusal
         tsih = self._allocate_tsih()
         if not 0 < tsih <= MAX_TSIH:
             raise LocalProtocolError(f"allocate_tsih returned {tsih}, not in 1..{MAX_TSIH}")
-        response = self._respond(transit=True, nsg=nsg, data=encode_text(answers), tsih=tsih)
+        response = self._respond(transit=True, nsg=nsg, data=data, tsih=tsih)
         first = self._first
         assert first is not None
-        target = self._target
         params = replace(
             negotiator.result(),
             initiator_name=self._identity.get("InitiatorName", ""),
