@@ -15,7 +15,10 @@ REPORT LUNS and INQUIRY work through any LUN (SPC-4 §6.6.1, §6.33).
 Bounds: non-immediate commands in flight are capped by the CmdSN window (MaxCmdSN), immediate
 ones by ``immediate_commands_max``, buffered Data-Out bytes by ``data_out_bytes_max`` (further
 writes get TASK SET FULL), text by the text assembler, and every timer is in
-:class:`SessionLimits`. The time source is injected so tests never wait.
+:class:`SessionLimits`. Output is bounded by :attr:`TargetConnection.output_room_bytes`: once
+the output produced and promised (reads handed out as events) reaches it, no further command is
+taken until the adapter has sent some and calls :meth:`~TargetConnection.next_events` again.
+The time source is injected so tests never wait.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from blockyard.iscsi.errors import (
 )
 from blockyard.iscsi.login import (
     LOGIN_MAX_DATA_SEGMENT_LENGTH,
+    AdmitSession,
     LoginState,
     TargetConfig,
     TargetLogin,
@@ -131,6 +135,12 @@ RECENT_DROPPED_ITTS_MAX = 256
 #: Adjacent fast-path writes that arrived together are merged into one device write of at most
 #: this many bytes: the engine's largest single WAL record, so a run stays one record.
 WRITE_RUN_BYTES_MAX = 1 << 20
+#: Time allowed from TCP connect to the end of login. A real initiator needs a few round trips
+#: (well under a second, CHAP included); a connection that has not logged in holds a pre-login
+#: slot that unauthenticated peers compete for, so it must not hold it long.
+LOGIN_TIMEOUT_S = 10.0
+#: ``output_room_bytes`` until the adapter sets it: no bound of the connection's own.
+OUTPUT_ROOM_UNBOUNDED = 1 << 62
 
 # Fast path (see TargetConnection._fast_command): raw layouts and the values it compares.
 _CDB10 = struct.Struct(">BBIBHB")  # SBC-4 §5.16/§5.39: opcode, flags, LBA, group, length, control
@@ -219,7 +229,7 @@ class SessionLimits:
     data_out_bytes_max: int = 64 << 20
     nop_interval_s: float = 10.0
     nop_timeout_s: float = 15.0
-    login_timeout_s: float = 15.0
+    login_timeout_s: float = LOGIN_TIMEOUT_S
     text_response_bytes_max: int = 65536
 
     def __post_init__(self) -> None:
@@ -302,6 +312,8 @@ class _Task:
     aborted: bool = False
     buffered_bytes: int = 0
     cdb: bytes = b""
+    #: Data-In this task may produce once executed (counted against output_room_bytes).
+    promised_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -342,11 +354,17 @@ class TargetConnection:
         target_port_group_id: int = 1,
         initial_stat_sn: int | None = None,
         fast_path: bool = True,
+        admit_session: AdmitSession | None = None,
     ) -> None:
         #: Run plain READ/WRITE (10)/(16) inline when the logical unit is a FastCommandUnit
         #: and its gate is open; False sends every command out as an ExecuteCommand event.
         #: May be changed at any time; it applies from the next PDU.
         self.fast_path = fast_path
+        #: How many bytes of output (produced since the last data_to_send, plus the Data-In
+        #: promised by reads handed out as events) this connection may hold before it stops
+        #: taking commands. The adapter sets it before each next_events from what its transport
+        #: still buffers; a connection that stopped reports output_blocked.
+        self.output_room_bytes = OUTPUT_ROOM_UNBOUNDED
         self._limits = limits or SessionLimits()
         base = settings or TargetLoginSettings()
         # The login's MaxCmdSN must describe the same window the session enforces.
@@ -368,11 +386,15 @@ class TargetConnection:
             portal,
             self._settings,
             allocate_tsih=portal.allocate_tsih,
+            admit_session=admit_session,
             initial_stat_sn=initial_stat_sn,
         )
+        self._login_requests = 0
         self._state = ConnectionState.LOGIN
         self._out: list[BytesLike] = []
         self._out_bytes = 0
+        self._promised_bytes = 0
+        self._output_blocked = False
         self._events: list[Event] = []
         self._started = clock()
         self._last_rx = self._started
@@ -478,6 +500,23 @@ class TargetConnection:
     def pending_output_bytes(self) -> int:
         return self._out_bytes
 
+    @property
+    def promised_output_bytes(self) -> int:
+        """Data-In that commands handed out as events may still produce."""
+        return self._promised_bytes
+
+    @property
+    def output_blocked(self) -> bool:
+        """The last next_events stopped taking commands because output_room_bytes was used
+        up while input (or commands waiting for their CmdSN) remained: call next_events again
+        once there is room."""
+        return self._output_blocked
+
+    @property
+    def login_requests(self) -> int:
+        """Complete PDUs received during login (0: the peer has not sent a whole one yet)."""
+        return self._login_requests
+
     # ---- adapter API ----------------------------------------------------------------------
 
     def receive_data(self, data: BytesLike) -> None:
@@ -491,7 +530,16 @@ class TargetConnection:
         """Decode and handle every complete PDU buffered so far; return what the server must
         do. Never raises for anything the initiator sent."""
         reader = self._reader
+        self._output_blocked = False
+        if self._queued:
+            self._drain_queue()
         while self._state is not ConnectionState.CLOSED:
+            if self._out_bytes + self._promised_bytes >= self.output_room_bytes:
+                # Over the output bound: leave the rest buffered until there is room.
+                if self._run_replies:
+                    self._flush_write_run()
+                self._output_blocked = bool(reader.buffered_bytes or self._queued)
+                break
             if self._fast_unit is not None and self.fast_path and not self._logging_out:
                 chunk = reader.next_scsi_command()
                 if chunk is not None:
@@ -708,6 +756,9 @@ class TargetConnection:
 
     def _drain_queue(self) -> None:
         while self._queued and self._state is ConnectionState.FULL_FEATURE:
+            if self._out_bytes + self._promised_bytes >= self.output_room_bytes:
+                self._output_blocked = True  # next_events drains the rest when there is room
+                return
             pdu = self._queued.pop(self._exp_cmd_sn, None)
             if pdu is None:
                 return
@@ -729,6 +780,7 @@ class TargetConnection:
     # ---- login ----------------------------------------------------------------------------
 
     def _on_login_pdu(self, pdu: Pdu) -> None:
+        self._login_requests += 1
         response = self._login.receive(pdu)
         self._send(response)
         if self._login.state is LoginState.FAILED:
@@ -950,6 +1002,9 @@ class TargetConnection:
         if transfer is not None and transfer.wanted:
             data_out = transfer.buffer
         task.executing = True
+        if task.cmd.read:
+            task.promised_bytes = task.cmd.expected_data_transfer_length
+            self._promised_bytes += task.promised_bytes
         self._events.append(ExecuteCommand(task.task_id, task.cdb, data_out, nexus))
 
     def _on_data_out(self, pdu: DataOut) -> None:
@@ -988,6 +1043,7 @@ class TargetConnection:
         if self._by_itt.get(task.cmd.itt) == task.task_id:
             del self._by_itt[task.cmd.itt]
         self._buffered_bytes -= task.buffered_bytes
+        self._promised_bytes -= task.promised_bytes
         task.transfer = None
         if task.immediate:
             self._immediate_in_flight -= 1
