@@ -8,8 +8,20 @@ PERSISTENT RESERVE OUT, and the bulk WRITE SAME / UNMAP / VERIFY / COMPARE AND W
 bounded thread pool so one volume's flush never stalls every other session.
 
 Output is batched: PDUs produced during one event-loop turn leave in one ``writelines``.
-Backpressure: when the transport's write buffer passes its high-water mark the connection stops
-reading until it drains, so a slow reader cannot make us buffer without bound.
+
+Bounds (constants and reasons in :mod:`blockyard.server.iscsi_limits`):
+
+- Connections that have not logged in have their own pool (``prelogin_max``, per peer address
+  ``prelogin_per_peer_max``) and ``limits.login_timeout_s`` to finish; logged-in sessions are
+  capped by ``sessions_max`` and ``sessions_per_target_max``, checked when the login completes
+  and answered "out of resources" beyond them.
+- Output: a connection stops taking commands (and reading) while its output in flight, in the
+  transport buffer or being produced, is at ``connection_output_bytes_max``; above
+  ``server_output_bytes_max`` for all connections together, only connections holding less
+  than ``CONNECTION_OUTPUT_FLOOR_BYTES`` take new ones. The sans-IO connection enforces it
+  before each command from the room the adapter computes.
+- No exception escapes a transport or loop callback: it is logged once with the peer's address,
+  that connection is aborted, and every other connection goes on.
 
 Targets come from a :class:`TargetRegistry` the volume manager owns; it may add or remove
 targets at any time and calls :meth:`IscsiServer.drop_sessions` after removing one.
@@ -21,15 +33,14 @@ import asyncio
 import functools
 import itertools
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import cast
 
 from blockyard.blockdev import BytesLike
 from blockyard.iscsi.discovery import DiscoveryTarget, Portal, send_targets_pairs
-from blockyard.iscsi.login import MAX_TSIH, TargetConfig, TargetLoginSettings
+from blockyard.iscsi.errors import LoginFailedError, LoginStatus
+from blockyard.iscsi.login import MAX_TSIH, TargetConfig
 from blockyard.iscsi.target_session import (
     CloseConnection,
     CommandInspector,
@@ -37,13 +48,28 @@ from blockyard.iscsi.target_session import (
     ExecuteCommand,
     LoggedIn,
     ResetRequested,
-    SessionLimits,
     TargetConnection,
 )
 from blockyard.iscsi.text import TextPairs
 from blockyard.scsi.constants import Op
 from blockyard.scsi.lu import LogicalUnit
 from blockyard.scsi.sense import ScsiResult
+from blockyard.server.iscsi_limits import (
+    CONNECTION_OUTPUT_FLOOR_BYTES,
+    PreloginGate,
+    ServerSettings,
+    return_large_frees_to_os,
+)
+from blockyard.server.iscsi_registry import DictTargetRegistry, ServedTarget, TargetRegistry
+
+__all__ = [
+    "DictTargetRegistry",
+    "IscsiServer",
+    "ServedTarget",
+    "ServerSettings",
+    "TargetRegistry",
+    "install_uvloop",
+]
 
 log = logging.getLogger("blockyard.server.iscsi")
 
@@ -70,88 +96,14 @@ _FUA_WRITE_OPS = frozenset({Op.WRITE_10, Op.WRITE_12, Op.WRITE_16})
 _WRITE_OPS = _FUA_WRITE_OPS | {Op.WRITE_6}
 _FUA_BIT = 0x08
 _TICK_INTERVAL_S = 1.0
-_WRITE_HIGH_WATER_BYTES = 4 << 20
+#: The transport reports "drained" (resume_writing) once its buffer is down to this.
 _WRITE_LOW_WATER_BYTES = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class ServedTarget:
-    """What the server exports under one IQN: the login configuration (name, CHAP, ACL,
-    portal group tag) and the logical unit behind LUN 0."""
-
-    config: TargetConfig
-    logical_unit: LogicalUnit
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-
-class TargetRegistry(Protocol):
-    """Maps IQNs to what to serve. Must be thread-safe and quick: it is called on the loop.
-
-    Removing a target stops new logins at once; existing sessions continue until the owner
-    calls :meth:`IscsiServer.drop_sessions`.
-    """
-
-    def lookup(self, target_name: str) -> ServedTarget | None: ...
-
-    def targets(self) -> Sequence[ServedTarget]: ...
-
-
-class DictTargetRegistry:
-    """A :class:`TargetRegistry` kept in a dict under a lock. Thread-safe."""
-
-    def __init__(self, targets: Sequence[ServedTarget] = ()) -> None:
-        self._lock = threading.Lock()
-        self._targets: dict[str, ServedTarget] = {t.name: t for t in targets}
-
-    def add(self, target: ServedTarget) -> None:
-        """Export ``target``; an existing target of the same name is replaced."""
-        with self._lock:
-            self._targets[target.name] = target
-
-    def remove(self, target_name: str) -> ServedTarget | None:
-        with self._lock:
-            return self._targets.pop(target_name, None)
-
-    def lookup(self, target_name: str) -> ServedTarget | None:
-        with self._lock:
-            return self._targets.get(target_name)
-
-    def targets(self) -> Sequence[ServedTarget]:
-        with self._lock:
-            return tuple(self._targets.values())
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """Server-wide bounds.
-
-    ``flush_workers`` threads run commands that may block; at most ``sessions_max`` sessions
-    in total and ``sessions_per_target_max`` per target are served (a login beyond them is
-    closed right after it completes, and logged). ``relative_target_port_id`` and
-    ``target_port_group_id`` identify this listener's SCSI target port (SPC-4 §7.8.6): a server
-    with several listeners gives each its own, so ALUA states can differ per portal.
-    """
-
-    login: TargetLoginSettings = field(default_factory=TargetLoginSettings)
-    limits: SessionLimits = field(default_factory=SessionLimits)
-    sessions_max: int = 256
-    sessions_per_target_max: int = 16
-    flush_workers: int = 4
-    advertised_host: str | None = None
-    relative_target_port_id: int = 1
-    target_port_group_id: int = 1
-
-    def __post_init__(self) -> None:
-        if self.sessions_max < 1 or self.sessions_per_target_max < 1 or self.flush_workers < 1:
-            raise ValueError("sessions_max, sessions_per_target_max and flush_workers must be >= 1")
-        # SPC-4 §7.8.6.6: both identifiers are 16-bit; relative port 0 is reserved.
-        if not 1 <= self.relative_target_port_id <= 0xFFFF:
-            raise ValueError("relative_target_port_id must be 1..65535")
-        if not 0 <= self.target_port_group_id <= 0xFFFF:
-            raise ValueError("target_port_group_id must be 0..65535")
+#: How often connections held back by the server-wide output budget look again: no transport
+#: says when another connection's buffer drains, so this is polled, and only while one waits.
+_STARVED_POLL_S = 0.01
+#: Refusals and evictions are summed into one log line at most this often, not one per
+#: connection, so a flood cannot flood the log too.
+_LIMIT_LOG_INTERVAL_S = 10.0
 
 
 class _Portal:
@@ -195,80 +147,204 @@ def _runs_off_loop(cdb: bytes, lu: LogicalUnit) -> bool:
 
 
 class _IscsiProtocol(asyncio.Protocol):
+    """One TCP connection. Every asyncio callback here is a boundary: an exception is logged
+    once with the peer's address and ends this connection only (see :meth:`_internal_error`).
+    """
+
     def __init__(self, server: IscsiServer) -> None:
         self._server = server
         self._loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.conn: TargetConnection | None = None
         self.lu: LogicalUnit | None = None
+        #: The peer's address ("host:port") for log lines, and its host for per-peer limits.
+        self.peer = "unknown peer"
+        self.peer_host = ""
         self._flush_scheduled = False
+        self._pump_scheduled = False
         self._closing = False
-        self._paused = False
+        self._failed = False
+        self._write_paused = False
+        self._reading_paused = False
+        #: This connection's share of IscsiServer.output_bytes (what it last reported).
+        self._accounted = 0
         self._pending: set[asyncio.Future[ScsiResult]] = set()
+        #: Set once the login was admitted as a session (see IscsiServer.admit_session).
+        self.logged_in = False
         self.counted_target: str | None = None
 
-    # -- asyncio callbacks --
+    # -- asyncio callbacks (each one a boundary) --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCPTransport is not an asyncio.Transport subclass but has its methods.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(_WRITE_HIGH_WATER_BYTES, _WRITE_LOW_WATER_BYTES)
-        server = self._server
-        sockname = transport.get_extra_info("sockname")
-        host = server.settings.advertised_host or (sockname[0] if sockname else "127.0.0.1")
-        port = sockname[1] if sockname else server.port
-        if len(server.connections) >= server.settings.sessions_max:
-            log.warning(
-                "refusing an iSCSI connection: %d connections is the configured maximum",
-                server.settings.sessions_max,
-            )
-            transport.abort()
-            return
-        self.conn = TargetConnection(
-            _Portal(server, host, port),
-            server.settings.login,
-            limits=server.settings.limits,
-            clock=server.clock or self._loop.time,
-            relative_target_port_id=server.settings.relative_target_port_id,
-            target_port_group_id=server.settings.target_port_group_id,
-        )
-        server.connections.add(self)
+        try:
+            self._connection_made(cast(asyncio.Transport, transport))
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("connection_made")
 
     def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is None or self._closing:
-            return
-        conn.receive_data(data)
-        self._handle(conn.next_events())
+        try:
+            conn = self.conn
+            if conn is None or self._closing:
+                return
+            conn.receive_data(data)
+            self._pump()
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("data_received")
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        # None: asyncio closes the transport once what we owe the initiator is written. Nothing
+        # here can raise, so this callback needs no boundary of its own.
+        return None
 
     def pause_writing(self) -> None:
-        # Stop taking new commands until the initiator reads what we owe it.
-        if self.transport is not None and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
+        try:
+            self._write_paused = True
+            self._update_reading()
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("pause_writing")
 
     def resume_writing(self) -> None:
-        if self.transport is not None and self._paused:
-            self._paused = False
-            if not self._closing:
-                self.transport.resume_reading()
+        try:
+            self._write_paused = False
+            self._update_reading()
+            if self.conn is not None and self.conn.output_blocked:
+                self._retry_blocked()
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("resume_writing")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
+        try:
+            self._closing = True
+            # Release every server-wide count first, so nothing leaks if the rest fails.
+            self._server.forget_connection(self)
+            conn = self.conn
+            if conn is not None:
+                conn.abort("connection lost")
+                if conn.nexus is not None and self.lu is not None:
+                    self.lu.nexus_lost(conn.nexus)
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("connection_lost")
+
+    # -- setup --
+
+    def _connection_made(self, transport: asyncio.Transport) -> None:
+        # uvloop's TCPTransport is not an asyncio.Transport subclass but has its methods.
+        self.transport = transport
         server = self._server
-        server.connections.discard(self)
-        if self.counted_target is not None:
-            server.release_session(self.counted_target)
-            self.counted_target = None
+        settings = server.settings
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer_host = str(peername[0])
+            self.peer = f"{peername[0]}:{peername[1]}"
+        # The high-water mark is the connection's output bound, so the transport pauses (and
+        # later resumes us) exactly when the connection has to stop taking commands.
+        transport.set_write_buffer_limits(
+            settings.connection_output_bytes_max - 1,
+            min(_WRITE_LOW_WATER_BYTES, settings.connection_output_bytes_max // 4),
+        )
+        sockname = transport.get_extra_info("sockname")
+        host = settings.advertised_host or (sockname[0] if sockname else "127.0.0.1")
+        port = sockname[1] if sockname else server.port
+        self.conn = TargetConnection(
+            _Portal(server, host, port),
+            settings.login,
+            limits=settings.limits,
+            clock=server.clock or self._loop.time,
+            relative_target_port_id=settings.relative_target_port_id,
+            target_port_group_id=settings.target_port_group_id,
+            admit_session=self._admit_session,
+        )
+        if not server.admit_connection(self):
+            self._closing = True
+            transport.abort()
+            return
+        server.connections.add(self)
+
+    @property
+    def idle(self) -> bool:
+        """Not logged in and no complete Login Request received yet."""
         conn = self.conn
-        if conn is not None:
-            conn.abort("connection lost")
-            if conn.nexus is not None and self.lu is not None:
-                self.lu.nexus_lost(conn.nexus)
+        return not self.logged_in and (conn is None or conn.login_requests == 0)
+
+    def _admit_session(self, session_type: str, target: TargetConfig | None) -> (
+        LoginFailedError | None
+    ):  # fmt: skip
+        return self._server.admit_session(self, session_type, target)
+
+    # -- input and output bounds --
+
+    def _room(self, backlog: int) -> int:
+        """How much more output this connection may produce now, given ``backlog`` bytes in
+        its transport: its own mark, the server-wide budget (minus every other connection's
+        share), and never less than the floor."""
+        server = self._server
+        settings = server.settings
+        room = settings.connection_output_bytes_max - backlog
+        shared = settings.server_output_bytes_max - (server.output_bytes - self._accounted)
+        shared -= backlog
+        return max(min(room, shared), CONNECTION_OUTPUT_FLOOR_BYTES - backlog)
+
+    def _pump(self) -> None:
+        """Let the connection take commands within its room, run them, account the output."""
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None and transport is not None
+        backlog = transport.get_write_buffer_size()
+        conn.output_room_bytes = self._room(backlog)
+        self._handle(conn.next_events())
+        self._account(backlog + conn.pending_output_bytes + conn.promised_output_bytes)
+        if conn.output_blocked != self._reading_paused:
+            self._update_reading()
+
+    def _scheduled_pump(self) -> None:
+        try:
+            self._pump_scheduled = False
+            if self.conn is not None and self.transport is not None and not self._closing:
+                self._pump()
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("pump")
+
+    def _account(self, held: int) -> None:
+        server = self._server
+        server.output_bytes += held - self._accounted
+        self._accounted = held
+
+    def resample(self) -> None:
+        """Report what this connection holds now (its transport may have drained since)."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or self._closing:
+            return
+        held = transport.get_write_buffer_size() + conn.pending_output_bytes
+        self._account(held + conn.promised_output_bytes)
+
+    def _retry_blocked(self) -> None:
+        """The connection stopped taking commands: go on now if there is room, else wait for
+        whatever will make room (resume_writing, a finishing command, or the server's poll)."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or self._closing:
+            return
+        backlog = transport.get_write_buffer_size()
+        held = conn.pending_output_bytes + conn.promised_output_bytes
+        if self._room(backlog) > held:
+            if not self._pump_scheduled:
+                self._pump_scheduled = True
+                self._loop.call_soon(self._scheduled_pump)
+        elif self._server.settings.connection_output_bytes_max - backlog > held:
+            self._server.starve(self)  # only the server-wide budget holds it back
+        # else its own mark: the transport is paused and resume_writing retries.
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        conn = self.conn
+        want_paused = self._write_paused or (conn is not None and conn.output_blocked)
+        if want_paused != self._reading_paused:
+            self._reading_paused = want_paused
+            if want_paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # -- events --
 
@@ -285,26 +361,15 @@ class _IscsiProtocol(asyncio.Protocol):
         self._schedule_flush()
 
     def _logged_in(self, event: LoggedIn) -> None:
-        if not event.target_name:
-            return
-        server = self._server
-        target = server.registry.lookup(event.target_name)
-        if target is None:
-            self.close(f"target {event.target_name} was removed during login")
-            return
-        if not server.claim_session(event.target_name):
-            log.warning(
-                "closing session of %s to %s: %d sessions per target is the maximum",
-                event.initiator_name,
-                event.target_name,
-                server.settings.sessions_per_target_max,
-            )
-            self.close("too many sessions for this target")
-            return
-        self.counted_target = event.target_name
-        self.lu = target.logical_unit
-        log.info("iSCSI login: %s -> %s (TSIH %d)", event.initiator_name, event.target_name,
-                 event.tsih)  # fmt: skip
+        # The session was admitted (and counted) by admit_session just before this event.
+        if event.target_name:
+            target = self._server.registry.lookup(event.target_name)
+            if target is None:
+                self.close(f"target {event.target_name} was removed during login")
+                return
+            self.lu = target.logical_unit
+        log.info("iSCSI login: %s -> %s (TSIH %d) from %s", event.initiator_name,
+                 event.target_name or "discovery", event.tsih, self.peer)  # fmt: skip
 
     def _reset(self, event: ResetRequested) -> None:
         if self.lu is not None:
@@ -331,17 +396,20 @@ class _IscsiProtocol(asyncio.Protocol):
         self._handle(conn.command_done(event.task_id, result))
 
     def _done_off_loop(self, task_id: int, fut: asyncio.Future[ScsiResult]) -> None:
-        self._pending.discard(fut)
-        conn = self.conn
-        if conn is None or fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            # LogicalUnit.execute never raises for peer input; this is a bug on our side.
-            log.error("SCSI command raised", exc_info=exc)
-            self.close("internal error in the SCSI layer")
-            return
-        self._handle(conn.command_done(task_id, fut.result()))
+        try:
+            self._pending.discard(fut)
+            conn = self.conn
+            if conn is None or fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                # LogicalUnit.execute never raises for peer input; this is a bug on our side.
+                log.error("SCSI command from %s raised", self.peer, exc_info=exc)
+                self.close("internal error in the SCSI layer")
+                return
+            self._handle(conn.command_done(task_id, fut.result()))
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("off-loop command completion")
 
     # -- output --
 
@@ -351,29 +419,77 @@ class _IscsiProtocol(asyncio.Protocol):
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        conn, transport = self.conn, self.transport
-        if conn is None or transport is None or transport.is_closing():
-            return
-        buffers: list[BytesLike] = conn.data_to_send()
-        if buffers:
-            transport.writelines(buffers)
-        if self._closing:
-            transport.close()
+        try:
+            self._flush_scheduled = False
+            conn, transport = self.conn, self.transport
+            if conn is None or transport is None or transport.is_closing():
+                return
+            buffers: list[BytesLike] = conn.data_to_send()
+            if buffers:
+                transport.writelines(buffers)
+            if self._closing:
+                transport.close()
+                return
+            self._account(transport.get_write_buffer_size() + conn.promised_output_bytes)
+            if conn.output_blocked:
+                self._retry_blocked()
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("flush")
 
     def tick(self) -> None:
-        if self.conn is not None and not self._closing:
-            self._handle(self.conn.tick())
+        try:
+            conn = self.conn
+            if conn is not None and not self._closing:
+                self._handle(conn.tick())
+                if conn.output_blocked:
+                    self._retry_blocked()  # a safety net: every wake-up path is also here
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("tick")
 
     def close(self, reason: str) -> None:
         """Send what is queued, then close (asyncio flushes the buffer before closing)."""
         if self._closing:
             return
         self._closing = True
-        log.info("closing iSCSI connection: %s", reason)
+        log.info("closing iSCSI connection from %s: %s", self.peer, reason)
         if self.conn is not None:
             self.conn.abort(reason)
         self._schedule_flush()
+
+    def forget_output(self) -> None:
+        self._account(0)
+
+    def retry_blocked_safely(self) -> None:
+        try:
+            if self.conn is not None and self.conn.output_blocked:
+                self._retry_blocked()
+        except Exception:  # noqa: BLE001 - callback boundary, logged there
+            self._internal_error("output retry")
+
+    def evict(self) -> None:
+        """Drop at once: an idle pre-login connection displaced by a newcomer."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _internal_error(self, where: str) -> None:
+        """A bug on our side surfaced in an asyncio callback: log it (once per connection,
+        with the traceback and the peer), abort this connection, keep serving the others."""
+        first = not self._failed
+        self._failed = True
+        self._closing = True
+        if first:
+            log.exception(
+                "internal error in %s of the iSCSI connection from %s; aborting that connection",
+                where,
+                self.peer,
+            )
+        try:
+            self._server.forget_connection(self)
+        except Exception:
+            log.exception("cannot release the counts of the connection from %s", self.peer)
+        if self.transport is not None:
+            self.transport.abort()
 
     @property
     def pending(self) -> set[asyncio.Future[ScsiResult]]:
@@ -398,13 +514,24 @@ class IscsiServer:
         self._requested_port = port
         self.settings = settings or ServerSettings()
         self.clock: Callable[[], float] | None = clock
+        #: Every open connection, logged in or not.
         self.connections: set[_IscsiProtocol] = set()
+        #: Output bytes held by all connections (each reports its share; see _IscsiProtocol).
+        self.output_bytes = 0
+        self._prelogin: PreloginGate[_IscsiProtocol] = PreloginGate(
+            self.settings.prelogin_max, self.settings.prelogin_per_peer_max, _is_idle
+        )
+        self._logged_in = 0
         self._sessions: dict[str, int] = {}
+        self._session_refusals = 0
+        self._starved: set[_IscsiProtocol] = set()
+        self._starved_timer: asyncio.TimerHandle | None = None
         self._tsihs = itertools.cycle(range(1, MAX_TSIH + 1))
         self._server: asyncio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.TimerHandle | None = None
+        self._next_limit_log = 0.0
         self.port = port
 
     # -- accessors used by the protocol --
@@ -423,8 +550,70 @@ class IscsiServer:
     def serving(self) -> bool:
         return self._server is not None
 
+    @property
+    def prelogin_count(self) -> int:
+        """Connections that have not completed login."""
+        return len(self._prelogin)
+
+    @property
+    def logged_in_count(self) -> int:
+        """Logged-in sessions, Normal and Discovery."""
+        return self._logged_in
+
     def allocate_tsih(self) -> int:
         return next(self._tsihs)
+
+    def admit_connection(self, proto: _IscsiProtocol) -> bool:
+        """A new TCP connection: admit it to the pre-login pool (closing the idle connections
+        it displaces) or refuse it."""
+        decision = self._prelogin.admit(proto, proto.peer_host)
+        for victim in decision.evicted:
+            victim.evict()
+        return decision.admitted
+
+    def admit_session(
+        self, proto: _IscsiProtocol, session_type: str, target: TargetConfig | None
+    ) -> LoginFailedError | None:
+        """A login is about to complete: count it as a session, or say why it may not be one.
+        Runs after authentication, so only an initiator that passed it holds a slot."""
+        settings = self.settings
+        if target is not None and self.registry.lookup(target.name) is None:
+            return LoginFailedError(
+                f"target {target.name} was removed during login",
+                login_status=LoginStatus.TARGET_REMOVED,
+            )
+        if self._logged_in >= settings.sessions_max:
+            self._session_refusals += 1
+            return LoginFailedError(
+                f"this portal serves at most {settings.sessions_max} sessions",
+                login_status=LoginStatus.OUT_OF_RESOURCES,
+            )
+        if target is not None:
+            if not self.claim_session(target.name):
+                self._session_refusals += 1
+                return LoginFailedError(
+                    f"{target.name} has its {settings.sessions_per_target_max} sessions "
+                    "(the per-target maximum)",
+                    login_status=LoginStatus.OUT_OF_RESOURCES,
+                )
+            proto.counted_target = target.name
+        self._prelogin.forget(proto)
+        self._logged_in += 1
+        proto.logged_in = True
+        return None
+
+    def forget_connection(self, proto: _IscsiProtocol) -> None:
+        """Release everything ``proto`` is counted in (idempotent)."""
+        self.connections.discard(proto)
+        self._prelogin.forget(proto)
+        self._starved.discard(proto)
+        if proto.logged_in:
+            proto.logged_in = False
+            self._logged_in -= 1
+        if proto.counted_target is not None:
+            self.release_session(proto.counted_target)
+            proto.counted_target = None
+        proto.forget_output()
 
     def claim_session(self, target_name: str) -> bool:
         count = self._sessions.get(target_name, 0)
@@ -445,6 +634,25 @@ class IscsiServer:
             return sum(self._sessions.values())
         return self._sessions.get(target_name, 0)
 
+    # -- the server-wide output budget --
+
+    def starve(self, proto: _IscsiProtocol) -> None:
+        """``proto`` waits for the server-wide budget; look again shortly."""
+        self._starved.add(proto)
+        if self._starved_timer is None and self._loop is not None:
+            self._starved_timer = self._loop.call_later(_STARVED_POLL_S, self._feed_starved)
+
+    def _feed_starved(self) -> None:
+        self._starved_timer = None
+        for proto in list(self.connections):
+            try:
+                proto.resample()
+            except Exception:
+                log.exception("cannot resample the output of the connection from %s", proto.peer)
+        starved, self._starved = self._starved, set()
+        for proto in starved:
+            proto.retry_blocked_safely()
+
     # -- lifecycle --
 
     async def start(self) -> None:
@@ -454,6 +662,7 @@ class IscsiServer:
         self._loop = asyncio.get_running_loop()
         if self.clock is None:
             self.clock = self._loop.time
+        return_large_frees_to_os()
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.flush_workers, thread_name_prefix="iscsi-flush"
         )
@@ -471,14 +680,36 @@ class IscsiServer:
             raise
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self._requested_port
+        self._next_limit_log = self._loop.time() + _LIMIT_LOG_INTERVAL_S
         self._ticker = self._loop.call_later(_TICK_INTERVAL_S, self._tick)
         log.info("iSCSI target listening on %s:%d", self.host, self.port)
 
     def _tick(self) -> None:
-        for proto in list(self.connections):
-            proto.tick()
-        if self._server is not None and self._loop is not None:
-            self._ticker = self._loop.call_later(_TICK_INTERVAL_S, self._tick)
+        try:
+            for proto in list(self.connections):
+                proto.tick()
+            self._log_limits()
+        finally:
+            if self._server is not None and self._loop is not None:
+                self._ticker = self._loop.call_later(_TICK_INTERVAL_S, self._tick)
+
+    def _log_limits(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        if now < self._next_limit_log:
+            return
+        self._next_limit_log = now + _LIMIT_LOG_INTERVAL_S
+        refused, evicted = self._prelogin.take_counts()
+        sessions, self._session_refusals = self._session_refusals, 0
+        if refused or evicted or sessions:
+            s = self.settings
+            log.warning(
+                "iSCSI limits on %s:%d in the last %.0f s: %d connections refused and %d idle "
+                "ones closed (%d not logged in at most, %d per peer address); %d logins refused "
+                "(%d sessions at most, %d per target)",
+                self.host, self.port, _LIMIT_LOG_INTERVAL_S, refused, evicted, s.prelogin_max,
+                s.prelogin_per_peer_max, sessions, s.sessions_max, s.sessions_per_target_max,
+            )  # fmt: skip
 
     def drop_sessions(self, target_name: str) -> int:
         """Close every connection logged in to ``target_name`` (after removing it from the
@@ -500,6 +731,9 @@ class IscsiServer:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self._starved_timer is not None:
+            self._starved_timer.cancel()
+            self._starved_timer = None
         server.close()
         pending: set[asyncio.Future[ScsiResult]] = set()
         for proto in list(self.connections):
@@ -514,8 +748,13 @@ class IscsiServer:
         for proto in list(self.connections):
             if proto.transport is not None:
                 proto.transport.abort()
+            self.forget_connection(proto)
         self.connections.clear()
         self._sessions.clear()
+        self._prelogin.clear()
+        self._starved.clear()
+        self._logged_in = 0
+        self.output_bytes = 0
         try:
             async with asyncio.timeout(max(0.1, timeout_s)):
                 await server.wait_closed()
@@ -526,6 +765,10 @@ class IscsiServer:
         if executor is not None:
             # Running flushes finish in their threads; the loop does not wait for them.
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_idle(proto: _IscsiProtocol) -> bool:
+    return proto.idle
 
 
 def install_uvloop() -> bool:
