@@ -5,11 +5,12 @@ qemu-io over iSCSI checking that clones hold the data their source held."""
 from __future__ import annotations
 
 import re
+import subprocess
 
 import grpc
 import pytest
 from csi_helpers import MIB, Mode, Stack, block_cap, mount_cap, rpc_code
-from serve_helpers import need_tools, qemu_io
+from serve_helpers import need_tools, run_tool
 
 import blockyard
 from blockyard.csi.proto import csi_pb2 as pb
@@ -509,27 +510,31 @@ def test_snapshots(stack: Stack) -> None:
 # ---- Clones, with data checked over iSCSI ------------------------------------------------------
 
 
-def _url(context: dict[str, str]) -> str:
-    return f"iscsi://{context['portal']}/{context['iqn']}/{context['lun']}"
-
-
-def _published_url(stack: Stack, volume: str) -> str:
+def _published_io(stack: Stack, volume: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    """qemu-io on the volume as the node it is published to: the target admits only the
+    initiator name the controller put in its ACL (publish_context.initiatorName)."""
     request = publish(stack, volume, "data-node")
     context = dict(
         stack.csi.controller.ControllerPublishVolume(request, timeout=30).publish_context
     )
-    return _url(context)
+    opts = (
+        f"driver=iscsi,transport=tcp,portal={context['portal']},target={context['iqn']},"
+        f"lun={context['lun']},initiator-name={context['initiatorName']}"
+    )
+    args = ["qemu-io", "--image-opts"]
+    for command in commands:
+        args += ["-c", command]
+    return run_tool(*args, opts)
 
 
 def test_clones_hold_their_source_data(stack: Stack) -> None:
     need_tools("qemu-io")
     ctl = stack.csi.controller
     create(stack, "cl-src", 4 * MIB)
-    src_url = _published_url(stack, "cl-src")
-    wrote = qemu_io(src_url, "write -P 0xab 0 64k")
+    wrote = _published_io(stack, "cl-src", "write -P 0xab 0 64k")
     assert wrote.returncode == 0, wrote.stderr
     snap = ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id="cl-src", name="cl-snap"))
-    wrote = qemu_io(src_url, "write -P 0xcd 0 64k")  # after the snapshot
+    wrote = _published_io(stack, "cl-src", "write -P 0xcd 0 64k")  # after the snapshot
     assert wrote.returncode == 0, wrote.stderr
 
     from_snap = create(
@@ -550,7 +555,7 @@ def test_clones_hold_their_source_data(stack: Stack) -> None:
     )
     assert from_volume.capacity_bytes == 4 * MIB and from_volume.content_source.volume.volume_id
     for name, pattern in (("cl-from-snap", "0xab"), ("cl-from-vol", "0xcd")):
-        read = qemu_io(_published_url(stack, name), f"read -P {pattern} 0 64k")
+        read = _published_io(stack, name, f"read -P {pattern} 0 64k")
         assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, (
             name,
             read.stdout,

@@ -26,7 +26,8 @@ def test_volume_verbs_over_the_api(start_serve: Callable[..., Serve]) -> None:
     created = cli("volume", "create", "cli1", "--size", "4MiB", "--json", *at)
     assert created.returncode == 0, created.stderr
     doc = json.loads(created.stdout)
-    assert doc["iqn"].endswith(":cli1") and doc["size_bytes"] == 4 << 20
+    assert doc["iqn"].endswith(f":cli1.{doc['uuid'].replace('-', '')[:12]}")
+    assert doc["size_bytes"] == 4 << 20
     assert cli("volume", "grow", "cli1", "--size", "8MiB", *at).returncode == 0
     assert cli("volume", "snapshot", "create", "cli1", "s1", *at).returncode == 0
     snaps = json.loads(cli("volume", "snapshot", "list", "cli1", "--json", *at).stdout)
