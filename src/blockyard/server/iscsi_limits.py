@@ -12,7 +12,6 @@ its Login Request as soon as TCP connects, an idle flood never does.
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
@@ -42,43 +41,33 @@ SERVER_OUTPUT_BYTES_MAX: Final = 64 << 20
 #: connections that never read their answers cannot stall the ones that do.
 CONNECTION_OUTPUT_FLOOR_BYTES: Final = 256 << 10
 
-#: glibc mallopt() parameters (malloc.h).
-_M_TRIM_THRESHOLD: Final = -1
-_M_MMAP_THRESHOLD: Final = -3
-#: Allocations from this size up get their own mapping, returned to the OS when freed. Large
-#: answers (READ data, transport buffers of slow readers) are that size; smaller ones come from
-#: the heap, where they are quick to reuse.
-MMAP_THRESHOLD_BYTES: Final = 1 << 20
-#: Free heap memory above this is returned to the OS (glibc's own rule: twice the threshold).
-TRIM_THRESHOLD_BYTES: Final = 2 * MMAP_THRESHOLD_BYTES
-
-log = logging.getLogger("blockyard.server.iscsi")
+#: After the output held by all connections fell by this much from its peak, the server asks
+#: the allocator to return free memory to the OS (see release_free_memory).
+RELEASE_AFTER_DROP_BYTES: Final = 16 << 20
 
 T = TypeVar("T", bound=Hashable)
 
 
-def return_large_frees_to_os() -> bool:
-    """Make glibc give the memory of large freed buffers back to the OS. Returns whether the
-    settings took (False on a libc without ``mallopt``, e.g. not glibc).
+def release_free_memory() -> bool:
+    """Ask glibc to hand free heap memory back to the OS (``malloc_trim(0)``, which also gives
+    back free pages inside the heap). Returns whether it could (False without glibc).
 
     Why: glibc raises its mmap threshold each time a large mapped block is freed (up to 32 MiB),
     after which large blocks come from the heap and stay in the process's RSS when freed: after
     slow readers left a server that had buffered their 8 MiB READs, RSS stayed about 100 MiB
-    higher for good (measured; with fixed thresholds it went back to where it was). Setting the
-    thresholds explicitly turns that adjustment off. Process-wide and idempotent.
+    higher for good (measured). Fixing the threshold instead (mallopt) made every large batch of
+    answers a fresh mapping and halved 128 KiB sequential reads, so the server trims, rarely,
+    after its buffered output has dropped. Takes milliseconds; call it from a timer, not per
+    command.
     """
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success, 0 on error.
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    ok = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)) and ok
-    if not ok:
-        log.info("could not set malloc thresholds; freed buffers may stay in RSS")
-    return ok
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
 
 
 @dataclass(slots=True)

@@ -56,9 +56,10 @@ from blockyard.scsi.lu import LogicalUnit
 from blockyard.scsi.sense import ScsiResult
 from blockyard.server.iscsi_limits import (
     CONNECTION_OUTPUT_FLOOR_BYTES,
+    RELEASE_AFTER_DROP_BYTES,
     PreloginGate,
     ServerSettings,
-    return_large_frees_to_os,
+    release_free_memory,
 )
 from blockyard.server.iscsi_registry import DictTargetRegistry, ServedTarget, TargetRegistry
 
@@ -518,6 +519,8 @@ class IscsiServer:
         self.connections: set[_IscsiProtocol] = set()
         #: Output bytes held by all connections (each reports its share; see _IscsiProtocol).
         self.output_bytes = 0
+        #: The highest output_bytes seen by the tick since memory was last released.
+        self._output_peak = 0
         self._prelogin: PreloginGate[_IscsiProtocol] = PreloginGate(
             self.settings.prelogin_max, self.settings.prelogin_per_peer_max, _is_idle
         )
@@ -662,7 +665,6 @@ class IscsiServer:
         self._loop = asyncio.get_running_loop()
         if self.clock is None:
             self.clock = self._loop.time
-        return_large_frees_to_os()
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.flush_workers, thread_name_prefix="iscsi-flush"
         )
@@ -689,9 +691,20 @@ class IscsiServer:
             for proto in list(self.connections):
                 proto.tick()
             self._log_limits()
+            self._release_memory_after_drop()
         finally:
             if self._server is not None and self._loop is not None:
                 self._ticker = self._loop.call_later(_TICK_INTERVAL_S, self._tick)
+
+    def _release_memory_after_drop(self) -> None:
+        """Once the buffered output fell well below its peak (slow readers read or left),
+        give the freed memory back to the OS; see release_free_memory for why."""
+        held = self.output_bytes
+        if held > self._output_peak:
+            self._output_peak = held
+        elif self._output_peak - held >= RELEASE_AFTER_DROP_BYTES:
+            self._output_peak = held
+            release_free_memory()
 
     def _log_limits(self) -> None:
         assert self._loop is not None

@@ -9,9 +9,9 @@ closed (glibc kept the freed blocks in the heap).
 
 Now a connection takes a new command only while its output in flight is under its mark
 (4 MiB), and above the server-wide budget (64 MiB) only while it holds less than 256 KiB; and
-large freed blocks go back to the OS. Measured on a real server's VmRSS: growth stays under
-the bound those limits give, a normal reader keeps working meanwhile, and RSS comes back down
-when the slow readers close.
+once the buffered output has dropped, the server hands the freed memory back (malloc_trim).
+Measured on a real server's VmRSS: growth stays under the bound those limits give, a normal
+reader keeps working meanwhile, and RSS comes back down when the slow readers close.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ READ_BYTES = READ_BLOCKS * 512
 #: What the limits allow: the server-wide budget, plus per connection one command past it and
 #: the floor every connection keeps (docs/ARCHITECTURE.md, "Connection and memory bounds").
 BOUND_BYTES = SERVER_OUTPUT_BYTES_MAX + SLOW_READERS * (READ_BYTES + CONNECTION_OUTPUT_FLOOR_BYTES)
-#: Allocator and interpreter noise on top (measured growth is about 80 MiB).
+#: Allocator and interpreter noise on top (measured growth is about 110 MiB).
 SLACK_BYTES = 48 * MIB
 #: RSS after the slow readers left, over the baseline taken before they came.
 RELEASED_SLACK_BYTES = 32 * MIB
