@@ -111,6 +111,11 @@ class EpochRegressionError(FencedError):
     """Someone tried to move a volume's epoch backwards; epochs only move forward."""
 
 
+class NotPrimaryError(FencedError):
+    """A local write reached a replica: replicas take writes only from their primary's
+    replication stream (and a rebuilding copy none at all)."""
+
+
 # --- integrity -------------------------------------------------------------------------------
 
 
@@ -126,6 +131,15 @@ class CorruptionError(BlockyardError):
         self.volume = volume
         self.path = path
         self.offset = offset
+
+
+class FeedLostError(BlockyardError):
+    """A replication feed fell past the retention bound: the records it needed were released
+    (their blocks are in the replica's missed-write bitmap). The replica must resync."""
+
+
+class ReplicationGapError(BlockyardError):
+    """A replica was handed a record that does not follow the last one it holds."""
 
 
 class WalTruncatedError(BlockyardError):

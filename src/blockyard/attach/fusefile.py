@@ -198,7 +198,7 @@ class SectorFile:
             self.device.write(lba + done, data[done * SECTOR_SIZE : (done + step) * SECTOR_SIZE])
             done += step
 
-    def _ranged(self, op: Callable[[int, int], None], lba: int, count: int) -> None:
+    def _ranged(self, op: Callable[[int, int], object], lba: int, count: int) -> None:
         done = 0
         while done < count:
             step = min(self._max_blocks, count - done)
@@ -287,7 +287,7 @@ class SectorFile:
         """Make ``[offset, offset+length)`` read as zeros (clamped to the device)."""
         self._zero(offset, length, self.device.write_zeroes, "zero range")
 
-    def _zero(self, offset: int, length: int, op: Callable[[int, int], None], what: str) -> None:
+    def _zero(self, offset: int, length: int, op: Callable[[int, int], object], what: str) -> None:
         if offset < 0 or length <= 0:
             raise OSError(errno.EINVAL, f"{what}: bad range offset={offset} length={length}")
         end = min(offset + length, self.size_bytes)

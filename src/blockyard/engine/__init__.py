@@ -4,7 +4,8 @@ Synchronous and thread-safe; see :mod:`blockyard.engine.volume` for the durabili
 """
 
 from blockyard.engine.epoch import Role
+from blockyard.engine.snapshot_ops import SnapshotInfo
 from blockyard.engine.store import VolumeInfo, VolumeStore
-from blockyard.engine.volume import SnapshotInfo, Volume, WalRecord
+from blockyard.engine.volume import Volume, WalRecord
 
 __all__ = ["Role", "SnapshotInfo", "Volume", "VolumeInfo", "VolumeStore", "WalRecord"]

@@ -46,6 +46,13 @@ DEFAULT_FLUSH_TIMEOUT_S = 60.0
 FLUSH_HIGH_WATERMARK = 0.25
 FLUSH_IDLE_INTERVAL_S = 0.2
 CLOSE_TIMEOUT_S = 60.0
+#: WAL retention for replication feeds (see engine/replication_source.py): at most this share
+#: of the WAL and this long, then a lagging replica's missed writes go to its bitmap instead.
+#: Half the WAL leaves writers the other half, so retention never blocks them; five minutes
+#: rides out a replica restart (SeaweedFS holds 5 minutes or 64 MB and then rebuilds in full;
+#: past our bound the replica resyncs only what it missed).
+RETENTION_MAX_FRACTION = 0.5
+RETENTION_MAX_S = 300.0
 #: A failing checkpoint (a full disk) is retried this often; the WAL keeps the records meanwhile.
 CHECKPOINT_RETRY_S = 1.0
 #: Longest a group-commit leader waits for sibling flushers before its fdatasync.

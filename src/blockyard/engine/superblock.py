@@ -11,7 +11,7 @@ Layout (little-endian), checksummed with CRC32C over bytes [0, 508)::
     44  physical_block_size u32  (4096)
     48  epoch               u64
     56  role                u8   (+3 pad)
-    60  reserved            u32
+    60  generation          u32  incarnation of the volume as a primary (random, 0 = none yet)
     64  wal_offset          u64
     72  wal_size            u64
     80  data_offset         u64
@@ -21,7 +21,11 @@ Layout (little-endian), checksummed with CRC32C over bytes [0, 508)::
     112 created_ns          u64
     120 name_len            u16
     122 name                256s (UTF-8)
+    378 wal_salt            u32  mixed into the WAL checksum seed; a new salt retires the old log
     508 crc32c              u32
+
+Fields added after the first release (generation, wal_salt) sit in bytes that were written as
+zeros before, so older volumes read them as 0 — the values that keep their old meaning.
 
 Why one sector and no A/B copies: a sector write is atomic under the failure model we test
 (power loss tears writes only at 512-byte boundaries), so an update is either all old or all new.
@@ -57,7 +61,7 @@ WAL_OFFSET = 4096
 DATA_ALIGN_BYTES = 1 << 20
 NAME_FIELD_BYTES = 256
 
-_FMT = struct.Struct("<8sII16sQIIQB3xIQQQQQQQH256s")
+_FMT = struct.Struct("<8sII16sQIIQB3xIQQQQQQQH256sI")
 _CRC_OFFSET = SUPERBLOCK_BYTES - 4
 assert _FMT.size <= _CRC_OFFSET
 
@@ -76,6 +80,8 @@ class Superblock:
     checkpoint_pos: int
     snapshot_seq: int
     created_ns: int
+    generation: int = 0
+    wal_salt: int = 0
     logical_block_size: int = LOGICAL_BLOCK_SIZE
     physical_block_size: int = BLOCK_SIZE
 
@@ -97,7 +103,7 @@ class Superblock:
             self.physical_block_size,
             self.epoch,
             int(self.role),
-            0,
+            self.generation,
             self.wal_offset,
             self.wal_size,
             self.data_offset,
@@ -107,6 +113,7 @@ class Superblock:
             self.created_ns,
             len(name),
             name,
+            self.wal_salt,
         )
         struct.pack_into("<I", buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
         return bytes(buf)
@@ -146,7 +153,7 @@ def decode(raw: bytes, *, path: str, volume: str, file_size: int) -> Superblock:
         pbs,
         epoch,
         role,
-        _reserved,
+        generation,
         wal_offset,
         wal_size,
         data_offset,
@@ -156,6 +163,7 @@ def decode(raw: bytes, *, path: str, volume: str, file_size: int) -> Superblock:
         created_ns,
         name_len,
         name_raw,
+        wal_salt,
     ) = _FMT.unpack_from(raw, 0)
     if version != FORMAT_VERSION:
         raise corrupt(f"has format version {version}; this build reads {FORMAT_VERSION}", 8)
@@ -193,4 +201,6 @@ def decode(raw: bytes, *, path: str, volume: str, file_size: int) -> Superblock:
         checkpoint_pos=checkpoint_pos,
         snapshot_seq=snapshot_seq,
         created_ns=created_ns,
+        generation=generation,
+        wal_salt=wal_salt,
     )

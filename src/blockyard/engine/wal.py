@@ -18,10 +18,18 @@ Header layout (little-endian)::
     40 block         u64  first physical (4 KiB) block
     48 block_count   u32
     52 header_crc    u32  crc32c over header[8:52], seeded: the header alone is genuine
-    56 reserved      8x
+    56 generation    u32  the primary incarnation that wrote the record (0 before replication)
+    60 reserved      4x
 
-The checksum seed is derived from the volume UUID, so a volume image stored *inside* another
-volume can never be mistaken for the outer volume's records.
+The checksum seed is derived from the volume UUID and the superblock's WAL salt, so a volume
+image stored *inside* another volume can never be mistaken for the outer volume's records, and
+changing the salt (a replica whose log is replaced, see ``Volume.reset_log``) makes every record
+of the old log invisible at once.
+
+``epoch`` and ``generation`` together name the history segment a record belongs to: the epoch
+changes when the master promotes a new primary, the generation (a random non-zero u32) each
+time a primary opens or is promoted. Replicas store the primary's records with both unchanged,
+so "record n of segment (epoch, generation)" means the same bytes on every copy.
 
 A record's header is checked on its own too: a header that passes ``header_crc`` was written
 by this volume even if its payload was torn. Recovery restarts LSN numbering above every such
@@ -38,7 +46,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import crc32c
 
@@ -48,7 +56,7 @@ from blockyard.errors import CorruptionError
 
 MAGIC = 0x31574C42
 HEADER_BYTES = 64
-HEADER = struct.Struct("<IIBBHIQQQQII8x")
+HEADER = struct.Struct("<IIBBHIQQQQIII4x")
 assert HEADER.size == HEADER_BYTES
 #: Header bytes covered by the checksum (everything after magic and crc).
 _CRC_FROM = 8
@@ -72,10 +80,15 @@ class RecordHeader:
     durable_hint: int
     block: int
     block_count: int
+    generation: int = 0
 
 
-def seed_for(volume_uuid: bytes) -> int:
-    return int(crc32c.crc32c(volume_uuid))
+def seed_for(volume_uuid: bytes, salt: int = 0) -> int:
+    """The checksum seed of a volume's WAL records. Salt 0 keeps the seed of volumes made
+    before salts existed."""
+    if salt == 0:
+        return int(crc32c.crc32c(volume_uuid))
+    return int(crc32c.crc32c(volume_uuid + salt.to_bytes(4, "little")))
 
 
 def record_bytes(payload_len: int) -> int:
@@ -101,6 +114,7 @@ def pack_header(
     block_count: int,
     payload: bytes | memoryview | None,
     view: memoryview | None = None,
+    generation: int = 0,
 ) -> None:
     """Fill ``buf`` (64 bytes, reused by the caller) with a checksummed header.
 
@@ -110,7 +124,21 @@ def pack_header(
         view = memoryview(buf)
     payload_len = len(payload) if payload is not None else 0
     _pack_header_fields(
-        buf, 0, MAGIC, 0, kind, 0, 0, payload_len, lsn, epoch, durable_hint, block, block_count, 0
+        buf,
+        0,
+        MAGIC,
+        0,
+        kind,
+        0,
+        0,
+        payload_len,
+        lsn,
+        epoch,
+        durable_hint,
+        block,
+        block_count,
+        0,
+        generation,
     )
     _pack_u32(buf, _HEADER_CRC_AT, _crc(view[_CRC_FROM:_HEADER_CRC_AT], seed))
     crc = _crc(view[_CRC_FROM:], seed)
@@ -127,7 +155,7 @@ def header_ok(raw: bytes | memoryview, seed: int) -> bool:
 
 def parse_header(raw: bytes | memoryview, wal_size: int, block_limit: int) -> RecordHeader | None:
     """Structure-check a header (not its checksum). None when it cannot be a record of ours."""
-    (magic, _crc, kind, _flags, _r, payload_len, lsn, epoch, hint, block, count, _hcrc) = (
+    (magic, _crc, kind, _flags, _r, payload_len, lsn, epoch, hint, block, count, _hcrc, gen) = (
         HEADER.unpack_from(raw, 0)
     )
     if magic != MAGIC or kind not in Kind._value2member_map_:
@@ -142,7 +170,7 @@ def parse_header(raw: bytes | memoryview, wal_size: int, block_limit: int) -> Re
         return None
     if record_bytes(payload_len) > wal_size:
         return None
-    return RecordHeader(k, payload_len, lsn, epoch, hint, block, count)
+    return RecordHeader(k, payload_len, lsn, epoch, hint, block, count, gen)
 
 
 def checksum_ok(raw_header: bytes | memoryview, payload: bytes | memoryview, seed: int) -> bool:
@@ -169,6 +197,10 @@ class ScanResult:
     end_lsn: int
     #: The highest LSN of any intact record anywhere in the region (old laps included).
     max_seen_lsn: int
+    #: LSN -> WAL position of every genuine header at or below the end of the log, anywhere in
+    #: the region: records already checkpointed but still physically present, which a
+    #: returning replica may still be sent (payloads are checksummed when read).
+    genuine: dict[int, int] = field(default_factory=dict)
 
 
 class WalScanner:
@@ -229,8 +261,11 @@ class WalScanner:
             consumed += length
             pos = (pos + length) % self._wal_size
             expected += 1
-        max_seen = self._check_rest(pos, expected)
-        return ScanResult(records, pos, expected, max(max_seen, expected - 1))
+        genuine: dict[int, int] = {}
+        max_seen = self._check_rest(pos, expected, genuine)
+        for rec in records:
+            genuine[rec.header.lsn] = rec.pos
+        return ScanResult(records, pos, expected, max(max_seen, expected - 1), genuine)
 
     def _candidates(self) -> Iterator[int]:
         """Every sector-aligned position whose first bytes carry our magic."""
@@ -245,11 +280,12 @@ class WalScanner:
                 else:
                     i = chunk.find(magic, i + SECTOR_SIZE - i % SECTOR_SIZE)
 
-    def _check_rest(self, stop_pos: int, stop_lsn: int) -> int:
+    def _check_rest(self, stop_pos: int, stop_lsn: int, genuine: dict[int, int]) -> int:
         """Raise if an intact later record proves the record at ``stop_pos`` was durable.
 
         Returns the highest LSN of any genuine header in the region, so the caller can restart
-        numbering above every stale record that might still sit in the region.
+        numbering above every stale record that might still sit in the region. Fills
+        ``genuine`` with the position of every genuine WRITE/ZERO header below ``stop_lsn``.
         """
         max_seen = 0
         for pos in self._candidates():
@@ -262,6 +298,8 @@ class WalScanner:
             # A genuine header counts even when its payload was torn: its LSN must never be
             # handed out again, and its hint is true whether or not the payload landed.
             max_seen = max(max_seen, hdr.lsn)
+            if hdr.lsn < stop_lsn and hdr.kind is not Kind.WRAP:
+                genuine[hdr.lsn] = pos
             if hdr.lsn > stop_lsn and hdr.durable_hint >= stop_lsn:
                 raise CorruptionError(
                     f"WAL record LSN {stop_lsn} is damaged, but record LSN {hdr.lsn} at WAL "

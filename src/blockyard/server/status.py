@@ -31,6 +31,8 @@ STATUS_BY_ERROR: Final[dict[type[BaseException], grpc.StatusCode]] = {
     errors.FencedError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CorruptionError: grpc.StatusCode.DATA_LOSS,
     errors.WalTruncatedError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.FeedLostError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ReplicationGapError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NoSpaceError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.BlockyardTimeoutError: grpc.StatusCode.UNAVAILABLE,
     errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,

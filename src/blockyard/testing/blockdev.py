@@ -81,7 +81,7 @@ def _write(device: BlockDevice, lba: int, data: bytes | bytearray, *, fua: bool 
         device.write(lba + off // LOGICAL_BLOCK_SIZE, data[off : off + step], fua=fua)
 
 
-def _in_chunks(device: BlockDevice, op: Callable[[int, int], None], lba: int, count: int) -> None:
+def _in_chunks(device: BlockDevice, op: Callable[[int, int], object], lba: int, count: int) -> None:
     """Apply an unmap-like ``op`` in requests no larger than the device accepts."""
     step = device.max_transfer_blocks
     for off in range(0, count, step):

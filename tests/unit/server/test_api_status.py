@@ -35,6 +35,10 @@ CASES = [
     (ServerStoppingError("x"), C.UNAVAILABLE),
     (errors.CorruptionError("x", volume="v", path="p", offset=0), C.DATA_LOSS),
     (errors.WalTruncatedError("x"), C.FAILED_PRECONDITION),
+    (errors.FeedLostError("x"), C.FAILED_PRECONDITION),
+    (errors.ReplicationGapError("x"), C.FAILED_PRECONDITION),
+    (errors.NotPrimaryError("x"), C.FAILED_PRECONDITION),
+    (errors.VolumeFailedError("x"), C.UNAVAILABLE),
     (errors.BlockyardError("x"), C.INTERNAL),
 ]
 

@@ -1,0 +1,156 @@
+"""The read path of a volume (a mixin of :class:`~blockyard.engine.volume.Volume`).
+
+Reads take no lock: clean ranges are one ``pread`` of the data region, dirty blocks come from
+the dirty map (the newest WAL image). A sequence counter bumped around every data-region change
+makes a read retry when a checkpoint ran underneath it (a seqlock), so a read never sees a
+half-applied block; after a few retries it takes the apply lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final
+
+from blockyard.blockdev import LbaStatus
+from blockyard.engine.fileio import IoFile
+from blockyard.engine.limits import BLOCK_SIZE, LOGICAL_BLOCK_SIZE, SECTORS_PER_BLOCK
+from blockyard.errors import MisalignedError
+
+_BLOCK_SHIFT: Final = 12
+_LBA_SHIFT: Final = 9
+_ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
+#: Lock-free reads retry this often when a checkpoint runs underneath, then take the lock.
+_READ_RETRIES: Final = 3
+
+
+class ReadPath:
+    """Reads and provisioning status; uses the volume's state (declared below)."""
+
+    if TYPE_CHECKING:
+        _apply_gen: int
+        _apply_lock: threading.Lock
+        _block_limit: int
+        _closed: bool
+        _data_offset: int
+        _dmap: dict[int, tuple[int, memoryview | None]]
+        _file: IoFile
+        _lba_count: int
+
+        def _check_range(self, lba: int, block_count: int, *, cap: bool = True) -> None: ...
+        def _check_usable(self) -> None: ...
+
+    def read(self, lba: int, block_count: int) -> bytes:
+        """Newest data for ``block_count`` logical blocks at ``lba``. Lock-free on clean data.
+
+        A read never sees a block half-applied by the background flusher: it re-reads when a
+        checkpoint ran underneath it (a sequence counter, like a seqlock).
+        """
+        if self._closed:
+            self._check_usable()
+        self._check_range(lba, block_count)
+        start = lba << _LBA_SHIFT
+        length = block_count << _LBA_SHIFT
+        for _ in range(_READ_RETRIES):
+            gen = self._apply_gen
+            if not self._dmap:
+                data = self._file.pread(length, self._data_offset + start)
+            else:
+                data = b"".join(self._read_parts(start, length))
+            if gen == self._apply_gen and not gen & 1:
+                return data
+        with self._apply_lock:
+            return b"".join(self._read_parts(start, length))
+
+    def readinto(self, lba: int, buf: memoryview) -> None:
+        """Like :meth:`read` into a caller-owned buffer (no allocation on clean data)."""
+        if len(buf) % LOGICAL_BLOCK_SIZE:
+            raise MisalignedError(
+                f"buffer of {len(buf)} bytes is not a whole number of {LOGICAL_BLOCK_SIZE}-byte "
+                "blocks"
+            )
+        if self._closed:
+            self._check_usable()
+        self._check_range(lba, len(buf) >> _LBA_SHIFT)
+        start = lba << _LBA_SHIFT
+        for _ in range(_READ_RETRIES):
+            gen = self._apply_gen
+            self._readinto(start, buf)
+            if gen == self._apply_gen and not gen & 1:
+                return
+        with self._apply_lock:
+            self._readinto(start, buf)
+
+    def _readinto(self, start: int, buf: memoryview) -> None:
+        if not self._dmap:
+            got = self._file.preadv([buf], self._data_offset + start)
+            if got < len(buf):
+                buf[got:] = bytes(len(buf) - got)
+            return
+        pos = 0
+        for part in self._read_parts(start, len(buf)):
+            buf[pos : pos + len(part)] = part
+            pos += len(part)
+
+    def _read_parts(self, start: int, length: int) -> Iterator[bytes | memoryview]:
+        """Yield the newest bytes of [start, start+length): WAL overlay over the data region."""
+        end = start + length
+        dmap = self._dmap
+        run_start = start
+        b = start >> _BLOCK_SHIFT
+        last = (end - 1) >> _BLOCK_SHIFT
+        while b <= last:
+            ent = dmap.get(b)
+            if ent is not None:
+                bstart = b << _BLOCK_SHIFT
+                s = max(start, bstart)
+                e = min(end, bstart + BLOCK_SIZE)
+                if s > run_start:
+                    yield self._file.pread(s - run_start, self._data_offset + run_start)
+                data = ent[1]
+                if data is None:
+                    yield _ZERO_BLOCK[: e - s]
+                else:
+                    yield data[s - bstart : e - bstart]
+                run_start = e
+            b += 1
+        if end > run_start:
+            yield self._file.pread(end - run_start, self._data_offset + run_start)
+
+    def _read_block(self, block: int) -> bytes:
+        ent = self._dmap.get(block)
+        if ent is not None:
+            return _ZERO_BLOCK if ent[1] is None else bytes(ent[1])
+        return self._file.pread(BLOCK_SIZE, self._data_offset + (block << _BLOCK_SHIFT))
+
+    def lba_status(self, lba: int) -> LbaStatus:
+        """Whether the run of blocks starting at ``lba`` is mapped (SBC-4 GET LBA STATUS)."""
+        self._check_usable()
+        self._check_range(lba, 1)
+        block = lba >> 3
+        total_blocks = self._block_limit
+        ent = self._dmap.get(block)
+        if ent is not None:
+            mapped = ent[1] is not None
+            end = block + 1
+            while end < total_blocks and end - block < 4096:
+                e = self._dmap.get(end)
+                if e is None or (e[1] is not None) != mapped:
+                    break
+                end += 1
+        else:
+            off = self._data_offset + (block << _BLOCK_SHIFT)
+            limit = self._data_offset + (total_blocks << _BLOCK_SHIFT)
+            data = self._file.next_data(off)
+            mapped = 0 <= data <= off
+            if mapped:
+                stop = min(self._file.next_hole(off), limit)
+            else:
+                stop = limit if data < 0 else min(data, limit)
+            end = max(block + 1, (stop - self._data_offset) >> _BLOCK_SHIFT)
+            for b in range(block + 1, min(end, block + 4096)):
+                if b in self._dmap:
+                    end = b
+                    break
+        end_lba = min(end * SECTORS_PER_BLOCK, self._lba_count)
+        return LbaStatus(lba=lba, block_count=end_lba - lba, mapped=mapped)

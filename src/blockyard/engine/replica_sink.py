@@ -1,0 +1,226 @@
+"""The replica's side of replication in the engine (a mixin of
+:class:`~blockyard.engine.volume.Volume`).
+
+- :meth:`ReplicaSink.apply_replicated` logs the primary's records with the primary's LSN, epoch
+  and generation, so every copy agrees on "everything up to LSN n" and, after a failover, the
+  new primary's LSNs continue the old primary's sequence.
+- :meth:`ReplicaSink.apply_backfill` writes resync block images straight into the data region
+  (they carry no LSN: they are the primary's current content of blocks the replica missed).
+  The caller passes only blocks no live record touched since the resync began, so live writes
+  always win over older backfill.
+- :meth:`ReplicaSink.reset_log` starts a new log at a given LSN (a full rebuild, or records
+  that diverged from the primary's history): the WAL checksum salt changes, so no record of the
+  old log can ever be replayed or mistaken for a new one.
+
+Durability is the volume's as always: records and backfill are durable after the next
+``flush()``; the replication layer acknowledges a barrier only after one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from blockyard.engine import superblock as sbmod
+from blockyard.engine import wal
+from blockyard.engine.epoch import Role
+from blockyard.engine.history import History
+from blockyard.engine.limits import BLOCK_SIZE
+from blockyard.errors import (
+    FencedError,
+    InvalidArgumentError,
+    ReplicationGapError,
+    StaleEpochError,
+)
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from blockyard.blockdev import BytesLike
+
+_BLOCK_SHIFT = 12
+
+
+class ReplicatedRecord(Protocol):
+    """A record as the primary shipped it (blocks are 4 KiB physical blocks)."""
+
+    @property
+    def lsn(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def kind(self) -> int: ...
+    @property
+    def block(self) -> int: ...
+    @property
+    def block_count(self) -> int: ...
+    @property
+    def data(self) -> BytesLike: ...
+
+
+class ReplicaSink:
+    """Applying what a primary ships. Uses the volume's state (declared below)."""
+
+    if TYPE_CHECKING:
+        _lock: threading.RLock
+        _apply_lock: threading.Lock
+        _sb: sbmod.Superblock
+        _name: str
+        _dir: str
+        _last_lsn: int
+        _next_lsn: int
+        _durable_lsn: int
+        _block_limit: int
+        _seed: int
+        _history: History
+        _log: deque[tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]]
+        _n_applied: int
+        _dmap: dict[int, tuple[int, memoryview | None]]
+
+        def _check_usable(self) -> None: ...
+        def _append_at(
+            self,
+            kind: wal.Kind,
+            block: int,
+            block_count: int,
+            payload: memoryview | None,
+            lsn: int | None,
+            epoch: int,
+            generation: int,
+        ) -> None: ...
+        def _checkpoint_locked(self) -> None: ...
+        def _release_due_retained_locked(self) -> None: ...
+        def _apply_images(self, images: dict[int, memoryview | None]) -> None: ...
+        def _store_superblock(self, sb: sbmod.Superblock) -> None: ...
+        def _save_history(self) -> None: ...
+
+    def apply_replicated(self, records: Sequence[ReplicatedRecord]) -> int:
+        """Log records shipped by the primary, in LSN order. Visible at once, durable after the
+        next flush. Records at or below the last LSN held are duplicates (a resend after a
+        reconnect) and skipped; a record must follow the last one, or start a new history
+        segment. Returns the last LSN held.
+
+        Refused unless the volume is a replica or rebuilding copy, and for records of a newer
+        epoch than the volume's (it must be told the new epoch first)."""
+        with self._lock:
+            self._check_usable()
+            if self._sb.role not in (Role.REPLICA, Role.REBUILDING):
+                raise FencedError(
+                    f"volume {self._name!r} is {self._sb.role.name.lower()}, not a replica; "
+                    "only a replica takes replicated records"
+                )
+            volume_epoch = self._sb.epoch
+            for rec in records:
+                lsn = rec.lsn
+                if lsn <= self._last_lsn:
+                    continue
+                if rec.epoch > volume_epoch:
+                    raise StaleEpochError(
+                        f"volume {self._name!r} is at epoch {volume_epoch} but a replicated "
+                        f"record carries epoch {rec.epoch}; assign the new epoch first",
+                        volume_epoch=volume_epoch,
+                        request_epoch=rec.epoch,
+                    )
+                last_seg = self._history.last
+                new_segment = last_seg is None or last_seg.key() != (rec.epoch, rec.generation)
+                if lsn != self._last_lsn + 1 and not new_segment:
+                    raise ReplicationGapError(
+                        f"volume {self._name!r} holds records up to LSN {self._last_lsn}; "
+                        f"record {lsn} of the same history segment does not follow it"
+                    )
+                if new_segment:
+                    # Durable before any record of the segment is: a restart must know which
+                    # history its records belong to.
+                    self._history.note_record(rec.epoch, rec.generation, lsn)
+                    self._save_history()
+                kind = wal.Kind(rec.kind)
+                if kind is wal.Kind.WRITE:
+                    data = rec.data
+                    if len(data) != rec.block_count << _BLOCK_SHIFT or rec.block_count < 1:
+                        raise InvalidArgumentError(
+                            f"replicated record {lsn}: {len(data)} bytes for {rec.block_count} "
+                            "blocks"
+                        )
+                    payload: memoryview | None = memoryview(bytes(data))
+                elif kind is wal.Kind.ZERO:
+                    payload = None
+                else:
+                    raise InvalidArgumentError(f"replicated record {lsn} has kind {kind.name}")
+                if rec.block + rec.block_count > self._block_limit:
+                    raise InvalidArgumentError(
+                        f"replicated record {lsn} writes blocks [{rec.block}, "
+                        f"{rec.block + rec.block_count}) past the volume's {self._block_limit}"
+                    )
+                self._append_at(
+                    kind, rec.block, rec.block_count, payload, lsn, rec.epoch, rec.generation
+                )
+            return self._last_lsn
+
+    def apply_backfill(self, runs: Sequence[tuple[int, int, BytesLike | None]]) -> None:
+        """Write resync images ``(block, block_count, data or None for a hole)`` into the data
+        region. The caller must leave out blocks a live record touched since the resync began
+        (their newer image is in the WAL). Durable after the next flush."""
+        with self._apply_lock:
+            self._check_usable()
+            if self._sb.role is not Role.REBUILDING and self._sb.role is not Role.REPLICA:
+                raise FencedError(
+                    f"volume {self._name!r} is {self._sb.role.name.lower()}; only a replica "
+                    "takes resync blocks"
+                )
+            images: dict[int, memoryview | None] = {}
+            for block, count, data in runs:
+                if count < 1 or block + count > self._block_limit:
+                    raise InvalidArgumentError(
+                        f"resync run [{block}, {block + count}) is outside the volume's "
+                        f"{self._block_limit} blocks"
+                    )
+                if data is None:
+                    for b in range(block, block + count):
+                        images[b] = None
+                    continue
+                if len(data) != count * BLOCK_SIZE:
+                    raise InvalidArgumentError(
+                        f"resync run at block {block}: {len(data)} bytes for {count} blocks"
+                    )
+                mv = memoryview(data)
+                for i in range(count):
+                    images[block + i] = mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+            with self._lock:
+                # A live record may have landed since the caller filtered: it wins.
+                for b in [b for b in images if b in self._dmap]:
+                    del images[b]
+            if images:
+                self._apply_images(images)
+
+    def reset_log(self, next_lsn: int, history: History) -> None:
+        """Drop the local log and continue at ``next_lsn`` with the primary's ``history``:
+        everything logged so far is applied to the data region first, then a new WAL salt
+        retires every old record at once. Durable on return. Used before a resync whose live
+        stream does not continue this copy's records."""
+        with self._apply_lock:
+            self._check_usable()
+            if self._sb.role not in (Role.REPLICA, Role.REBUILDING):
+                raise FencedError(
+                    f"volume {self._name!r} is {self._sb.role.name.lower()}, not a replica"
+                )
+            self._checkpoint_locked()
+            self._release_due_retained_locked()
+            with self._lock:
+                if self._n_applied != len(self._log):
+                    raise InvalidArgumentError("records were logged during a log reset")
+                salt = secrets.randbelow((1 << 32) - 1) + 1
+                sb = self._sb.with_(wal_salt=salt, checkpoint_lsn=next_lsn)
+            self._history = history
+            self._save_history()
+            self._store_superblock(sb)
+            with self._lock:
+                self._seed = wal.seed_for(sb.uuid.bytes, salt)
+                self._log.clear()
+                self._n_applied = 0
+                self._next_lsn = next_lsn
+                self._last_lsn = next_lsn - 1
+                self._durable_lsn = next_lsn - 1
