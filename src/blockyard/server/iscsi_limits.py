@@ -5,8 +5,9 @@ that have not logged in yet may stay.
 Why pre-login connections get their own, smaller pool: before login nobody has proven anything
 (no name, no CHAP), and without a pool of their own, idle TCP connections took the slots real
 sessions need. A peer address gets only part of the pool, and a connection that has not sent a
-single complete Login Request is the first to make way for a newcomer: a real initiator sends
-its Login Request as soon as TCP connects, an idle flood never does.
+single complete Login Request (and has nothing unread in its socket) is the first to make way
+for a newcomer: a real initiator sends its Login Request as soon as TCP connects, an idle flood
+never does.
 """
 
 from __future__ import annotations

@@ -30,9 +30,12 @@ targets at any time and calls :meth:`IscsiServer.drop_sessions` after removing o
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import itertools
 import logging
+import sys
+import termios
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
@@ -263,9 +266,16 @@ class _IscsiProtocol(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        """Not logged in and no complete Login Request received yet."""
+        """Not logged in, no complete Login Request received, and nothing waiting to be read.
+
+        The last part matters: a real initiator sends its Login Request the moment TCP
+        connects, so its bytes are usually in the socket before the loop has read them, and a
+        burst of newcomers from the same address must not displace it in between. Asked only
+        when a pre-login cap is reached (one ioctl per candidate)."""
         conn = self.conn
-        return not self.logged_in and (conn is None or conn.login_requests == 0)
+        if self.logged_in or (conn is not None and conn.login_requests):
+            return False
+        return _unread_bytes(self.transport) == 0
 
     def _admit_session(self, session_type: str, target: TargetConfig | None) -> (
         LoginFailedError | None
@@ -782,6 +792,19 @@ class IscsiServer:
 
 def _is_idle(proto: _IscsiProtocol) -> bool:
     return proto.idle
+
+
+def _unread_bytes(transport: asyncio.Transport | None) -> int:
+    """Bytes in the socket's receive queue that the transport has not read yet (FIONREAD);
+    0 when that cannot be known."""
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4))
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder)
 
 
 def install_uvloop() -> bool:
