@@ -172,6 +172,12 @@ class StorageIOError(BlockyardError):
     """The operating system failed an I/O call; the cause is chained."""
 
 
+class ReplicationUnavailableError(StorageIOError):
+    """A durability point (flush, FUA write) cannot be confirmed on the copies the volume's
+    durability mode requires, and the missing replicas could not be marked out of sync: the
+    write is not acknowledged (SCSI: the flush fails)."""
+
+
 class VolumeFailedError(StorageIOError):
     """The volume was taken offline after its file failed to persist data (a failed
     ``fdatasync``): the page cache can no longer be trusted to reach the disk, so no later flush

@@ -65,6 +65,18 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "machine's name when listening on a wildcard address)",
     )
     p.add_argument(
+        "--replication-listen",
+        metavar="HOST:PORT",
+        help="accept primaries' replication connections here (this server holds replica "
+        "copies); primaries name this address in their replica set",
+    )
+    p.add_argument(
+        "--replication-advertise",
+        metavar="HOST",
+        help="host primaries should dial for --replication-listen (default: its host, or "
+        "127.0.0.1 for a wildcard)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -83,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
                 parse_address(a, option="--iscsi-listen") for a in args.iscsi_listen
             ),
             api_listen=parse_address(args.api_listen, option="--api-listen"),
+            replication_listen=(
+                None
+                if args.replication_listen is None
+                else parse_address(args.replication_listen, option="--replication-listen")
+            ),
+            replication_advertise=args.replication_advertise,
             iqn_prefix=args.iqn_prefix,
             advertise_host=args.advertise_host,
             shutdown_timeout_s=args.shutdown_timeout,

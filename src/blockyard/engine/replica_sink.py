@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from collections import deque
 
     from blockyard.blockdev import BytesLike
+    from blockyard.engine.fileio import IoFile
 
 _BLOCK_SHIFT = 12
 
@@ -76,6 +77,9 @@ class ReplicaSink:
         _durable_lsn: int
         _block_limit: int
         _seed: int
+        _file: IoFile
+        _wal_offset: int
+        _wal_size: int
         _history: History
         _log: deque[tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]]
         _n_applied: int
@@ -195,6 +199,29 @@ class ReplicaSink:
                     del images[b]
             if images:
                 self._apply_images(images)
+
+    def logged_extents_after(self, after_lsn: int) -> list[tuple[int, int]] | None:
+        """Block runs touched by the records after ``after_lsn`` this copy still has in its
+        WAL (a replica whose records diverged reports them so the primary resends them). None
+        when some of those records are no longer in the WAL (then everything must be resent).
+        Reads the whole WAL region; the caller applies nothing meanwhile."""
+        with self._apply_lock:
+            self._check_usable()
+            last = self._last_lsn
+            if last <= after_lsn:
+                return []
+            scanner = wal.WalScanner(
+                self._file,
+                volume=self._name,
+                wal_offset=self._wal_offset,
+                wal_size=self._wal_size,
+                seed=self._seed,
+                block_limit=self._block_limit,
+            )
+            found = scanner.records_after(after_lsn, last)
+        if found is None:
+            return None
+        return sorted(found)
 
     def reset_log(self, next_lsn: int, history: History) -> None:
         """Drop the local log and continue at ``next_lsn`` with the primary's ``history``:

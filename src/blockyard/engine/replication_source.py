@@ -90,13 +90,23 @@ class Feed:
         self._notify = notify
         self.lost = False
         self.closed = False
+        self._needs_disk = False
 
-    def take(self, max_bytes: int) -> list[WalRecord]:
+    def take(self, max_bytes: int, *, memory_only: bool = False) -> list[WalRecord]:
         """The next records (at least one if any is available, then up to ``max_bytes`` of
         payload), never blocking on other writers for long. Empty: nothing new yet, and the
         notify callback is armed. Raises :class:`FeedLostError` once the records this feed
-        needs were released (the replica must resync from its bitmap)."""
-        return self._source._feed_take(self, max_bytes)
+        needs were released (the replica must resync from its bitmap).
+
+        With ``memory_only`` it stops before a record whose payload must be read back from
+        the WAL (kept across a restart): safe to call on an event loop. :attr:`needs_disk`
+        then says whether such a record is next."""
+        return self._source._feed_take(self, max_bytes, memory_only)
+
+    @property
+    def needs_disk(self) -> bool:
+        """The next record must be read back from the WAL (use :meth:`take` off the loop)."""
+        return self._needs_disk
 
     def ack(self, durable_lsn: int) -> None:
         """The replica holds every record up to ``durable_lsn`` durably: their WAL space may be
@@ -129,8 +139,13 @@ class ReplicationSource:
         _sb: sbmod.Superblock
         _closed: bool
 
+        _dmap: dict[int, tuple[int, memoryview | None]]
+
         @property
         def uuid(self) -> uuidlib.UUID: ...
+
+        def read(self, lba: int, block_count: int) -> bytes: ...
+        def _data_extents(self, first: int, end: int) -> list[tuple[int, int]]: ...
 
     def _init_replication_source(self) -> None:
         self._trackers: dict[str, _Tracker] = {}
@@ -215,6 +230,48 @@ class ReplicationSource:
                 bitmap.mark(block, count)
         bitmap.persist()
 
+    def resync_read(self, block: int, count: int) -> list[tuple[int, int, bytes | None]]:
+        """The current image of blocks ``[block, block+count)`` for a resync: runs of data and
+        holes (``None``), in order. Holes are found without reading them (the data region is
+        sparse: SEEK_DATA/SEEK_HOLE), so a sparse volume resyncs in time proportional to its
+        data; a block that reads as zeros is sent as a hole too. Consistent per block (each
+        block is one image at one moment); the caller streams newer writes live."""
+        end = min(block + count, self._block_limit)
+        if block >= end:
+            return []
+        with self._lock:
+            dirty = {b for b in range(block, end) if b in self._dmap}
+        allocated = set(dirty)
+        for first, n in self._data_extents(block, end):
+            allocated.update(range(max(first, block), min(first + n, end)))
+        out: list[tuple[int, int, bytes | None]] = []
+        b = block
+        zero = bytes(BLOCK_SIZE)
+        while b < end:
+            if b not in allocated:
+                first = b
+                while b < end and b not in allocated:
+                    b += 1
+                _append_run(out, first, b - first, None)
+                continue
+            first = b
+            while b < end and b in allocated:
+                b += 1
+            data = self.read(first * SECTORS_PER_BLOCK, (b - first) * SECTORS_PER_BLOCK)
+            mv = memoryview(data)
+            i = 0
+            while i < b - first:
+                j = i
+                is_zero = mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] == zero
+                while j < b - first and (mv[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE] == zero) == (
+                    is_zero
+                ):
+                    j += 1
+                chunk = None if is_zero else bytes(mv[i * BLOCK_SIZE : j * BLOCK_SIZE])
+                _append_run(out, first + i, j - i, chunk)
+                i = j
+        return out
+
     # ---- feeds ----------------------------------------------------------------------------
 
     def open_feed(self, replica_id: str, after_lsn: int, notify: Callable[[], None]) -> Feed:
@@ -241,7 +298,7 @@ class ReplicationSource:
             tracker.covered_lsn = max(tracker.covered_lsn, min(after_lsn, self._last_lsn))
             return feed
 
-    def _feed_take(self, feed: Feed, max_bytes: int) -> list[WalRecord]:
+    def _feed_take(self, feed: Feed, max_bytes: int, memory_only: bool) -> list[WalRecord]:
         with self._lock:
             if feed.lost or feed.closed:
                 raise FeedLostError(
@@ -259,14 +316,21 @@ class ReplicationSource:
                 return []
             entries: list[_LogEntry] = []
             size = 0
+            feed._needs_disk = False
             while i < n:
                 e = log_[i]
-                payload_bytes = e[_COUNT] * BLOCK_SIZE if e[_KIND] is wal.Kind.WRITE else 0
+                is_write = e[_KIND] is wal.Kind.WRITE
+                if memory_only and is_write and e[_PAYLOAD] is None:
+                    feed._needs_disk = True
+                    break
+                payload_bytes = e[_COUNT] * BLOCK_SIZE if is_write else 0
                 if entries and size + payload_bytes > max_bytes:
                     break
                 entries.append(e)
                 size += payload_bytes
                 i += 1
+            if not entries:
+                return []
             feed.cursor = entries[-1][_LSN] + 1
         records = [self._to_record(e) for e in entries]
         with self._lock:
@@ -496,3 +560,13 @@ class ReplicationSource:
             e.startswith(BITMAP_PREFIX) and e.endswith(BITMAP_SUFFIX)
             for e in self._fs.listdir(self._dir)
         )
+
+
+def _append_run(
+    out: list[tuple[int, int, bytes | None]], block: int, count: int, data: bytes | None
+) -> None:
+    """Append a run, merging it into the previous hole run when both are holes."""
+    if data is None and out and out[-1][2] is None and out[-1][0] + out[-1][1] == block:
+        out[-1] = (out[-1][0], out[-1][1] + count, None)
+    else:
+        out.append((block, count, data))

@@ -267,6 +267,25 @@ class WalScanner:
             genuine[rec.header.lsn] = rec.pos
         return ScanResult(records, pos, expected, max(max_seen, expected - 1), genuine)
 
+    def records_after(self, after_lsn: int, last_lsn: int) -> set[tuple[int, int]] | None:
+        """The (block, block_count) of every intact WRITE/ZERO record with an LSN in
+        ``(after_lsn, last_lsn]`` anywhere in the region; None unless every one of those LSNs
+        was found intact."""
+        runs: set[tuple[int, int]] = set()
+        seen: set[int] = set()
+        for pos in self._candidates():
+            found = self._record_at(pos)
+            if found is None:
+                continue
+            hdr, _payload = found
+            if hdr.kind is Kind.WRAP or not after_lsn < hdr.lsn <= last_lsn:
+                continue
+            seen.add(hdr.lsn)
+            runs.add((hdr.block, hdr.block_count))
+        if len(seen) != last_lsn - after_lsn:
+            return None
+        return runs
+
     def _candidates(self) -> Iterator[int]:
         """Every sector-aligned position whose first bytes carry our magic."""
         magic = struct.pack("<I", MAGIC)

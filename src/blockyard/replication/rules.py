@@ -109,12 +109,18 @@ def _check_history(history: tuple[HistorySegment, ...]) -> None:
                 f"{segment.last_lsn} + 1",
             )
         if previous is not None:
-            if (segment.epoch, segment.generation) <= (previous.epoch, previous.generation):
+            # Generations are random, so only the epoch is ordered; a segment must differ
+            # from the one before it (else it would be the same segment).
+            if segment.epoch < previous.epoch or (segment.epoch, segment.generation) == (
+                previous.epoch,
+                previous.generation,
+            ):
                 raise Violation(
                     ErrorCode.PROTOCOL,
                     f"history segment {index} (epoch {segment.epoch}, generation "
                     f"{segment.generation}) does not follow (epoch {previous.epoch}, "
-                    f"generation {previous.generation}); segments must be in increasing order",
+                    f"generation {previous.generation}); epochs must not decrease and "
+                    "neighbouring segments must differ",
                 )
             if segment.first_lsn <= previous.last_lsn:
                 raise Violation(

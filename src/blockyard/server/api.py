@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from blockyard.engine.epoch import Role
 from blockyard.errors import BlockyardError, InvalidArgumentError
+from blockyard.replication.commit import DurabilityMode
 from blockyard.server import convert
 from blockyard.server.backend import VolumeServerControl
 from blockyard.server.proto import volume_server_pb2 as pb
@@ -59,7 +61,10 @@ class VolumeServerService(pb_grpc.VolumeServerServicer):
         async def work() -> pb.Volume:
             source = convert.source_from_pb(request.source) if request.HasField("source") else None
             desc = await self._backend.create_volume(
-                request.name, request.size_bytes, source=source
+                request.name,
+                request.size_bytes,
+                source=source,
+                volume_uuid=convert.uuid_from_pb(request.uuid) if request.uuid else None,
             )
             return convert.volume_to_pb(desc)
 
@@ -220,6 +225,36 @@ class VolumeServerService(pb_grpc.VolumeServerServicer):
 
         subject = f"{request.name} {request.initiator_name[:64]}"
         return await self._run(context, "RevokeInitiator", subject, work)
+
+    async def SetReplication(
+        self, request: pb.SetReplicationRequest, context: Context
+    ) -> pb.ReplicationState:
+        async def work() -> pb.ReplicationState:
+            role = convert.role_from_pb(request.role)
+            mode = (
+                convert.mode_from_pb(request.mode)
+                if role is Role.PRIMARY or request.mode
+                else DurabilityMode.SYNC_ALL
+            )
+            info = await self._backend.set_replication(
+                request.name,
+                role=role,
+                epoch=request.epoch,
+                mode=mode,
+                replicas=list(request.replicas),
+                resync_limit_bps=request.resync_limit_bps,
+            )
+            return convert.replication_to_pb(info)
+
+        return await self._run(context, "SetReplication", request.name, work)
+
+    async def GetReplication(
+        self, request: pb.GetReplicationRequest, context: Context
+    ) -> pb.ReplicationState:
+        async def work() -> pb.ReplicationState:
+            return convert.replication_to_pb(await self._backend.get_replication(request.name))
+
+        return await self._run(context, "GetReplication", request.name, work)
 
 
 def add_to_server(service: VolumeServerService, server: grpc.aio.Server) -> None:

@@ -20,12 +20,14 @@ Contract common to every implementation:
 from __future__ import annotations
 
 import uuid as uuidlib
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from blockyard.engine.epoch import Role
 from blockyard.iscsi.chap import ChapCredentials
+from blockyard.replication.commit import DurabilityMode
+from blockyard.replication.report import ReplicationInfo
 from blockyard.scsi.alua import AccessState
 
 
@@ -133,6 +135,8 @@ class HealthInfo:
     volume_count: int
     portals: tuple[PortalInfo, ...]
     version: str
+    #: HOST:PORT of the server's replication listener ("" without one).
+    replication_address: str = ""
 
 
 class VolumeBackend(Protocol):
@@ -140,13 +144,20 @@ class VolumeBackend(Protocol):
     error, idempotency and concurrency contract."""
 
     async def create_volume(
-        self, name: str, size_bytes: int, *, source: SnapshotRef | None = None
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        source: SnapshotRef | None = None,
+        volume_uuid: uuidlib.UUID | None = None,
     ) -> VolumeDescription:
         """Create ``name`` (all zeros, or a copy of ``source``) and export it; durable and
         usable over iSCSI on return. With ``source``, ``size_bytes`` 0 means the snapshot's
         size and a larger size grows the clone. An existing volume of the same size (or any
         size when ``size_bytes`` is 0 with a source) is returned and re-exported; a different
-        size raises :class:`~blockyard.errors.VolumeExistsError`."""
+        size raises :class:`~blockyard.errors.VolumeExistsError`. ``volume_uuid`` makes the
+        copy of a volume elsewhere (a replica): same UUID, hence same NAA id and IQN; an
+        existing volume with another UUID is :class:`~blockyard.errors.VolumeExistsError`."""
         ...
 
     async def delete_volume(self, name: str) -> DeleteResult:
@@ -231,4 +242,23 @@ class VolumeServerControl(VolumeBackend, Protocol):
     ) -> VolumeDescription:
         """Set one portal group's ALUA state for one volume, in memory only (a restart or the
         next :meth:`set_volume_role` recomputes it from the role)."""
+        ...
+
+    async def set_replication(
+        self,
+        name: str,
+        *,
+        role: Role,
+        epoch: int,
+        mode: DurabilityMode = DurabilityMode.SYNC_ALL,
+        replicas: Sequence[str] = (),
+        resync_limit_bps: int = 0,
+    ) -> ReplicationInfo:
+        """Assign role, epoch, durability mode and replica set (replica servers' replication
+        addresses); idempotent, durable on return. The epoch may stay or move forward only."""
+        ...
+
+    async def get_replication(self, name: str) -> ReplicationInfo:
+        """Replication state of the volume: per replica in sync, catching up, resyncing (with
+        progress) or out of sync, and lag."""
         ...

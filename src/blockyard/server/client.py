@@ -14,7 +14,8 @@ reach protobuf, so an impossible size is an :class:`~blockyard.errors.InvalidSiz
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from types import TracebackType
 from typing import Final, TypeVar
 
@@ -25,6 +26,8 @@ from blockyard.engine.epoch import Role
 from blockyard.engine.limits import MAX_VOLUME_SIZE_BYTES
 from blockyard.errors import InvalidArgumentError, InvalidSizeError, ServerUnavailableError
 from blockyard.iscsi.chap import ChapCredentials
+from blockyard.replication.commit import DurabilityMode
+from blockyard.replication.report import ReplicationInfo
 from blockyard.scsi.alua import AccessState
 from blockyard.server import convert
 from blockyard.server.backend import (
@@ -142,10 +145,17 @@ class VolumeServerClient:
     # ---- VolumeBackend --------------------------------------------------------------------
 
     async def create_volume(
-        self, name: str, size_bytes: int, *, source: SnapshotRef | None = None
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        source: SnapshotRef | None = None,
+        volume_uuid: uuidlib.UUID | None = None,
     ) -> VolumeDescription:
         request = pb.CreateVolumeRequest(
-            name=name, size_bytes=_check_size("size_bytes", size_bytes)
+            name=name,
+            size_bytes=_check_size("size_bytes", size_bytes),
+            uuid="" if volume_uuid is None else str(volume_uuid),
         )
         if source is not None:
             request.source.CopyFrom(convert.source_to_pb(source))
@@ -287,3 +297,30 @@ class VolumeServerClient:
         )
         msg: pb.Volume = await self._call(self._stub.SetPortState, request)
         return convert.volume_from_pb(msg)
+
+    async def set_replication(
+        self,
+        name: str,
+        *,
+        role: Role,
+        epoch: int,
+        mode: DurabilityMode = DurabilityMode.SYNC_ALL,
+        replicas: Sequence[str] = (),
+        resync_limit_bps: int = 0,
+    ) -> ReplicationInfo:
+        request = pb.SetReplicationRequest(
+            name=name,
+            role=convert.ROLE_TO_PB[role],
+            epoch=_check_int("epoch", epoch, 0, UINT64_MAX),
+            mode=convert.MODE_TO_PB[mode],
+            replicas=list(replicas),
+            resync_limit_bps=_check_int("resync_limit_bps", resync_limit_bps, 0, UINT64_MAX),
+        )
+        msg: pb.ReplicationState = await self._call(self._stub.SetReplication, request, slow=True)
+        return convert.replication_from_pb(msg)
+
+    async def get_replication(self, name: str) -> ReplicationInfo:
+        msg: pb.ReplicationState = await self._call(
+            self._stub.GetReplication, pb.GetReplicationRequest(name=name)
+        )
+        return convert.replication_from_pb(msg)

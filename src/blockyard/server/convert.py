@@ -12,6 +12,9 @@ from typing import Final
 from blockyard.engine.epoch import Role
 from blockyard.errors import InvalidArgumentError
 from blockyard.iscsi.chap import ChapCredentials
+from blockyard.replication.commit import DurabilityMode
+from blockyard.replication.messages import ReplicaDataState
+from blockyard.replication.report import ReplicaReport, ReplicationInfo
 from blockyard.scsi.alua import AccessState
 from blockyard.server.auth import credentials
 from blockyard.server.backend import (
@@ -195,6 +198,7 @@ def health_to_pb(info: HealthInfo) -> pb.HealthResponse:
         volume_count=info.volume_count,
         portals=[portal_to_pb(p) for p in info.portals],
         version=info.version,
+        replication_address=info.replication_address,
     )
 
 
@@ -204,4 +208,110 @@ def health_from_pb(msg: pb.HealthResponse) -> HealthInfo:
         msg.volume_count,
         tuple(portal_from_pb(p) for p in msg.portals),
         msg.version,
+        msg.replication_address,
+    )
+
+
+MODE_TO_PB: Final[dict[DurabilityMode, pb.DurabilityMode]] = {
+    DurabilityMode.BEST_EFFORT: pb.DURABILITY_MODE_BEST_EFFORT,
+    DurabilityMode.SYNC_ALL: pb.DURABILITY_MODE_SYNC_ALL,
+    DurabilityMode.SYNC_QUORUM: pb.DURABILITY_MODE_SYNC_QUORUM,
+}
+MODE_FROM_PB: Final[dict[int, DurabilityMode]] = {int(v): k for k, v in MODE_TO_PB.items()}
+DATA_STATE_TO_PB: Final[dict[ReplicaDataState, pb.DataState]] = {
+    ReplicaDataState.EMPTY: pb.DATA_STATE_EMPTY,
+    ReplicaDataState.CONSISTENT: pb.DATA_STATE_CONSISTENT,
+    ReplicaDataState.RESYNCING: pb.DATA_STATE_RESYNCING,
+}
+DATA_STATE_FROM_PB: Final[dict[int, ReplicaDataState]] = {
+    int(v): k for k, v in DATA_STATE_TO_PB.items()
+}
+_BLOCK_BYTES: Final = 4096
+
+
+def uuid_from_pb(text: str, field: str = "uuid") -> uuidlib.UUID:
+    try:
+        return uuidlib.UUID(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{field} {text[:64]!r} is not a UUID; pass the primary volume's UUID as shown by "
+            "GetVolume (e.g. 0b1c...-...)"
+        ) from None
+
+
+def mode_from_pb(value: int, field: str = "mode") -> DurabilityMode:
+    mode = MODE_FROM_PB.get(value)
+    if mode is None:
+        names = ", ".join(pb.DurabilityMode.Name(v) for v in MODE_TO_PB.values())
+        raise InvalidArgumentError(f"{field} is required: use one of {names}")
+    return mode
+
+
+def replication_to_pb(info: ReplicationInfo) -> pb.ReplicationState:
+    return pb.ReplicationState(
+        name=info.name,
+        role=ROLE_TO_PB[info.role],
+        epoch=info.epoch,
+        mode=pb.DURABILITY_MODE_UNSPECIFIED if info.mode is None else MODE_TO_PB[info.mode],
+        last_lsn=max(info.last_lsn, 0),
+        durable_lsn=max(info.durable_lsn, 0),
+        data_state=(
+            pb.DATA_STATE_UNSPECIFIED
+            if info.data_state is None
+            else DATA_STATE_TO_PB[info.data_state]
+        ),
+        primary_connected=info.primary_connected,
+        resync_limit_bps=info.resync_limit_bps,
+        replicas=[
+            pb.ReplicaStatus(
+                address=r.address,
+                state=r.state,
+                in_sync=r.in_sync,
+                connected=r.connected,
+                phase=r.phase,
+                plan=r.plan,
+                plan_reason=r.plan_reason,
+                acked_lsn=max(r.acked_lsn, 0),
+                lag_lsns=r.lag_lsns,
+                resync_total_bytes=r.resync_total_blocks * _BLOCK_BYTES,
+                resync_done_bytes=r.resync_done_blocks * _BLOCK_BYTES,
+                resync_sent_bytes=r.resync_bytes,
+                resync_eta_s=r.resync_eta_s,
+                last_error=r.last_error[:1024],
+            )
+            for r in info.replicas
+        ],
+    )
+
+
+def replication_from_pb(msg: pb.ReplicationState) -> ReplicationInfo:
+    return ReplicationInfo(
+        name=msg.name,
+        role=role_from_pb(msg.role),
+        epoch=msg.epoch,
+        mode=MODE_FROM_PB.get(msg.mode),
+        last_lsn=msg.last_lsn,
+        durable_lsn=msg.durable_lsn,
+        data_state=DATA_STATE_FROM_PB.get(msg.data_state),
+        primary_connected=msg.primary_connected,
+        replicas=tuple(
+            ReplicaReport(
+                address=r.address,
+                state=r.state,
+                in_sync=r.in_sync,
+                connected=r.connected,
+                phase=r.phase,
+                plan=r.plan,
+                plan_reason=r.plan_reason,
+                acked_lsn=r.acked_lsn,
+                lag_lsns=r.lag_lsns,
+                resync_total_blocks=r.resync_total_bytes // _BLOCK_BYTES,
+                resync_done_blocks=r.resync_done_bytes // _BLOCK_BYTES,
+                resync_bytes=r.resync_sent_bytes,
+                resync_eta_s=r.resync_eta_s,
+                last_error=r.last_error,
+            )
+            for r in msg.replicas
+        ),
+        resync_limit_bps=msg.resync_limit_bps,
     )

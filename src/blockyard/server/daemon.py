@@ -78,6 +78,8 @@ class DaemonConfig:
     advertise_host: str | None = None
     shutdown_timeout_s: float = 30.0
     api_security: tls.TransportSecurity = tls.PLAINTEXT
+    replication_listen: Address | None = None
+    replication_advertise: str | None = None
 
 
 class VolumeServerDaemon:
@@ -97,7 +99,10 @@ class VolumeServerDaemon:
     def ready_line(self) -> str:
         iscsi = ",".join(str(a) for a in self.iscsi_addresses)
         api = Address(self.config.api_listen.host, self.api_port)
-        return f"READY iscsi={iscsi} api={api}"
+        line = f"READY iscsi={iscsi} api={api}"
+        if self.manager is not None and self.manager.replication.address:
+            line += f" replication={self.manager.replication.address}"
+        return line
 
     async def start(self) -> None:
         """Serve, or raise StartError with everything already undone."""
@@ -135,7 +140,14 @@ class VolumeServerDaemon:
             self._iscsi.append(server)
             groups.append(PortalGroup(tag, server, registry, advertised))
         try:
-            self.manager = VolumeManager(cfg.data_dir, groups, iqn_prefix=cfg.iqn_prefix)
+            rep = cfg.replication_listen
+            self.manager = VolumeManager(
+                cfg.data_dir,
+                groups,
+                iqn_prefix=cfg.iqn_prefix,
+                replication_listen=None if rep is None else (rep.host, rep.port),
+                replication_advertise=cfg.replication_advertise,
+            )
         except BlockyardError as exc:
             raise StartError(str(exc)) from exc
         try:
@@ -143,6 +155,12 @@ class VolumeServerDaemon:
         except BlockyardError as exc:
             raise StartError(f"cannot open data directory {cfg.data_dir}: {exc}") from exc
         except OSError as exc:
+            if cfg.replication_listen is not None and self.manager.replication.listener is None:
+                raise StartError(
+                    f"cannot listen for replication on {cfg.replication_listen}: "
+                    f"{exc.strerror or exc}; stop whatever uses that address or pick another "
+                    "--replication-listen"
+                ) from exc
             raise StartError(
                 f"cannot use data directory {cfg.data_dir}: {exc}; check the path and its "
                 "permissions"

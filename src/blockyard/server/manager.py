@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -44,14 +44,14 @@ from blockyard.errors import (
     VolumeExistsError,
     VolumeNotFoundError,
 )
-from blockyard.iscsi.chap import ChapCredentials
 from blockyard.iscsi.discovery import iqn_for_volume
 from blockyard.iscsi.login import TargetConfig
+from blockyard.replication.primary import ReplicatedDevice
 from blockyard.scsi.alua import AccessState, StaticAlua, TargetPortGroup
 from blockyard.scsi.identity import LuIdentity
 from blockyard.scsi.lu import LogicalUnit
 from blockyard.scsi.reservations import FileReservationStore
-from blockyard.server.auth import OPEN, VolumeAuth, check_initiator_name, load_auth, save_auth
+from blockyard.server.auth import OPEN, VolumeAuth, load_auth
 from blockyard.server.backend import (
     CapacityInfo,
     DeleteResult,
@@ -64,6 +64,8 @@ from blockyard.server.backend import (
     VolumePage,
 )
 from blockyard.server.iscsi_server import DictTargetRegistry, IscsiServer, ServedTarget
+from blockyard.server.manager_access import AccessOps
+from blockyard.server.manager_replication import ReplicationOps
 from blockyard.server.validation import (
     check_epoch,
     check_page_size,
@@ -93,9 +95,6 @@ LUN: Final = 0
 #: Hex digits of the volume UUID in its IQN: 48 bits, so two instances of one name never
 #: share a target name by chance.
 IQN_UUID_HEX_DIGITS: Final = 12
-#: A login that began before an ACL change may complete after it with the old rules; the
-#: sessions of initiators no longer admitted are looked for again this much later.
-ACL_RECHECK_DELAY_S: Final = 2.0
 
 #: Role → ALUA state on every portal group of the volume (SPC-4 §5.15).
 ROLE_ACCESS_STATE: Final[dict[Role, AccessState]] = {
@@ -142,6 +141,8 @@ class _Exported:
     iqn: str
     naa_id: str
     auth: VolumeAuth = OPEN
+    #: What the LU writes through: the volume plus the replication commit point.
+    device: ReplicatedDevice | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -158,7 +159,7 @@ def _report_abandoned(fut: asyncio.Future[Any]) -> None:
         log.warning("background engine call failed after its caller gave up: %s", fut.exception())
 
 
-class VolumeManager:
+class VolumeManager(AccessOps, ReplicationOps):
     """Owns and exports the volumes of ``data_dir``. See the module docstring for threading."""
 
     def __init__(
@@ -169,6 +170,8 @@ class VolumeManager:
         iqn_prefix: str = DEFAULT_IQN_PREFIX,
         workers: int = DEFAULT_WORKERS,
         op_timeout_s: float = DEFAULT_OP_TIMEOUT_S,
+        replication_listen: tuple[str, int] | None = None,
+        replication_advertise: str | None = None,
     ) -> None:
         if not portal_groups:
             raise ValueError("a volume manager needs at least one portal group")
@@ -189,6 +192,7 @@ class VolumeManager:
         self._ops: set[_Op] = set()
         self._stopping = False
         self._rechecks: set[asyncio.TimerHandle] = set()
+        self._init_replication(replication_listen, replication_advertise)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -214,6 +218,7 @@ class VolumeManager:
                 continue
             self._exported[name] = exp
             self._export(exp)
+        await self._start_replication()
         log.info("serving %d volumes from %s", len(self._exported), self.data_dir)
 
     def _open_store(self) -> VolumeStore:
@@ -248,6 +253,7 @@ class VolumeManager:
             await asyncio.sleep(_SESSION_POLL_S)
         if self._ops:
             log.warning("%d volume operations still running at shutdown", len(self._ops))
+        await self._stop_replication()
         exported, self._exported = self._exported, {}
         for exp in exported.values():
             self._unexport(exp)
@@ -368,9 +374,10 @@ class VolumeManager:
         reservations = FileReservationStore(
             os.path.join(vol.directory, RESERVATIONS_FILE), volume=vol.name
         )
-        lu = LogicalUnit(vol, identity, alua, reservations, lun=LUN, volume_name=vol.name)
+        device = ReplicatedDevice(vol)
+        lu = LogicalUnit(device, identity, alua, reservations, lun=LUN, volume_name=vol.name)
         iqn = volume_iqn(self.iqn_prefix, vol.name, vol.uuid)
-        return _Exported(vol, alua, lu, iqn, identity.naa_id().hex(), auth)
+        return _Exported(vol, alua, lu, iqn, identity.naa_id().hex(), auth, device)
 
     def _export(self, exp: _Exported) -> None:
         """Add (or re-add) the volume's target, with its access rules, to every portal group's
@@ -441,10 +448,19 @@ class VolumeManager:
     # ---- VolumeBackend --------------------------------------------------------------------
 
     async def create_volume(
-        self, name: str, size_bytes: int, *, source: SnapshotRef | None = None
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        source: SnapshotRef | None = None,
+        volume_uuid: uuidlib.UUID | None = None,
     ) -> VolumeDescription:
         check_volume_name("name", name)
         check_size("size_bytes", size_bytes, required=source is None)
+        if volume_uuid is not None and source is not None:
+            raise InvalidArgumentError(
+                "a clone gets a new UUID: send uuid only to create a replica copy"
+            )
         if source is None:
             names: tuple[str, ...] = (name,)
         else:
@@ -468,11 +484,20 @@ class VolumeManager:
                         f"bytes, not {size_bytes}; delete it first, pick another name, or use "
                         "ExpandVolume to grow it"
                     )
+                if volume_uuid is not None and exp.volume.uuid != volume_uuid:
+                    raise VolumeExistsError(
+                        f"volume {name!r} already exists with UUID {exp.volume.uuid}, not "
+                        f"{volume_uuid}; delete it first to make it a copy of that volume"
+                    )
                 self._export(exp)
                 return await self._describe(op, exp)
             if source is None:
                 vol = await self._offload(
-                    op, f"create volume {name!r}", self.store.create, name, size_bytes
+                    op,
+                    f"create volume {name!r}",
+                    functools.partial(self.store.create, volume_uuid=volume_uuid),
+                    name,
+                    size_bytes,
                 )
             else:
                 src = self._require(source.volume)
@@ -493,6 +518,7 @@ class VolumeManager:
             self._exported[name] = exp
             self._export(exp)
             log.info("created volume %s (%d bytes), exported as %s", name, vol.size_bytes, exp.iqn)
+            await self._volume_opened(exp)
             return await self._describe(op, exp)
 
     def _clone_sync(self, src: Volume, source: SnapshotRef, name: str, size_bytes: int) -> Volume:
@@ -518,6 +544,7 @@ class VolumeManager:
         with self._exclusive(name) as op:
             exp = self._exported.pop(name, None)
             dropped = 0
+            await self._volume_closing(name)
             if exp is not None:
                 dropped = self._unexport(exp)
                 await self._drain_sessions(exp.iqn)
@@ -622,22 +649,32 @@ class VolumeManager:
             and self._store is not None
             and all(g.server.serving for g in self._groups)
         )
-        return HealthInfo(serving, len(self._exported), self._portals(None), __version__)
+        return HealthInfo(
+            serving,
+            len(self._exported),
+            self._portals(None),
+            __version__,
+            self.replication.address,
+        )
 
     # ---- VolumeServerControl --------------------------------------------------------------
 
     async def set_volume_role(self, name: str, role: Role, epoch: int) -> VolumeDescription:
+        """Role and epoch alone; a primary keeps its durability mode and replica set (see
+        :meth:`set_replication` to change those)."""
         check_volume_name("name", name)
         check_epoch(epoch)
         with self._exclusive(name) as op:
             exp = self._require(name)
-            await self._offload(op, "set role", exp.volume.set_role, role, epoch)
-            state = ROLE_ACCESS_STATE[role]
-            for group in self._groups:
-                exp.alua.set_state(group.portal_group_tag, state)
-            exp.lu.notify_alua_changed()
-            log.info("volume %s is %s at epoch %d", name, role.name.lower(), epoch)
+            await self._assign(op, exp, role, epoch, None)
             return await self._describe(op, exp)
+
+    def _apply_alua(self, exp: _Exported, role: Role) -> None:
+        """Every portal group takes the role's ALUA state (SPC-4 §5.15)."""
+        state = ROLE_ACCESS_STATE[role]
+        for group in self._groups:
+            exp.alua.set_state(group.portal_group_tag, state)
+        exp.lu.notify_alua_changed()
 
     async def set_port_state(
         self, volume: str, portal_group_tag: int, state: AccessState
@@ -657,119 +694,3 @@ class VolumeManager:
                 "volume %s portal group %d is now %s", volume, portal_group_tag, state.name.lower()
             )
             return await self._describe(op, exp)
-
-    # ---- access control -------------------------------------------------------------------
-
-    async def set_volume_auth(
-        self,
-        name: str,
-        chap: ChapCredentials | None,
-        mutual_chap: ChapCredentials | None = None,
-    ) -> VolumeDescription:
-        check_volume_name("name", name)
-        with self._exclusive(name) as op:
-            exp = self._require(name)
-            before = exp.auth
-            await self._apply_auth(op, exp, before.with_chap(chap, mutual_chap))
-            dropped = 0
-            if before.chap is None and chap is not None:
-                # Sessions that logged in without CHAP did not authenticate: end them.
-                dropped = sum(g.server.drop_sessions(exp.iqn) for g in self._serving_groups())
-            log.info(
-                "volume %s: CHAP %s, mutual CHAP %s (%d sessions ended)",
-                name,
-                f"required for user {chap.name!r}" if chap is not None else "off",
-                "on" if mutual_chap is not None else "off",
-                dropped,
-            )
-            return await self._describe(op, exp)
-
-    async def set_volume_access(
-        self, name: str, allowed_initiators: Collection[str] | None
-    ) -> VolumeDescription:
-        check_volume_name("name", name)
-        if allowed_initiators is not None:
-            allowed_initiators = [
-                check_initiator_name("allowed_initiators", n) for n in allowed_initiators
-            ]
-        with self._exclusive(name) as op:
-            exp = self._require(name)
-            return await self._change_access(op, exp, exp.auth.with_access(allowed_initiators))
-
-    async def allow_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
-        check_volume_name("name", name)
-        check_initiator_name("initiator_name", initiator_name)
-        with self._exclusive(name) as op:
-            exp = self._require(name)
-            return await self._change_access(op, exp, exp.auth.allowing(initiator_name))
-
-    async def revoke_initiator(self, name: str, initiator_name: str) -> VolumeDescription:
-        check_volume_name("name", name)
-        check_initiator_name("initiator_name", initiator_name)
-        with self._exclusive(name) as op:
-            exp = self._require(name)
-            return await self._change_access(op, exp, exp.auth.revoking(initiator_name))
-
-    async def _apply_auth(self, op: _Op, exp: _Exported, auth: VolumeAuth) -> bool:
-        """Persist ``auth`` and export it; returns whether anything changed. The file is
-        written first, so rules a caller was told about survive a restart."""
-        if auth == exp.auth:
-            return False
-        directory = exp.volume.directory
-        await self._offload(op, "save the access settings", save_auth, directory, auth)
-        exp.auth = auth
-        self._export(exp)
-        return True
-
-    async def _change_access(self, op: _Op, exp: _Exported, auth: VolumeAuth) -> VolumeDescription:
-        if await self._apply_auth(op, exp, auth):
-            dropped = self._drop_unadmitted(exp)
-            self._schedule_recheck(exp)
-            info = auth.info()
-            log.info(
-                "volume %s admits %s (%d sessions ended)",
-                exp.volume.name,
-                ", ".join(info.allowed_initiators) or "no initiator"
-                if info.restricted
-                else "every initiator",
-                dropped,
-            )
-        return await self._describe(op, exp)
-
-    def _serving_groups(self) -> list[PortalGroup]:
-        return [g for g in self._groups if g.server.serving]
-
-    def _drop_unadmitted(self, exp: _Exported) -> int:
-        """End the sessions of ``exp``'s target whose initiator its rules no longer admit;
-        every other session, of this target or another, is left alone. Returns how many."""
-        dropped = 0
-        for group in self._serving_groups():
-            for proto in list(group.server.connections):
-                conn = proto.conn
-                if conn is None or conn.closed or conn.target_name != exp.iqn:
-                    continue
-                initiator = conn.params.initiator_name
-                if exp.auth.admits(initiator):
-                    continue
-                proto.close(f"initiator {initiator} is no longer allowed to use {exp.iqn}")
-                dropped += 1
-        return dropped
-
-    def _schedule_recheck(self, exp: _Exported) -> None:
-        """Look again a little later: a login that read the old rules just before the change
-        may only now have completed (the target login checks the ACL when it starts)."""
-        loop = asyncio.get_running_loop()
-
-        def recheck() -> None:
-            self._rechecks.discard(handle)
-            if self._exported.get(exp.volume.name) is exp and not self._stopping:
-                late = self._drop_unadmitted(exp)
-                if late:
-                    log.warning(
-                        "ended %d sessions of %s that logged in with the old access rules",
-                        late,
-                        exp.iqn,
-                    )
-
-        handle = loop.call_later(ACL_RECHECK_DELAY_S, recheck)
-        self._rechecks.add(handle)

@@ -34,6 +34,7 @@ STATUS_BY_ERROR: Final[dict[type[BaseException], grpc.StatusCode]] = {
     errors.FeedLostError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ReplicationGapError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NoSpaceError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ReplicationUnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.BlockyardTimeoutError: grpc.StatusCode.UNAVAILABLE,
     errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,
     errors.BlockyardError: grpc.StatusCode.INTERNAL,

@@ -19,7 +19,7 @@ from blockyard.errors import CorruptionError, InvalidArgumentError, NoSpaceError
 from blockyard.iscsi.chap import ChapCredentials
 from blockyard.iscsi.discovery import MAX_NAME_LENGTH, is_valid_iscsi_name
 from blockyard.server import auth as auth_mod
-from blockyard.server import manager as manager_mod
+from blockyard.server import manager_access
 from blockyard.server.auth import (
     AUTH_FILE,
     MAX_ALLOWED_INITIATORS,
@@ -235,7 +235,7 @@ class FakeProto:
 def test_a_change_ends_exactly_the_sessions_it_no_longer_admits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manager_mod, "ACL_RECHECK_DELAY_S", 0.05)
+    monkeypatch.setattr(manager_access, "ACL_RECHECK_DELAY_S", 0.05)
 
     async def body(m: VolumeManager) -> None:
         v = await m.create_volume("v", 4 * MIB)
@@ -297,12 +297,12 @@ def test_rules_file_is_written_before_new_logins_see_it(tmp_path: Path) -> None:
         def failing(directory: str, rules: VolumeAuth) -> None:
             raise NoSpaceError("no space left to save the access settings")
 
-        manager_mod.save_auth = failing  # type: ignore[assignment]
+        manager_access.save_auth = failing  # type: ignore[assignment]
         try:
             with pytest.raises(NoSpaceError):
                 await m.allow_initiator("v", A)
         finally:
-            manager_mod.save_auth = real
+            manager_access.save_auth = real
         desc = await m.get_volume("v")
         assert not desc.access.restricted, "rules applied although they were not saved"
         assert not os.path.exists(tmp_path / "v" / AUTH_FILE)

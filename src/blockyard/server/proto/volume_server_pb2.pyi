@@ -23,6 +23,20 @@ class PortState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PORT_STATE_STANDBY: _ClassVar[PortState]
     PORT_STATE_UNAVAILABLE: _ClassVar[PortState]
     PORT_STATE_TRANSITIONING: _ClassVar[PortState]
+
+class DurabilityMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DURABILITY_MODE_UNSPECIFIED: _ClassVar[DurabilityMode]
+    DURABILITY_MODE_BEST_EFFORT: _ClassVar[DurabilityMode]
+    DURABILITY_MODE_SYNC_ALL: _ClassVar[DurabilityMode]
+    DURABILITY_MODE_SYNC_QUORUM: _ClassVar[DurabilityMode]
+
+class DataState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_STATE_UNSPECIFIED: _ClassVar[DataState]
+    DATA_STATE_EMPTY: _ClassVar[DataState]
+    DATA_STATE_CONSISTENT: _ClassVar[DataState]
+    DATA_STATE_RESYNCING: _ClassVar[DataState]
 ROLE_UNSPECIFIED: Role
 ROLE_NONE: Role
 ROLE_PRIMARY: Role
@@ -34,6 +48,14 @@ PORT_STATE_ACTIVE_NON_OPTIMIZED: PortState
 PORT_STATE_STANDBY: PortState
 PORT_STATE_UNAVAILABLE: PortState
 PORT_STATE_TRANSITIONING: PortState
+DURABILITY_MODE_UNSPECIFIED: DurabilityMode
+DURABILITY_MODE_BEST_EFFORT: DurabilityMode
+DURABILITY_MODE_SYNC_ALL: DurabilityMode
+DURABILITY_MODE_SYNC_QUORUM: DurabilityMode
+DATA_STATE_UNSPECIFIED: DataState
+DATA_STATE_EMPTY: DataState
+DATA_STATE_CONSISTENT: DataState
+DATA_STATE_RESYNCING: DataState
 
 class Portal(_message.Message):
     __slots__ = ("host", "port", "portal_group_tag", "state")
@@ -104,14 +126,16 @@ class SnapshotSource(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., snapshot: _Optional[str] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
-    __slots__ = ("name", "size_bytes", "source")
+    __slots__ = ("name", "size_bytes", "source", "uuid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     source: SnapshotSource
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[SnapshotSource, _Mapping]] = ...) -> None: ...
+    uuid: str
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[SnapshotSource, _Mapping]] = ..., uuid: _Optional[str] = ...) -> None: ...
 
 class DeleteVolumeRequest(_message.Message):
     __slots__ = ("name",)
@@ -256,16 +280,96 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("serving", "volume_count", "portals", "version")
+    __slots__ = ("serving", "volume_count", "portals", "version", "replication_address")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     VOLUME_COUNT_FIELD_NUMBER: _ClassVar[int]
     PORTALS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     volume_count: int
     portals: _containers.RepeatedCompositeFieldContainer[Portal]
     version: str
-    def __init__(self, serving: _Optional[bool] = ..., volume_count: _Optional[int] = ..., portals: _Optional[_Iterable[_Union[Portal, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    replication_address: str
+    def __init__(self, serving: _Optional[bool] = ..., volume_count: _Optional[int] = ..., portals: _Optional[_Iterable[_Union[Portal, _Mapping]]] = ..., version: _Optional[str] = ..., replication_address: _Optional[str] = ...) -> None: ...
+
+class SetReplicationRequest(_message.Message):
+    __slots__ = ("name", "role", "epoch", "mode", "replicas", "resync_limit_bps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_LIMIT_BPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: Role
+    epoch: int
+    mode: DurabilityMode
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    resync_limit_bps: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[DurabilityMode, str]] = ..., replicas: _Optional[_Iterable[str]] = ..., resync_limit_bps: _Optional[int] = ...) -> None: ...
+
+class GetReplicationRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("address", "state", "in_sync", "connected", "phase", "plan", "plan_reason", "acked_lsn", "lag_lsns", "resync_total_bytes", "resync_done_bytes", "resync_sent_bytes", "resync_eta_s", "last_error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLAN_REASON_FIELD_NUMBER: _ClassVar[int]
+    ACKED_LSN_FIELD_NUMBER: _ClassVar[int]
+    LAG_LSNS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_ETA_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    state: str
+    in_sync: bool
+    connected: bool
+    phase: str
+    plan: str
+    plan_reason: str
+    acked_lsn: int
+    lag_lsns: int
+    resync_total_bytes: int
+    resync_done_bytes: int
+    resync_sent_bytes: int
+    resync_eta_s: float
+    last_error: str
+    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., in_sync: _Optional[bool] = ..., connected: _Optional[bool] = ..., phase: _Optional[str] = ..., plan: _Optional[str] = ..., plan_reason: _Optional[str] = ..., acked_lsn: _Optional[int] = ..., lag_lsns: _Optional[int] = ..., resync_total_bytes: _Optional[int] = ..., resync_done_bytes: _Optional[int] = ..., resync_sent_bytes: _Optional[int] = ..., resync_eta_s: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class ReplicationState(_message.Message):
+    __slots__ = ("name", "role", "epoch", "mode", "last_lsn", "durable_lsn", "data_state", "primary_connected", "replicas", "resync_limit_bps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LAST_LSN_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_LSN_FIELD_NUMBER: _ClassVar[int]
+    DATA_STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_LIMIT_BPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: Role
+    epoch: int
+    mode: DurabilityMode
+    last_lsn: int
+    durable_lsn: int
+    data_state: DataState
+    primary_connected: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    resync_limit_bps: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[DurabilityMode, str]] = ..., last_lsn: _Optional[int] = ..., durable_lsn: _Optional[int] = ..., data_state: _Optional[_Union[DataState, str]] = ..., primary_connected: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., resync_limit_bps: _Optional[int] = ...) -> None: ...
 
 class ChapSecret(_message.Message):
     __slots__ = ("user", "secret")

@@ -119,6 +119,16 @@ class VolumeServerStub:
                 request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.SerializeToString,
                 response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
                 _registered_method=True)
+        self.SetReplication = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/SetReplication',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetReplicationRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.FromString,
+                _registered_method=True)
+        self.GetReplication = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/GetReplication',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.GetReplicationRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.FromString,
+                _registered_method=True)
 
 
 class VolumeServerServicer:
@@ -241,6 +251,24 @@ class VolumeServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReplication(self, request, context):
+        """Assign the volume's replication: role, epoch, durability mode and replica set (replica
+        servers' --replication-listen addresses; only a primary has them). Idempotent; the epoch
+        may stay or move forward, never back (FAILED_PRECONDITION). A replica copy must exist on
+        each replica server with the same UUID (CreateVolume with uuid) and role REPLICA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReplication(self, request, context):
+        """Replication state: per replica in sync / catching up / resyncing with progress / out of
+        sync, and lag; on a replica, whether its data is consistent and a primary is connected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VolumeServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -328,6 +356,16 @@ def add_VolumeServerServicer_to_server(servicer, server):
                     servicer.RevokeInitiator,
                     request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.FromString,
                     response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.SerializeToString,
+            ),
+            'SetReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReplication,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetReplicationRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.SerializeToString,
+            ),
+            'GetReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplication,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.GetReplicationRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -789,6 +827,60 @@ class VolumeServer:
             '/blockyard.v1.VolumeServer/RevokeInitiator',
             blockyard_dot_server_dot_proto_dot_volume__server__pb2.InitiatorRequest.SerializeToString,
             blockyard_dot_server_dot_proto_dot_volume__server__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/SetReplication',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.SetReplicationRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/GetReplication',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.GetReplicationRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.FromString,
             options,
             channel_credentials,
             insecure,

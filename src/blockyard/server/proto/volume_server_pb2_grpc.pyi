@@ -75,6 +75,16 @@ class VolumeServerStub:
     """Add one initiator to the ACL (an open volume becomes restricted to it). Idempotent."""
     RevokeInitiator: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.InitiatorRequest, _volume_server_pb2.Volume]
     """Remove one initiator from the ACL and end its sessions. Idempotent."""
+    SetReplication: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.SetReplicationRequest, _volume_server_pb2.ReplicationState]
+    """Assign the volume's replication: role, epoch, durability mode and replica set (replica
+    servers' --replication-listen addresses; only a primary has them). Idempotent; the epoch
+    may stay or move forward, never back (FAILED_PRECONDITION). A replica copy must exist on
+    each replica server with the same UUID (CreateVolume with uuid) and role REPLICA.
+    """
+    GetReplication: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.GetReplicationRequest, _volume_server_pb2.ReplicationState]
+    """Replication state: per replica in sync / catching up / resyncing with progress / out of
+    sync, and lag; on a replica, whether its data is consistent and a primary is connected.
+    """
 
 @_typing.type_check_only
 class VolumeServerAsyncStub(VolumeServerStub):
@@ -114,6 +124,16 @@ class VolumeServerAsyncStub(VolumeServerStub):
     """Add one initiator to the ACL (an open volume becomes restricted to it). Idempotent."""
     RevokeInitiator: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.InitiatorRequest, _volume_server_pb2.Volume]  # type: ignore[assignment]
     """Remove one initiator from the ACL and end its sessions. Idempotent."""
+    SetReplication: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.SetReplicationRequest, _volume_server_pb2.ReplicationState]  # type: ignore[assignment]
+    """Assign the volume's replication: role, epoch, durability mode and replica set (replica
+    servers' --replication-listen addresses; only a primary has them). Idempotent; the epoch
+    may stay or move forward, never back (FAILED_PRECONDITION). A replica copy must exist on
+    each replica server with the same UUID (CreateVolume with uuid) and role REPLICA.
+    """
+    GetReplication: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.GetReplicationRequest, _volume_server_pb2.ReplicationState]  # type: ignore[assignment]
+    """Replication state: per replica in sync / catching up / resyncing with progress / out of
+    sync, and lag; on a replica, whether its data is consistent and a primary is connected.
+    """
 
 class VolumeServerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -252,5 +272,27 @@ class VolumeServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_volume_server_pb2.Volume, _abc.Awaitable[_volume_server_pb2.Volume]]:
         """Remove one initiator from the ACL and end its sessions. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def SetReplication(
+        self,
+        request: _volume_server_pb2.SetReplicationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.ReplicationState, _abc.Awaitable[_volume_server_pb2.ReplicationState]]:
+        """Assign the volume's replication: role, epoch, durability mode and replica set (replica
+        servers' --replication-listen addresses; only a primary has them). Idempotent; the epoch
+        may stay or move forward, never back (FAILED_PRECONDITION). A replica copy must exist on
+        each replica server with the same UUID (CreateVolume with uuid) and role REPLICA.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReplication(
+        self,
+        request: _volume_server_pb2.GetReplicationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.ReplicationState, _abc.Awaitable[_volume_server_pb2.ReplicationState]]:
+        """Replication state: per replica in sync / catching up / resyncing with progress / out of
+        sync, and lag; on a replica, whether its data is consistent and a primary is connected.
+        """
 
 def add_VolumeServerServicer_to_server(servicer: VolumeServerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

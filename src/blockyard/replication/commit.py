@@ -1,0 +1,320 @@
+"""The commit point of a replicated volume: when a flush or FUA write may be acknowledged, and
+the one rule that drops a replica from the copies it waits for (sans-IO; injected clock).
+
+Writes without FUA are acknowledged into the volatile cache, as on a disk with its write cache
+on. SYNCHRONIZE CACHE and FUA writes are the durability points: the primary acknowledges them
+only when the volume's durability mode holds for every record up to their LSN:
+
+- ``best_effort`` — the local WAL is durable; replicas catch up asynchronously;
+- ``sync_all`` — the local WAL is durable **and** every in-sync replica acknowledged durability;
+- ``sync_quorum`` — a majority of all copies (the primary counts as one) is durable.
+
+**Degrade or fail** (:func:`degrade_or_fail`, the only place this is decided): a replica that
+misses a barrier for :data:`BARRIER_TIMEOUT_S` or whose connection drops is first *durably*
+marked out of sync (the caller persists the mark; for now in the volume's replication state,
+later by the master), and only then stops counting. Until the mark is durable, waiters keep
+waiting for it; if marking fails, they fail — never an acknowledgement that a copy which might
+later be promoted does not hold. An out-of-sync replica counts again only after it caught up
+and was durably marked in sync.
+
+Barriers are shared like fdatasync in group commit: at most one is in flight per replica; flushes
+that arrive meanwhile ride on the next one, which covers the highest LSN anyone waits for.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+#: How long an in-sync replica may take to acknowledge a barrier before it is marked out of
+#: sync. Well under an initiator's SCSI command timeout (30 s in Linux and libiscsi), so a flush
+#: that must degrade still completes in time; long enough for a loaded replica's fdatasync.
+BARRIER_TIMEOUT_S: Final = 5.0
+
+
+class DurabilityMode(enum.Enum):
+    BEST_EFFORT = "best_effort"
+    SYNC_ALL = "sync_all"
+    SYNC_QUORUM = "sync_quorum"
+
+
+@dataclass(frozen=True, slots=True)
+class SendBarrier:
+    replica: str
+    barrier_id: int
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkOutOfSync:
+    """Persist that ``replica`` is out of sync, then call :meth:`CommitTracker.marked`."""
+
+    replica: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    token: int
+    reason: str
+
+
+Action = SendBarrier | MarkOutOfSync | Complete | Fail
+
+
+class Verdict(enum.Enum):
+    """What :func:`degrade_or_fail` says about a waiter."""
+
+    DONE = "done"
+    WAIT = "wait"
+    FAIL = "fail"
+
+
+def degrade_or_fail(
+    mode: DurabilityMode,
+    copies: int,
+    acked: int,
+    pending: int,
+    unmarkable: int,
+) -> Verdict:
+    """Whether a durability point may be acknowledged.
+
+    ``copies`` counts every copy of the volume (primary included); ``acked`` the replicas that
+    are in sync and durable up to the waiter's LSN; ``pending`` the replicas that still count
+    but have not acknowledged (in sync and responsive, or being marked out of sync); and
+    ``unmarkable`` the replicas that must stop counting but whose out-of-sync mark could not
+    be persisted. The primary's own durability is settled before this is asked.
+    """
+    if mode is DurabilityMode.BEST_EFFORT:
+        return Verdict.DONE
+    if unmarkable:
+        # A copy that may be promoted lacks the write and we cannot record that it may not be
+        # promoted: acknowledging would be a lie.
+        return Verdict.FAIL
+    if mode is DurabilityMode.SYNC_ALL:
+        return Verdict.WAIT if pending else Verdict.DONE
+    need = copies // 2 + 1
+    if 1 + acked >= need:
+        return Verdict.DONE
+    if 1 + acked + pending >= need:
+        return Verdict.WAIT
+    return Verdict.FAIL
+
+
+class _State(enum.Enum):
+    IN_SYNC = "in_sync"
+    #: Timed out or disconnected; the out-of-sync mark is being persisted.
+    MARKING = "marking"
+    OUT_OF_SYNC = "out_of_sync"
+    #: The mark could not be persisted: waiters fail until it can be.
+    UNMARKABLE = "unmarkable"
+
+
+@dataclass(slots=True)
+class _Replica:
+    state: _State
+    durable_lsn: int = 0
+    inflight_id: int = 0
+    inflight_lsn: int = 0
+    inflight_since: float = 0.0
+    connected: bool = False
+
+
+@dataclass(slots=True)
+class _Waiter:
+    token: int
+    lsn: int
+    since: float
+    #: Replicas that must acknowledge (or be marked out) for this waiter: the in-sync set when
+    #: it arrived. A replica that comes back in sync later does not hold up older flushes.
+    replicas: set[str] = field(default_factory=set)
+
+
+class CommitTracker:
+    """Durability decisions for one primary volume. Not thread-safe: one owner (the server's
+    event loop) feeds it events and carries out the actions it returns."""
+
+    def __init__(
+        self,
+        mode: DurabilityMode,
+        *,
+        in_sync: Iterable[str] = (),
+        out_of_sync: Iterable[str] = (),
+        barrier_timeout_s: float = BARRIER_TIMEOUT_S,
+    ) -> None:
+        self.mode = mode
+        self._timeout_s = barrier_timeout_s
+        self._replicas: dict[str, _Replica] = {r: _Replica(_State.IN_SYNC) for r in in_sync}
+        self._replicas.update({r: _Replica(_State.OUT_OF_SYNC) for r in out_of_sync})
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_token = 1
+        self._next_barrier = 1
+
+    # ---- queries --------------------------------------------------------------------------
+
+    @property
+    def copies(self) -> int:
+        return 1 + len(self._replicas)
+
+    def in_sync(self) -> list[str]:
+        return sorted(r for r, s in self._replicas.items() if s.state is _State.IN_SYNC)
+
+    def state_of(self, replica: str) -> str:
+        return self._replicas[replica].state.value
+
+    def durable_lsn(self, replica: str) -> int:
+        return self._replicas[replica].durable_lsn
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def set_mode(self, mode: DurabilityMode, now: float) -> list[Action]:
+        self.mode = mode
+        return self._evaluate(now)
+
+    def add_replica(self, replica: str) -> None:
+        """A new member of the replica set: out of sync until it caught up."""
+        self._replicas.setdefault(replica, _Replica(_State.OUT_OF_SYNC))
+
+    def remove_replica(self, replica: str, now: float) -> list[Action]:
+        self._replicas.pop(replica, None)
+        for w in self._waiters.values():
+            w.replicas.discard(replica)
+        return self._evaluate(now)
+
+    def request(self, lsn: int, now: float) -> tuple[int, list[Action]]:
+        """A durability point at ``lsn`` (the primary's own fdatasync already covers it)."""
+        token = self._next_token
+        self._next_token += 1
+        waiter = _Waiter(
+            token,
+            lsn,
+            now,
+            {r for r, s in self._replicas.items() if s.state in (_State.IN_SYNC, _State.MARKING)},
+        )
+        self._waiters[token] = waiter
+        return token, self._evaluate(now)
+
+    def cancel(self, token: int) -> None:
+        self._waiters.pop(token, None)
+
+    def connected(self, replica: str, now: float) -> list[Action]:
+        r = self._replicas.get(replica)
+        if r is not None:
+            r.connected = True
+            r.inflight_id = 0
+        return self._evaluate(now)
+
+    def disconnected(self, replica: str, now: float) -> list[Action]:
+        """The replica's connection dropped: if it counted, it is marked out of sync now."""
+        r = self._replicas.get(replica)
+        if r is None:
+            return []
+        r.connected = False
+        r.inflight_id = 0
+        if r.state is _State.IN_SYNC:
+            r.state = _State.MARKING
+            return [MarkOutOfSync(replica, "its connection dropped"), *self._evaluate(now)]
+        return self._evaluate(now)
+
+    def acked(self, replica: str, durable_lsn: int, barrier_id: int, now: float) -> list[Action]:
+        r = self._replicas.get(replica)
+        if r is None:
+            return []
+        r.durable_lsn = max(r.durable_lsn, durable_lsn)
+        if r.inflight_id and (barrier_id == r.inflight_id or r.durable_lsn >= r.inflight_lsn):
+            r.inflight_id = 0
+        return self._evaluate(now)
+
+    def marked(self, replica: str, ok: bool, now: float) -> list[Action]:
+        """The out-of-sync mark for ``replica`` was persisted (``ok``) or could not be."""
+        r = self._replicas.get(replica)
+        if r is None:
+            return []
+        if r.state in (_State.MARKING, _State.UNMARKABLE):
+            r.state = _State.OUT_OF_SYNC if ok else _State.UNMARKABLE
+        return self._evaluate(now)
+
+    def back_in_sync(self, replica: str, now: float) -> list[Action]:
+        """The replica caught up and was durably marked in sync: it counts again."""
+        r = self._replicas.get(replica)
+        if r is None:
+            return []
+        r.state = _State.IN_SYNC
+        return self._evaluate(now)
+
+    def tick(self, now: float) -> list[Action]:
+        return self._evaluate(now)
+
+    # ---- the decision ---------------------------------------------------------------------
+
+    def _evaluate(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        # Time out replicas that hold up a waiter past the barrier timeout.
+        for w in self._waiters.values():
+            if now - w.since < self._timeout_s:
+                continue
+            for name in sorted(w.replicas):
+                r = self._replicas.get(name)
+                if r is not None and r.state is _State.IN_SYNC and r.durable_lsn < w.lsn:
+                    r.state = _State.MARKING
+                    actions.append(
+                        MarkOutOfSync(
+                            name,
+                            f"it did not acknowledge LSN {w.lsn} within {self._timeout_s:g} s",
+                        )
+                    )
+        done: list[int] = []
+        for w in self._waiters.values():
+            acked = pending = unmarkable = 0
+            for name in w.replicas:
+                r = self._replicas.get(name)
+                if r is None or r.state is _State.OUT_OF_SYNC:
+                    continue
+                if r.state is _State.UNMARKABLE:
+                    unmarkable += 1
+                elif r.state is _State.IN_SYNC and r.durable_lsn >= w.lsn:
+                    acked += 1
+                else:
+                    pending += 1
+            verdict = degrade_or_fail(self.mode, self.copies, acked, pending, unmarkable)
+            if verdict is Verdict.DONE:
+                actions.append(Complete(w.token))
+                done.append(w.token)
+            elif verdict is Verdict.FAIL:
+                actions.append(
+                    Fail(
+                        w.token,
+                        f"LSN {w.lsn} is not durable on enough copies for {self.mode.value}: "
+                        f"{acked} of {self.copies - 1} replicas acknowledged"
+                        + (f", {unmarkable} could not be marked out of sync" if unmarkable else ""),
+                    )
+                )
+                done.append(w.token)
+        for token in done:
+            del self._waiters[token]
+        # One barrier in flight per connected in-sync replica, for the newest LSN waited on.
+        for name, r in self._replicas.items():
+            if r.state is not _State.IN_SYNC or not r.connected or r.inflight_id:
+                continue
+            want = max(
+                (w.lsn for w in self._waiters.values() if name in w.replicas),
+                default=0,
+            )
+            if want > r.durable_lsn:
+                r.inflight_id = self._next_barrier
+                self._next_barrier += 1
+                r.inflight_lsn = want
+                r.inflight_since = now
+                actions.append(SendBarrier(name, r.inflight_id, want))
+        return actions

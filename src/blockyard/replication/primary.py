@@ -1,0 +1,354 @@
+"""A primary volume's replication: its replica set, the links that feed it, the commit tracker
+that decides when a flush may be acknowledged, and the device the SCSI layer writes through.
+
+Threads: everything here runs on the volume server's event loop except
+:meth:`VolumeReplication.commit_blocking`, which the SCSI executor threads call for a flush or a
+FUA write and which waits (bounded) for the loop's verdict. Storage work (bitmap and state
+persistence, reading resync blocks) goes to the replication worker pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, TypeVar
+
+from blockyard.blockdev import BytesLike, LbaStatus
+from blockyard.engine.volume import Volume
+from blockyard.errors import BlockyardError, ReplicationUnavailableError
+from blockyard.replication.commit import (
+    Action,
+    CommitTracker,
+    Complete,
+    DurabilityMode,
+    Fail,
+    MarkOutOfSync,
+    SendBarrier,
+)
+from blockyard.replication.link import LinkStatus, ReplicaLink
+from blockyard.replication.report import ReplicaReport
+from blockyard.replication.state import PrimaryState, save_primary_state
+
+log = logging.getLogger("blockyard.replication")
+
+T = TypeVar("T")
+
+#: How often the tracker looks for replicas that missed their barrier.
+TICK_INTERVAL_S: Final = 0.25
+#: Longest a flush waits for the replication verdict (the tracker itself decides within the
+#: barrier timeout plus the time to persist an out-of-sync mark; this is the backstop).
+COMMIT_WAIT_TIMEOUT_S: Final = 25.0
+#: How often an out-of-sync mark that could not be persisted is retried.
+MARK_RETRY_S: Final = 1.0
+
+
+class VolumeReplication:
+    """Replication of one primary volume (see the module docstring)."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        state: PrimaryState,
+        *,
+        executor: ThreadPoolExecutor,
+        primary_id: str,
+        on_event: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self.volume = volume
+        self.state = state
+        self.primary_id = primary_id
+        self._executor = executor
+        self._on_event = on_event
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tracker = CommitTracker(
+            state.mode,
+            in_sync=[r.address for r in state.replicas if r.in_sync],
+            out_of_sync=[r.address for r in state.replicas if not r.in_sync],
+        )
+        self.links: dict[str, ReplicaLink] = {}
+        self._waiters: dict[int, concurrent.futures.Future[None]] = {}
+        self._tick: asyncio.Task[None] | None = None
+        self._marking: set[str] = set()
+        self.commit_lsn = 0
+        self.degrade_events = 0
+        self.barrier_latencies_s: list[float] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for r in self.state.replicas:
+            await self.run_sync(self.volume.track_replica, r.address)
+            self._start_link(r.address)
+        self._tick = asyncio.create_task(self._ticker(), name=f"commit-{self.volume.name}")
+
+    def _start_link(self, address: str) -> None:
+        link = ReplicaLink(self, address)
+        self.links[address] = link
+        link.start()
+
+    async def stop(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for link in list(self.links.values()):
+            await link.stop()
+        self.links.clear()
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(
+                    ReplicationUnavailableError(
+                        f"volume {self.volume.name!r}: replication stopped before the flush was "
+                        "confirmed; retry it"
+                    )
+                )
+        self._waiters.clear()
+
+    async def reconfigure(self, state: PrimaryState) -> None:
+        """Apply a new mode or replica set (already persisted by the caller)."""
+        now = time.monotonic()
+        old = {r.address for r in self.state.replicas}
+        new = {r.address for r in state.replicas}
+        self.state = state
+        for address in old - new:
+            link = self.links.pop(address, None)
+            if link is not None:
+                await link.stop()
+            self._run(self.tracker.remove_replica(address, now))
+            await self.run_sync(self.volume.untrack_replica, address)
+        for address in sorted(new - old):
+            await self.run_sync(self.volume.track_replica, address)
+            self.tracker.add_replica(address)
+            self._start_link(address)
+        self._run(self.tracker.set_mode(state.mode, now))
+
+    async def run_sync(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    @property
+    def resync_limit_bps(self) -> int:
+        return self.state.resync_limit_bps
+
+    # ---- the commit point -----------------------------------------------------------------
+
+    @property
+    def needs_commit(self) -> bool:
+        """Whether a durability point must wait for replicas at all."""
+        return self.state.mode is not DurabilityMode.BEST_EFFORT and bool(self.state.replicas)
+
+    def commit_blocking(self, lsn: int) -> None:
+        """From a SCSI worker thread, after the local fdatasync covered ``lsn``: wait until the
+        durability mode holds for it. Raises :class:`ReplicationUnavailableError` when it
+        cannot (the flush must fail)."""
+        loop = self.loop
+        if loop is None or not self.needs_commit:
+            return
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        started = time.monotonic()
+        loop.call_soon_threadsafe(self._request, lsn, fut)
+        try:
+            fut.result(COMMIT_WAIT_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise ReplicationUnavailableError(
+                f"volume {self.volume.name!r}: replicas did not confirm LSN {lsn} within "
+                f"{COMMIT_WAIT_TIMEOUT_S:g} s and could not be marked out of sync; the flush "
+                "is not durable on the copies the durability mode requires"
+            ) from None
+        self.barrier_latencies_s.append(time.monotonic() - started)
+        del self.barrier_latencies_s[:-1024]
+
+    def _request(self, lsn: int, fut: concurrent.futures.Future[None]) -> None:
+        token, actions = self.tracker.request(lsn, time.monotonic())
+        self._waiters[token] = fut
+        self._run(actions)
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendBarrier):
+                link = self.links.get(action.replica)
+                if link is not None:
+                    link.send_barrier(action.barrier_id, action.lsn)
+            elif isinstance(action, MarkOutOfSync):
+                self._mark_out_of_sync(action.replica, action.reason)
+            elif isinstance(action, Complete):
+                fut = self._waiters.pop(action.token, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif isinstance(action, Fail):
+                fut = self._waiters.pop(action.token, None)
+                log.error("volume %s: a flush fails: %s", self.volume.name, action.reason)
+                if fut is not None and not fut.done():
+                    fut.set_exception(
+                        ReplicationUnavailableError(
+                            f"volume {self.volume.name!r}: {action.reason}; the write is durable "
+                            "here but not on enough copies — bring replicas back or change the "
+                            "durability mode"
+                        )
+                    )
+
+    def _mark_out_of_sync(self, address: str, reason: str) -> None:
+        """The degrade step: persist the out-of-sync mark, then let the tracker drop the
+        replica (or fail its waiters if the mark cannot be persisted)."""
+        if address in self._marking:
+            return
+        self._marking.add(address)
+        log.warning(
+            "volume %s: marking replica %s out of sync: %s", self.volume.name, address, reason
+        )
+        self.degrade_events += 1
+        if self._on_event is not None:
+            self._on_event(self.volume.name, address, "degraded")
+        asyncio.get_running_loop().create_task(self._persist_mark(address))
+
+    async def _persist_mark(self, address: str) -> None:
+        try:
+            while True:
+                state = self.state.with_in_sync(address, False)
+                try:
+                    await self.run_sync(save_primary_state, self.volume.directory, state)
+                except BlockyardError:
+                    log.exception(
+                        "volume %s: cannot persist that replica %s is out of sync; flushes "
+                        "fail until it can",
+                        self.volume.name,
+                        address,
+                    )
+                    self._run(self.tracker.marked(address, False, time.monotonic()))
+                    await asyncio.sleep(MARK_RETRY_S)
+                    continue
+                self.state = state
+                self._run(self.tracker.marked(address, True, time.monotonic()))
+                return
+        finally:
+            self._marking.discard(address)
+
+    async def mark_in_sync(self, link: ReplicaLink) -> None:
+        """The replica caught up: persist that, then it counts again."""
+        address = link.address
+        if self.state.replica(address) is None:
+            return
+        state = self.state.with_in_sync(address, True)
+        await self.run_sync(save_primary_state, self.volume.directory, state)
+        self.state = state
+        log.info("volume %s: replica %s is in sync", self.volume.name, address)
+        if self._on_event is not None:
+            self._on_event(self.volume.name, address, "in_sync")
+        self._run(self.tracker.back_in_sync(address, time.monotonic()))
+
+    # ---- link events (on the loop) --------------------------------------------------------
+
+    def link_up(self, link: ReplicaLink) -> None:
+        self._run(self.tracker.connected(link.address, time.monotonic()))
+
+    def link_down(self, link: ReplicaLink) -> None:
+        self._run(self.tracker.disconnected(link.address, time.monotonic()))
+
+    def replica_acked(self, link: ReplicaLink, durable_lsn: int, barrier_id: int) -> None:
+        self._run(self.tracker.acked(link.address, durable_lsn, barrier_id, time.monotonic()))
+        in_sync = self.tracker.in_sync()
+        if in_sync:
+            self.commit_lsn = min(self.tracker.durable_lsn(r) for r in in_sync)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
+            self._run(self.tracker.tick(time.monotonic()))
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def report(self) -> list[ReplicaReport]:
+        out = []
+        last = self.volume.last_lsn
+        for r in self.state.replicas:
+            link = self.links.get(r.address)
+            st = link.status if link is not None else LinkStatus(r.address)
+            eta = 0.0
+            if st.phase == "resyncing" and st.resync_done_blocks:
+                elapsed = time.monotonic() - st.resync_started_s
+                left = max(0, st.resync_total_blocks - st.resync_done_blocks)
+                eta = elapsed * left / st.resync_done_blocks
+            out.append(
+                ReplicaReport(
+                    address=r.address,
+                    state=self.tracker.state_of(r.address),
+                    in_sync=r.in_sync,
+                    connected=st.connected,
+                    phase=st.phase,
+                    plan=st.plan,
+                    plan_reason=st.plan_reason,
+                    acked_lsn=st.acked_lsn,
+                    lag_lsns=max(0, last - st.acked_lsn),
+                    resync_total_blocks=st.resync_total_blocks,
+                    resync_done_blocks=st.resync_done_blocks,
+                    resync_bytes=st.resync_bytes,
+                    resync_eta_s=eta,
+                    last_error=st.last_error,
+                )
+            )
+        return out
+
+
+class ReplicatedDevice:
+    """The :class:`~blockyard.blockdev.BlockDevice` the SCSI layer writes through: the engine
+    volume, plus the replication commit point at flushes and FUA writes. With no replication
+    configured it adds one call per I/O and nothing else."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        self.replication: VolumeReplication | None = None
+
+    @property
+    def logical_block_size(self) -> int:
+        return self.volume.logical_block_size
+
+    @property
+    def physical_block_size(self) -> int:
+        return self.volume.physical_block_size
+
+    @property
+    def block_count(self) -> int:
+        return self.volume.block_count
+
+    @property
+    def max_transfer_blocks(self) -> int:
+        return self.volume.max_transfer_blocks
+
+    def read(self, lba: int, block_count: int) -> bytes:
+        return self.volume.read(lba, block_count)
+
+    def readinto(self, lba: int, buf: memoryview) -> None:
+        self.volume.readinto(lba, buf)
+
+    def write(self, lba: int, data: BytesLike, *, fua: bool = False) -> int:
+        lsn = self.volume.write(lba, data, fua=fua)
+        if fua:
+            self._commit(lsn)
+        return lsn
+
+    def unmap(self, lba: int, block_count: int) -> int:
+        return self.volume.unmap(lba, block_count)
+
+    def write_zeroes(self, lba: int, block_count: int) -> int:
+        return self.volume.write_zeroes(lba, block_count)
+
+    def write_same(self, lba: int, block_count: int, pattern: BytesLike) -> int:
+        return self.volume.write_same(lba, block_count, pattern)
+
+    def flush(self) -> None:
+        lsn = self.volume.last_lsn
+        self.volume.flush()
+        self._commit(lsn)
+
+    def lba_status(self, lba: int) -> LbaStatus:
+        return self.volume.lba_status(lba)
+
+    def _commit(self, lsn: int) -> None:
+        replication = self.replication
+        if replication is not None and lsn:
+            replication.commit_blocking(lsn)
