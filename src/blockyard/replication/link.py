@@ -1,12 +1,12 @@
-"""The primary's link to one replica: connect, hand-shake, pick the catch-up plan, then ship
-records live and resync blocks, answer for barriers, and tell the commit tracker what the
-replica holds. Reconnects with backoff until stopped.
+"""The primary's link to one replica: the asyncio driver of a
+:class:`~blockyard.replication.primary_session.PrimarySession`. Connects, hand-shakes, then runs
+two tasks on the connection — the **pump** (barriers, live records, then resync chunks within
+the bandwidth limit, keepalives when idle) and the **reader** (acks to the commit tracker,
+resync progress) — and reconnects with backoff until stopped.
 
-Per session, three tasks share one connection: the **pump** (live records first, then resync
-blocks within the bandwidth limit, then barriers and keepalives), the **reader** (acks, resync
-progress, keepalives), and whoever asks for a barrier. Storage work (reading resync blocks,
-records that must be read back from the WAL, bitmap persistence) runs in the replication worker
-pool, never on the loop.
+Storage work (reading resync blocks, records read back from the WAL, bitmap persistence) runs in
+the replication worker pool, never on the loop; what only touches memory runs inline, so a
+barrier's round trip costs no thread hop on the primary.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from blockyard.engine import wal
-from blockyard.engine.volume import Volume, WalRecord
+from blockyard.engine.volume import Volume
 from blockyard.errors import BlockyardError, FeedLostError
 from blockyard.replication.channel import (
     CONNECT_TIMEOUT_S,
@@ -34,34 +32,18 @@ from blockyard.replication.connection import ReplicationConnection, Side
 from blockyard.replication.errors import ReplicationProtocolError
 from blockyard.replication.messages import (
     Ack,
-    Barrier,
-    BlockRun,
-    BlockRunFlags,
-    Blocks,
-    Hello,
     Keepalive,
     NeedBlocks,
-    Plan,
     PlanKind,
     Progress,
-    RecordId,
-    RecordKind,
-    Records,
     ReplicaHello,
-    ReplRecord,
-    ResyncDone,
 )
 from blockyard.replication.plan import (
     PlanChoice,
-    PlanDecision,
-    PrimaryFacts,
-    choose_plan,
-    segments_to_wire,
 )
-from blockyard.replication.wire import MAX_RECORDS_PER_BATCH, OPEN_LSN
+from blockyard.replication.primary_session import PrimarySession
 
 if TYPE_CHECKING:
-    from blockyard.engine.replication_source import Feed
     from blockyard.replication.primary import VolumeReplication
 
 log = logging.getLogger("blockyard.replication")
@@ -113,6 +95,7 @@ class ReplicaLink:
         self._wake = asyncio.Event()
         self._barrier: tuple[int, int] | None = None
         self._channel: Channel | None = None
+        self._session_core: PrimarySession | None = None
 
     @property
     def volume(self) -> Volume:
@@ -183,289 +166,117 @@ class ReplicaLink:
         conn = ReplicationConnection(Side.PRIMARY, local_epoch=vol.epoch, volume_uuid=vol.uuid)
         ch = Channel(reader, writer, conn, peer=self.address)
         self._channel = ch
-        history = vol.history
-        await ch.send(
-            Hello(
-                protocol_version=1,
-                volume_uuid=vol.uuid,
-                volume_name=vol.name,
-                size_bytes=vol.size_bytes,
-                primary_id=self._owner.primary_id,
-                head=RecordId(vol.last_lsn, vol.epoch, vol.generation),
-                durable_lsn=vol.durable_lsn,
-                history=segments_to_wire(history.segments),
-            )
+        loop = asyncio.get_running_loop()
+
+        def notify_threadsafe() -> None:
+            # Called by writers' threads (under the volume lock): only schedule.
+            loop.call_soon_threadsafe(self.notify)
+
+        session = PrimarySession(
+            vol, self.address, primary_id=self._owner.primary_id, notify=notify_threadsafe
         )
-        reply = await ch.recv()
-        if not isinstance(reply, ReplicaHello):
-            raise PeerGoneError(f"{self.address} answered the Hello with {reply!r}")
-        decision = await self._sync(self._decide, reply)
-        log.info(
-            "replica %s of %s: %s (%s)",
-            self.address,
-            vol.name,
-            decision.choice.value,
-            decision.reason,
-        )
-        self.status.plan = decision.choice.value
-        self.status.plan_reason = decision.reason
-        feed = await self._sync(
-            vol.open_feed,
-            self.address,
-            decision.start_lsn - 1,
-            functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self.notify),
-        )
-        resync = decision.choice is not PlanChoice.CATCH_UP
-        resync_id = secrets.randbits(63) + 1 if resync else 0
-        bitmap = vol.replica_bitmap(self.address)
-        plan = Plan(
-            kind=_PLAN_KIND[decision.choice],
-            start_lsn=decision.start_lsn,
-            resync_id=resync_id,
-            total_blocks=bitmap.set_blocks,
-            resume_cursor=0,
-            diverged_after_lsn=(
-                OPEN_LSN if decision.diverged_after is None else decision.diverged_after
-            ),
-        )
+        self._session_core = session
         try:
+            await ch.send(session.hello())
+            reply = await ch.recv()
+            if not isinstance(reply, ReplicaHello):
+                raise PeerGoneError(f"{self.address} answered the Hello with {reply!r}")
+            plan = await self._sync(session.handshake, reply)
+            decision = session.decision
+            assert decision is not None
+            log.info(
+                "replica %s of %s: %s (%s)",
+                self.address,
+                vol.name,
+                decision.choice.value,
+                decision.reason,
+            )
+            self.status.plan = decision.choice.value
+            self.status.plan_reason = decision.reason
             await ch.send(plan)
-            if decision.diverged_after is not None:
-                await self._collect_need_blocks(ch)
-                plan_total = bitmap.set_blocks
-            else:
-                plan_total = plan.total_blocks
+            while session.awaits_need_blocks:
+                msg = await ch.recv()
+                if isinstance(msg, NeedBlocks):
+                    if await self._sync(session.need_blocks, msg):
+                        break
+                elif not isinstance(msg, Keepalive):
+                    raise PeerGoneError(f"{self.address} sent {msg!r} before its diverged blocks")
+            session.start()
             self.status.connected = True
-            self.status.phase = "resyncing" if resync else "catching_up"
-            self.status.resync_total_blocks = plan_total if resync else 0
-            self.status.resync_done_blocks = 0
-            self.status.resync_bytes = 0
+            self.status.phase = "resyncing" if session.resync_id else "catching_up"
             self.status.resync_started_s = time.monotonic()
-            session = _Session(self, ch, feed, resync_id)
             self._owner.link_up(self)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(session.pump())
-                tg.create_task(session.read())
+                tg.create_task(self._pump(ch, session))
+                tg.create_task(self._read(ch, session))
         finally:
-            feed.close()
+            self._session_core = None
+            session.close()
 
-    def _decide(self, reply: ReplicaHello) -> PlanDecision:
-        """Runs in a worker: gathers the facts, decides, and marks a full rebuild."""
-        vol = self.volume
-        bitmap = vol.replica_bitmap(self.address)
-        facts = PrimaryFacts(
-            history=tuple(vol.history.segments),
-            last_lsn=vol.last_lsn,
-            oldest_available_lsn=vol.oldest_available_lsn(),
-            covered_lsn=vol.covered_lsn(self.address),
-            bitmap_dirty=bitmap.set_blocks > 0,
-        )
-        decision = choose_plan(facts, reply)
-        if decision.choice is PlanChoice.FULL:
-            vol.mark_missed(self.address, [(0, vol.size_bytes >> 12)])
-        return decision
-
-    async def _collect_need_blocks(self, ch: Channel) -> None:
+    async def _pump(self, ch: Channel, session: PrimarySession) -> None:
+        pace = _Pacer(self._owner.resync_limit_bps)
         while True:
-            msg = await ch.recv()
-            if isinstance(msg, NeedBlocks):
-                extents = [(e.block, e.block_count) for e in msg.extents]
-                await self._sync(self.volume.mark_missed, self.address, extents)
-                if msg.final:
-                    return
-            elif isinstance(msg, Keepalive):
-                continue
-            else:
-                raise PeerGoneError(f"{self.address} sent {msg!r} before its diverged blocks")
-
-
-class _Session:
-    """One connected session of a link (pump + reader)."""
-
-    def __init__(self, link: ReplicaLink, ch: Channel, feed: Feed, resync_id: int) -> None:
-        self.link = link
-        self.ch = ch
-        self.feed = feed
-        self.resync_id = resync_id
-        self.vol = link.volume
-        self.bitmap = self.vol.replica_bitmap(link.address)
-        self._runs: Iterator[tuple[int, int]] | None = (
-            iter(self.bitmap.runs()) if resync_id else None
-        )
-        self._run_pos: tuple[int, int] | None = None
-        self._sent_cursor = 0
-        self._confirmed_cursor = 0
-        self._pass_done = not resync_id
-        self._done_lsn: int | None = None
-        self._caught_up_lsn: int | None = None
-        self._in_sync = False
-        self._limit_bps = link._owner.resync_limit_bps
-        self._sent_at = time.monotonic()
-
-    # ---- sending --------------------------------------------------------------------------
-
-    async def pump(self) -> None:
-        link = self.link
-        while True:
-            link._wake.clear()
-            barrier = link._barrier
+            self._wake.clear()
+            barrier, self._barrier = self._barrier, None
             if barrier is not None:
-                link._barrier = None
-                await self.ch.send(Barrier(barrier[0], barrier[1]))
-            if await self._send_records():
-                continue
-            if self._caught_up_lsn is None:
-                # Everything written so far is on its way: the replica is in sync once it
-                # acknowledges this LSN durably.
-                self._caught_up_lsn = self.vol.last_lsn
-                await self._maybe_in_sync()
-            if await self._send_resync():
+                session.barrier(*barrier)
+            try:
+                out = session.outgoing(memory_only=True)
+                if out.needs_io:
+                    sent = out.messages
+                    if sent:
+                        await ch.send(*sent)
+                    out = await self._sync(functools.partial(session.outgoing, memory_only=False))
+            except FeedLostError as exc:
+                raise PeerGoneError(str(exc)) from exc
+            if out.messages:
+                await ch.send(*out.messages)
+            self._report(session)
+            if out.resync_bytes:
+                await pace.sent(out.resync_bytes)
+            if not out.idle:
                 continue
             try:
                 async with asyncio.timeout(KEEPALIVE_INTERVAL_S):
-                    await link._wake.wait()
+                    await self._wake.wait()
             except TimeoutError:
-                await self.ch.send(Keepalive(self.vol.durable_lsn, self.link._owner.commit_lsn))
+                await ch.send(session.keepalive(self._owner.commit_lsn))
 
-    async def _send_records(self) -> bool:
-        try:
-            records = self.feed.take(RECORDS_BATCH_BYTES, memory_only=True)
-            if not records and self.feed.needs_disk:
-                records = await self.link._sync(self.feed.take, RECORDS_BATCH_BYTES)
-        except FeedLostError as exc:
-            raise PeerGoneError(str(exc)) from exc
-        if not records:
-            return False
-        batch: list[ReplRecord] = []
-        for rec in records:
-            if batch and (rec.lsn != batch[-1].lsn + 1 or len(batch) >= MAX_RECORDS_PER_BATCH):
-                await self.ch.send(Records(tuple(batch)))
-                batch = []
-            batch.append(_to_wire(rec))
-        await self.ch.send(Records(tuple(batch)))
-        return True
-
-    async def _send_resync(self) -> bool:
-        if self._pass_done:
-            if self._done_lsn is None and self.resync_id and self._confirmed_all():
-                self._done_lsn = self.vol.last_lsn
-                await self.ch.send(ResyncDone(self.resync_id, self._done_lsn))
-            return False
-        if self._sent_cursor - self._confirmed_cursor >= RESYNC_WINDOW_BLOCKS:
-            return False  # wait for the replica's progress
-        chunk = self._next_chunk()
-        if chunk is None:
-            self._pass_done = True
-            return await self._send_resync()
-        block, count = chunk
-        read_lsn = self.vol.last_lsn
-        runs = await self.link._sync(self.vol.resync_read, block, count)
-        wire = tuple(
-            BlockRun(b, n, BlockRunFlags.HOLE)
-            if d is None
-            else BlockRun(b, n, BlockRunFlags.DATA, d)
-            for b, n, d in runs
-        )
-        self._sent_cursor = block + count
-        if wire:
-            await self.ch.send(Blocks(self.resync_id, self._sent_cursor, read_lsn, wire))
-        nbytes = sum(len(d) for _b, _n, d in runs if d is not None)
-        self.link.status.resync_bytes += nbytes
-        await self._throttle(nbytes)
-        return True
-
-    def _next_chunk(self) -> tuple[int, int] | None:
+    async def _read(self, ch: Channel, session: PrimarySession) -> None:
         while True:
-            if self._run_pos is None:
-                assert self._runs is not None
-                self._run_pos = next(self._runs, None)
-                if self._run_pos is None:
-                    return None
-            block, count = self._run_pos
-            if count <= 0:
-                self._run_pos = None
-                continue
-            n = min(count, RESYNC_CHUNK_BLOCKS)
-            self._run_pos = (block + n, count - n)
-            return block, n
+            msg = await ch.recv()
+            if isinstance(msg, Ack):
+                # The commit point first, on the loop: a flush waits on it.
+                self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id)
+            if isinstance(msg, Ack | Progress):
+                heard = await self._sync(session.heard, msg)
+                self._report(session)
+                if heard.progressed:
+                    self._wake.set()
+                if heard.in_sync:
+                    self.status.phase = "in_sync"
+                    await self._owner.mark_in_sync(self)
 
-    def _confirmed_all(self) -> bool:
-        return self._confirmed_cursor >= self._sent_cursor
+    def _report(self, session: PrimarySession) -> None:
+        st = self.status
+        st.acked_lsn = session.acked_lsn
+        st.resync_total_blocks = session.resync_total_blocks
+        st.resync_done_blocks = session.resync_done_blocks
+        st.resync_bytes = session.resync_bytes
 
-    async def _throttle(self, nbytes: int) -> None:
-        limit = self._limit_bps
-        if not limit or not nbytes:
+
+class _Pacer:
+    """Resync bandwidth limit: a send of ``n`` bytes is followed by enough sleep that the
+    average stays at ``limit_bps`` (0: no limit)."""
+
+    def __init__(self, limit_bps: int) -> None:
+        self._limit = limit_bps
+        self._due = time.monotonic()
+
+    async def sent(self, nbytes: int) -> None:
+        if not self._limit:
             return
         now = time.monotonic()
-        due = max(self._sent_at, now) + nbytes / limit
-        self._sent_at = due
-        if due > now:
-            await asyncio.sleep(due - now)
-
-    # ---- receiving ------------------------------------------------------------------------
-
-    async def read(self) -> None:
-        link = self.link
-        owner = link._owner
-        while True:
-            msg = await self.ch.recv()
-            if isinstance(msg, Ack):
-                link.status.acked_lsn = max(link.status.acked_lsn, msg.durable_lsn)
-                owner.replica_acked(link, msg.durable_lsn, msg.barrier_id)
-                await link._sync(self.feed.ack, msg.durable_lsn)
-                await self._maybe_in_sync()
-            elif isinstance(msg, Progress):
-                if msg.resync_id != self.resync_id or self.feed.lost:
-                    continue
-                cursor = min(msg.cursor, self._sent_cursor)
-                if cursor > self._confirmed_cursor:
-                    self.bitmap.clear(self._confirmed_cursor, cursor - self._confirmed_cursor)
-                    link.status.resync_done_blocks += cursor - self._confirmed_cursor
-                    self._confirmed_cursor = cursor
-                    await link._sync(self.bitmap.persist)
-                    link._wake.set()
-            elif isinstance(msg, Keepalive):
-                continue
-
-    async def _maybe_in_sync(self) -> None:
-        if self._in_sync:
-            return
-        acked = self.link.status.acked_lsn
-        if self.resync_id:
-            if self._done_lsn is None or acked < self._done_lsn:
-                return
-            if not await self.link._sync(self._finish_resync):
-                # Bits came back while we finished (cannot while connected; be safe): go on.
-                self._runs = iter(self.bitmap.runs())
-                self._run_pos = None
-                self._sent_cursor = self._confirmed_cursor = 0
-                self._pass_done = False
-                self._done_lsn = None
-                self.link._wake.set()
-                return
-        elif self._caught_up_lsn is None or acked < self._caught_up_lsn:
-            return
-        self._in_sync = True
-        self.link.status.phase = "in_sync"
-        await self.link._owner.mark_in_sync(self.link)
-
-    def _finish_resync(self) -> bool:
-        bitmap = self.bitmap
-        if bitmap.set_blocks:
-            return False
-        bitmap.deactivate()
-        bitmap.persist()
-        return True
-
-
-def _to_wire(rec: WalRecord) -> ReplRecord:
-    kind = RecordKind.WRITE if rec.kind is wal.Kind.WRITE else RecordKind.ZERO
-    return ReplRecord(
-        lsn=rec.lsn,
-        epoch=rec.epoch,
-        generation=rec.generation,
-        kind=kind,
-        block=rec.block,
-        block_count=rec.blocks,
-        data=rec.data if rec.data is not None else b"",
-    )
+        self._due = max(self._due, now) + nbytes / self._limit
+        if self._due > now:
+            await asyncio.sleep(self._due - now)
