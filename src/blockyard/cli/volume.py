@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from blockyard import tls
+from blockyard.cli import replicate
 from blockyard.cli.sizes import format_size, parse_size
 from blockyard.engine import VolumeInfo, VolumeStore
 from blockyard.errors import InvalidArgumentError, TlsConfigError
@@ -114,6 +115,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     how.add_argument("--only", action="store_true",
                      help="admit exactly the --allow initiators (none: nobody)")  # fmt: skip
     how.add_argument("--open", action="store_true", help="admit every initiator name")
+
+    replicate.register(sub)
 
     snap = sub.add_parser("snapshot", help="create, list, delete or restore snapshots")
     ssub = snap.add_subparsers(dest="snapshot_action", required=True, metavar="ACTION")

@@ -247,9 +247,10 @@ class MissedBitmap:
                 self._set_count += 1
                 self._dirty_pages.add(i // PAGE_BYTES)
 
-    def clear(self, block: int, count: int) -> None:
+    def clear(self, block: int, count: int) -> int:
         """The replica durably holds blocks ``[block, block+count)`` as of now. Only whole bit
-        groups inside the range are cleared."""
+        groups inside the range are cleared. Returns how many blocks were cleared."""
+        cleared = 0
         with self._lock:
             end = min(block + count, self.block_count)
             g0 = (block + self.grain - 1) // self.grain
@@ -265,6 +266,8 @@ class MissedBitmap:
                     bits[i] &= ~m
                     self._set_count -= 1
                     self._dirty_pages.add(i // PAGE_BYTES)
+                    cleared += self.grain
+        return cleared
 
     def deactivate(self) -> None:
         """The replica is in sync again: nothing is missing."""

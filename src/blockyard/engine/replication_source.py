@@ -75,6 +75,9 @@ class _Tracker:
     #: Every record up to here is durable on the replica or marked in its bitmap.
     covered_lsn: int
     feed: Feed | None = None
+    #: The highest LSN the replica acknowledged as durable (0: none since this process
+    #: started). Every record after it is in the WAL or in the bitmap.
+    acked_lsn: int = 0
 
 
 class Feed:
@@ -219,6 +222,11 @@ class ReplicationSource:
     def covered_lsn(self, replica_id: str) -> int:
         with self._lock:
             return self._trackers[replica_id].covered_lsn
+
+    def acked_lsn(self, replica_id: str) -> int:
+        """The highest LSN the replica acknowledged durable since this volume was opened."""
+        with self._lock:
+            return self._trackers[replica_id].acked_lsn
 
     def mark_missed(self, replica_id: str, blocks: Sequence[tuple[int, int]]) -> None:
         """Add block runs a replica must get back (e.g. what its divergent records touched, or
@@ -378,6 +386,7 @@ class ReplicationSource:
             tracker = self._trackers.get(feed.replica_id)
             if tracker is None or tracker.feed is not feed:
                 return
+            tracker.acked_lsn = max(tracker.acked_lsn, min(durable_lsn, self._last_lsn))
             if durable_lsn > tracker.covered_lsn:
                 tracker.covered_lsn = min(durable_lsn, self._last_lsn)
                 if self._release_covered_locked():

@@ -136,15 +136,16 @@ class ReplicaLink:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (
-                PeerGoneError,
-                ReplicationProtocolError,
-                BlockyardError,
-                OSError,
-                TimeoutError,
-            ) as exc:
-                self.status.last_error = str(exc)
-                log.info("replica %s of %s: %s", self.address, self.volume.name, exc)
+            except Exception as exc:
+                cause = _first_cause(exc)
+                self.status.last_error = str(cause)
+                if isinstance(cause, _EXPECTED):
+                    log.info("replica %s of %s: %s", self.address, self.volume.name, cause)
+                else:
+                    log.error(
+                        "replica %s of %s: session failed", self.address, self.volume.name,
+                        exc_info=cause,
+                    )  # fmt: skip
             finally:
                 self.status.connected = False
                 self.status.phase = "disconnected"
@@ -263,6 +264,17 @@ class ReplicaLink:
         st.resync_total_blocks = session.resync_total_blocks
         st.resync_done_blocks = session.resync_done_blocks
         st.resync_bytes = session.resync_bytes
+
+
+#: Session endings that are part of life (peer gone, refused, storage trouble): logged briefly.
+_EXPECTED = (PeerGoneError, ReplicationProtocolError, BlockyardError, OSError, TimeoutError)
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The first real error inside the task group's ExceptionGroup(s)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class _Pacer:

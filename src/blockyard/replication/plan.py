@@ -14,10 +14,11 @@ send, and picks:
    data it had acknowledged: every block is marked and resynced (holes travel as holes, so a
    sparse volume rebuilds in time proportional to its data).
 
-Why the last point is safe to decide from the replica's own report: the primary keeps, per
-replica, a *covered* LSN — everything up to it is durable on the replica or marked in the
-bitmap. A replica whose records agree with the primary's history only below that point has lost
-acknowledged data (a replaced disk, a restored image); nothing but a full rebuild repairs that.
+Why a delta is sound: every record after the LSN a replica acknowledged as durable is either
+still in the primary's WAL or marked in the replica's bitmap (records are released only after
+acknowledgement, or with marking). A replica whose records agree with the primary's history only
+below what it acknowledged has lost acknowledged data (a replaced disk, a restored image);
+nothing but a full rebuild repairs that.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class PrimaryFacts:
     last_lsn: int
     #: The oldest LSN still in the primary's WAL (``last_lsn + 1`` when none is).
     oldest_available_lsn: int
-    #: Everything up to here is durable on this replica or in its bitmap.
-    covered_lsn: int
+    #: The highest LSN this replica acknowledged durable (0: unknown, e.g. since a restart of
+    #: the primary). Every record after it is in the primary's WAL or in the bitmap.
+    acked_lsn: int
     #: Whether the replica's bitmap has bits (a resync is owed).
     bitmap_dirty: bool
 
@@ -91,17 +93,17 @@ def choose_plan(primary: PrimaryFacts, replica: ReplicaHello) -> PlanDecision:
     )
     if common is None:
         return full("the replica shares no known history with the primary")
-    if common < primary.covered_lsn:
+    if common < primary.acked_lsn:
         return full(
             f"the replica agrees with the primary only up to LSN {common} but had "
-            f"acknowledged up to {primary.covered_lsn}: it lost acknowledged data"
+            f"acknowledged up to {primary.acked_lsn}: it lost acknowledged data"
         )
     diverged_after = common if common < replica.last.lsn else None
     if common + 1 >= primary.oldest_available_lsn:
         start, reset = common + 1, diverged_after is not None
     else:
         # The records right after the replica's are gone from the WAL; their blocks are in
-        # the bitmap (common >= covered), so stream from what is still held.
+        # the bitmap (common >= acked), so stream from what is still held.
         start, reset = max(primary.oldest_available_lsn, 1), True
     resync = (
         primary.bitmap_dirty

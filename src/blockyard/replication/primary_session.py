@@ -95,7 +95,7 @@ class PrimaryStore(Protocol):
     def history(self) -> History: ...
 
     def oldest_available_lsn(self) -> int: ...
-    def covered_lsn(self, replica_id: str) -> int: ...
+    def acked_lsn(self, replica_id: str) -> int: ...
     def replica_bitmap(self, replica_id: str) -> MissedBitmap: ...
     def mark_missed(self, replica_id: str, blocks: Sequence[tuple[int, int]]) -> None: ...
     def open_feed(self, replica_id: str, after_lsn: int, notify: Callable[[], None]) -> Feed: ...
@@ -186,7 +186,7 @@ class PrimarySession:
             history=tuple(s.history.segments),
             last_lsn=s.last_lsn,
             oldest_available_lsn=s.oldest_available_lsn(),
-            covered_lsn=s.covered_lsn(self.replica_id),
+            acked_lsn=s.acked_lsn(self.replica_id),
             bitmap_dirty=bitmap.set_blocks > 0,
         )
         decision = choose_plan(facts, reply)
@@ -337,8 +337,9 @@ class PrimarySession:
             cursor = min(message.cursor, self._sent_cursor)
             if cursor <= self._confirmed_cursor:
                 return Heard()
-            self._bitmap.clear(self._confirmed_cursor, cursor - self._confirmed_cursor)
-            self.resync_done_blocks += cursor - self._confirmed_cursor
+            self.resync_done_blocks += self._bitmap.clear(
+                self._confirmed_cursor, cursor - self._confirmed_cursor
+            )
             self._confirmed_cursor = cursor
             self._bitmap.persist()
             return Heard(progressed=True, in_sync=self._check_in_sync())

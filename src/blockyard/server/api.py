@@ -256,6 +256,17 @@ class VolumeServerService(pb_grpc.VolumeServerServicer):
 
         return await self._run(context, "GetReplication", request.name, work)
 
+    async def ChecksumVolume(
+        self, request: pb.ChecksumVolumeRequest, context: Context
+    ) -> pb.ChecksumVolumeResponse:
+        async def work() -> pb.ChecksumVolumeResponse:
+            c = await self._backend.checksum_volume(request.name)
+            return pb.ChecksumVolumeResponse(
+                sha256=c.sha256, size_bytes=c.size_bytes, last_lsn=max(c.last_lsn, 0)
+            )
+
+        return await self._run(context, "ChecksumVolume", request.name, work)
+
 
 def add_to_server(service: VolumeServerService, server: grpc.aio.Server) -> None:
     pb_grpc.add_VolumeServerServicer_to_server(service, server)

@@ -139,6 +139,13 @@ class HealthInfo:
     replication_address: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class VolumeChecksum:
+    sha256: str
+    size_bytes: int
+    last_lsn: int
+
+
 class VolumeBackend(Protocol):
     """What the CSI controller calls to provision volumes. See the module docstring for the
     error, idempotency and concurrency contract."""
@@ -256,6 +263,10 @@ class VolumeServerControl(VolumeBackend, Protocol):
     ) -> ReplicationInfo:
         """Assign role, epoch, durability mode and replica set (replica servers' replication
         addresses); idempotent, durable on return. The epoch may stay or move forward only."""
+        ...
+
+    async def checksum_volume(self, name: str) -> VolumeChecksum:
+        """SHA-256 of the volume's whole content as reads see it now (to compare copies)."""
         ...
 
     async def get_replication(self, name: str) -> ReplicationInfo:

@@ -36,6 +36,7 @@ from blockyard.server.backend import (
     HealthInfo,
     SnapshotDescription,
     SnapshotRef,
+    VolumeChecksum,
     VolumeDescription,
     VolumePage,
 )
@@ -318,6 +319,12 @@ class VolumeServerClient:
         )
         msg: pb.ReplicationState = await self._call(self._stub.SetReplication, request, slow=True)
         return convert.replication_from_pb(msg)
+
+    async def checksum_volume(self, name: str) -> VolumeChecksum:
+        msg: pb.ChecksumVolumeResponse = await self._call(
+            self._stub.ChecksumVolume, pb.ChecksumVolumeRequest(name=name), slow=True
+        )
+        return VolumeChecksum(msg.sha256, msg.size_bytes, msg.last_lsn)
 
     async def get_replication(self, name: str) -> ReplicationInfo:
         msg: pb.ReplicationState = await self._call(

@@ -11,6 +11,7 @@ its links, anything else stops shipping and a replica's listener takes connectio
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -21,6 +22,7 @@ from blockyard.replication.commit import DurabilityMode
 from blockyard.replication.primary import ReplicatedDevice
 from blockyard.replication.report import ReplicationInfo
 from blockyard.replication.state import load_primary_state
+from blockyard.server.backend import VolumeChecksum
 from blockyard.server.replication_ctl import ReplicationController
 from blockyard.server.validation import check_epoch, check_volume_name
 
@@ -143,8 +145,26 @@ class ReplicationOps:
             return await self._offload(op, "describe replication", self.replication.info,
                                        exp.volume)  # fmt: skip
 
+    async def checksum_volume(self, name: str) -> VolumeChecksum:
+        check_volume_name("name", name)
+        exp = self._require(name)
+        return await self._offload(None, f"checksum volume {name!r}", _checksum, exp.volume)
+
     async def get_replication(self, name: str) -> ReplicationInfo:
         check_volume_name("name", name)
         exp = self._require(name)
         return await self._offload(None, "describe replication", self.replication.info,
                                    exp.volume)  # fmt: skip
+
+
+#: Logical blocks read per step of a checksum (8 MiB: the engine's transfer cap).
+_CHECKSUM_STEP_LBAS = 16384
+
+
+def _checksum(volume: Volume) -> VolumeChecksum:
+    lsn = volume.last_lsn
+    digest = hashlib.sha256()
+    total = volume.block_count
+    for lba in range(0, total, _CHECKSUM_STEP_LBAS):
+        digest.update(volume.read(lba, min(_CHECKSUM_STEP_LBAS, total - lba)))
+    return VolumeChecksum(digest.hexdigest(), volume.size_bytes, lsn)

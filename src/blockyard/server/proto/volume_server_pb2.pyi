@@ -315,6 +315,22 @@ class GetReplicationRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class ChecksumVolumeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ChecksumVolumeResponse(_message.Message):
+    __slots__ = ("sha256", "size_bytes", "last_lsn")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_LSN_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size_bytes: int
+    last_lsn: int
+    def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., last_lsn: _Optional[int] = ...) -> None: ...
+
 class ReplicaStatus(_message.Message):
     __slots__ = ("address", "state", "in_sync", "connected", "phase", "plan", "plan_reason", "acked_lsn", "lag_lsns", "resync_total_bytes", "resync_done_bytes", "resync_sent_bytes", "resync_eta_s", "last_error")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

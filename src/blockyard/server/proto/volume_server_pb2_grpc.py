@@ -129,6 +129,11 @@ class VolumeServerStub:
                 request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.GetReplicationRequest.SerializeToString,
                 response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.FromString,
                 _registered_method=True)
+        self.ChecksumVolume = channel.unary_unary(
+                '/blockyard.v1.VolumeServer/ChecksumVolume',
+                request_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ChecksumVolumeRequest.SerializeToString,
+                response_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ChecksumVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class VolumeServerServicer:
@@ -269,6 +274,14 @@ class VolumeServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChecksumVolume(self, request, context):
+        """SHA-256 of the volume's whole content as reads see it now (holes read as zeros), to compare
+        copies; reads every block, so it takes time proportional to the volume's size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VolumeServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -366,6 +379,11 @@ def add_VolumeServerServicer_to_server(servicer, server):
                     servicer.GetReplication,
                     request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.GetReplicationRequest.FromString,
                     response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.SerializeToString,
+            ),
+            'ChecksumVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChecksumVolume,
+                    request_deserializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ChecksumVolumeRequest.FromString,
+                    response_serializer=blockyard_dot_server_dot_proto_dot_volume__server__pb2.ChecksumVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -881,6 +899,33 @@ class VolumeServer:
             '/blockyard.v1.VolumeServer/GetReplication',
             blockyard_dot_server_dot_proto_dot_volume__server__pb2.GetReplicationRequest.SerializeToString,
             blockyard_dot_server_dot_proto_dot_volume__server__pb2.ReplicationState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChecksumVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockyard.v1.VolumeServer/ChecksumVolume',
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.ChecksumVolumeRequest.SerializeToString,
+            blockyard_dot_server_dot_proto_dot_volume__server__pb2.ChecksumVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

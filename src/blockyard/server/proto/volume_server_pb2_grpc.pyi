@@ -85,6 +85,10 @@ class VolumeServerStub:
     """Replication state: per replica in sync / catching up / resyncing with progress / out of
     sync, and lag; on a replica, whether its data is consistent and a primary is connected.
     """
+    ChecksumVolume: _grpc.UnaryUnaryMultiCallable[_volume_server_pb2.ChecksumVolumeRequest, _volume_server_pb2.ChecksumVolumeResponse]
+    """SHA-256 of the volume's whole content as reads see it now (holes read as zeros), to compare
+    copies; reads every block, so it takes time proportional to the volume's size.
+    """
 
 @_typing.type_check_only
 class VolumeServerAsyncStub(VolumeServerStub):
@@ -133,6 +137,10 @@ class VolumeServerAsyncStub(VolumeServerStub):
     GetReplication: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.GetReplicationRequest, _volume_server_pb2.ReplicationState]  # type: ignore[assignment]
     """Replication state: per replica in sync / catching up / resyncing with progress / out of
     sync, and lag; on a replica, whether its data is consistent and a primary is connected.
+    """
+    ChecksumVolume: _aio.UnaryUnaryMultiCallable[_volume_server_pb2.ChecksumVolumeRequest, _volume_server_pb2.ChecksumVolumeResponse]  # type: ignore[assignment]
+    """SHA-256 of the volume's whole content as reads see it now (holes read as zeros), to compare
+    copies; reads every block, so it takes time proportional to the volume's size.
     """
 
 class VolumeServerServicer(metaclass=_abc_1.ABCMeta):
@@ -293,6 +301,16 @@ class VolumeServerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_volume_server_pb2.ReplicationState, _abc.Awaitable[_volume_server_pb2.ReplicationState]]:
         """Replication state: per replica in sync / catching up / resyncing with progress / out of
         sync, and lag; on a replica, whether its data is consistent and a primary is connected.
+        """
+
+    @_abc_1.abstractmethod
+    def ChecksumVolume(
+        self,
+        request: _volume_server_pb2.ChecksumVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_volume_server_pb2.ChecksumVolumeResponse, _abc.Awaitable[_volume_server_pb2.ChecksumVolumeResponse]]:
+        """SHA-256 of the volume's whole content as reads see it now (holes read as zeros), to compare
+        copies; reads every block, so it takes time proportional to the volume's size.
         """
 
 def add_VolumeServerServicer_to_server(servicer: VolumeServerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
