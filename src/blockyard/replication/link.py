@@ -142,10 +142,9 @@ class ReplicaLink:
                 if isinstance(cause, _EXPECTED):
                     log.info("replica %s of %s: %s", self.address, self.volume.name, cause)
                 else:
-                    log.error(
-                        "replica %s of %s: session failed", self.address, self.volume.name,
-                        exc_info=cause,
-                    )  # fmt: skip
+                    log.exception(
+                        "replica %s of %s: session failed", self.address, self.volume.name
+                    )
             finally:
                 self.status.connected = False
                 self.status.phase = "disconnected"
