@@ -59,10 +59,6 @@ class EngineReplicaStore:
     def save_data_state(self, state: ReplicaState) -> None:
         save_replica_state(self.volume.directory, state)
 
-    def adopt_epoch(self, epoch: int) -> None:
-        if epoch > self.volume.epoch:
-            self.volume.set_epoch(epoch)
-
     def grow(self, size_bytes: int) -> None:
         self.volume.grow(size_bytes)
 

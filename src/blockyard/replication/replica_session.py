@@ -70,7 +70,6 @@ class ReplicaStore(Protocol):
     def history(self) -> tuple[Segment, ...]: ...
     def data_state(self) -> ReplicaState: ...
     def save_data_state(self, state: ReplicaState) -> None: ...
-    def adopt_epoch(self, epoch: int) -> None: ...
     def grow(self, size_bytes: int) -> None: ...
     def apply_records(self, records: Sequence[ReplRecord]) -> int: ...
     def apply_backfill(self, runs: Sequence[tuple[int, int, BytesLike | None]]) -> None: ...
@@ -117,8 +116,15 @@ class ReplicaSession:
             store.grow(hello.size_bytes)
         if hello.protocol_version < 1:
             raise LocalProtocolError(ErrorCode.UNSUPPORTED_VERSION, "protocol version 0")
-        # Persisted before acting on it (DESIGN: epochs order everything).
-        store.adopt_epoch(self._frame_epoch(hello))
+        newest = max([s.epoch for s in hello.history] + [hello.head.epoch], default=0)
+        if newest > store.epoch:
+            # Epochs are assigned (by the master, or `volume replicate`) to the replica before
+            # the primary: a primary claiming a newer one than we were told is not trusted.
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED,
+                f"this replica is at epoch {store.epoch} but the primary writes at epoch "
+                f"{newest}; assign the new epoch to the replica first (SetReplication)",
+            )
         self._hello = hello
         state = store.data_state()
         history = store.history()
@@ -133,12 +139,6 @@ class ReplicaSession:
             resync_id=state.resync_id if state.data_state is ReplicaDataState.RESYNCING else 0,
             resync_cursor=0,
         )
-
-    def _frame_epoch(self, hello: Hello) -> int:
-        # The connection checked the frame epoch against ours; the Hello's history tells the
-        # newest epoch the primary wrote under, which is at most its own.
-        newest = max((s.epoch for s in hello.history), default=0)
-        return max(newest, hello.head.epoch, self._store.epoch)
 
     def _last_record(self, history: Sequence[Segment]) -> RecordId:
         last_lsn = self._store.last_lsn
