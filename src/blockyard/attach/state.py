@@ -37,6 +37,7 @@ from typing import Any
 from blockyard.attach.errors import AttachError
 from blockyard.attach.fusefile import FILE_NAME
 from blockyard.errors import BlockyardTimeoutError
+from blockyard.fileutil import atomic_write
 from blockyard.iscsi.chap import ChapCredentials
 from blockyard.iscsi.errors import IscsiConfigError
 
@@ -199,20 +200,7 @@ class Layout:
 
 def write_state(layout: Layout, state: AttachmentState) -> None:
     """Replace the state file atomically (write, fsync, rename, fsync the directory)."""
-    path = layout.state_file(state.id)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, state.to_json().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(layout.state_file(state.id), state.to_json().encode(), mode=0o600)
 
 
 def _chap_json(chap: ChapCredentials | None) -> dict[str, str] | None:
@@ -235,15 +223,7 @@ def write_credentials(
         return
     os.makedirs(layout.dir(attachment_id), mode=0o700, exist_ok=True)
     data = json.dumps({"chap": _chap_json(chap), "target_chap": _chap_json(target_chap)})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a buffered write: all of it or an error
-            f.write(data.encode())
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    os.replace(tmp, path)
+    atomic_write(path, data.encode(), mode=0o600)
 
 
 def _creds_from_json(entry: object) -> ChapCredentials | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from blockyard.csi.node_errors import BreakerOpenError
+from blockyard.fileutil import atomic_write
 
 log = logging.getLogger("blockyard.csi.breaker")
 
@@ -143,11 +143,7 @@ class CircuitBreakers:
             every.unlink(missing_ok=True)
 
     def _write(self, volume_id: str, st: BreakerState) -> None:
-        path = self._path(volume_id)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(
-            json.dumps(
-                {"failures": st.failures, "opened_at": st.opened_at, "last_error": st.last_error}
-            )
+        data = json.dumps(
+            {"failures": st.failures, "opened_at": st.opened_at, "last_error": st.last_error}
         )
-        os.replace(tmp, path)
+        atomic_write(str(self._path(volume_id)), data.encode(), mode=0o644)

@@ -21,13 +21,13 @@ small write and two fsyncs.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from blockyard.csi.errors import StateFileError
+from blockyard.errors import BlockyardError
+from blockyard.fileutil import atomic_write
 
 STATE_FILE_NAME: Final = "csi-controller-state.json"
 STATE_VERSION: Final = 1
@@ -164,24 +164,9 @@ class PublishStore:
             },
         }
         data = json.dumps(document, indent=1, sort_keys=True).encode()
-        directory = self.path.parent
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".csi-state-", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
+            atomic_write(str(self.path), data, mode=0o600)
+        except (BlockyardError, OSError) as exc:
             raise StateFileError(
                 f"cannot write the CSI state file {self.path}: {exc}; the change was not made. "
                 "Free space or fix permissions on --state-dir, then retry"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from blockyard.errors import CorruptionError, StorageIOError
+from blockyard.fileutil import atomic_write
 
 STATE_FORMAT_VERSION: Final = 1
 #: Bound on registrations: each costs a key and a name; SPC-4 §5.12.7 lets us refuse more with
@@ -288,25 +288,10 @@ class FileReservationStore:
 
     def save(self, state: PrState) -> None:
         raw = state_to_json(state)
-        directory = self._path.parent
         with self._lock:
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", dir=directory)
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(raw)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self._path)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-                dir_fd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except OSError as exc:
+                atomic_write(str(self._path), raw, mode=0o600)
+            except (StorageIOError, OSError) as exc:
                 raise StorageIOError(
                     f"cannot save reservation state to {self._path}: {exc}; check free space "
                     "and permissions of the data directory"

@@ -24,10 +24,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
 import json
 import os
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -38,6 +36,7 @@ from blockyard.errors import (
     NoSpaceError,
     StorageIOError,
 )
+from blockyard.fileutil import atomic_write, fsync_dir
 from blockyard.iscsi.chap import ChapCredentials, check_mutual_pair
 from blockyard.iscsi.discovery import MAX_NAME_LENGTH, is_valid_iscsi_name
 from blockyard.iscsi.errors import IscsiConfigError
@@ -242,31 +241,17 @@ def save_auth(directory: str, auth: VolumeAuth) -> None:
         if auth == OPEN:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            fsync_dir(directory)
         else:
-            # mkstemp creates the file 0600, so the secrets are never readable by others.
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(encode(auth))  # a buffered write: all of it or an error
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise NoSpaceError(
-                f"no space left to save the access settings in {directory}; free space and "
-                "retry (nothing changed for new logins)"
-            ) from exc
+            # 0600 from the first byte, so the secrets are never readable by others.
+            atomic_write(path, encode(auth), mode=0o600)
+    except NoSpaceError as exc:
+        raise NoSpaceError(
+            f"no space left to save the access settings in {directory}; free space and "
+            "retry (nothing changed for new logins)"
+        ) from exc
+    except (OSError, StorageIOError) as exc:
         raise StorageIOError(
-            f"cannot save the access settings in {directory} ({exc.strerror}); nothing changed "
+            f"cannot save the access settings in {directory} ({exc}); nothing changed "
             "for new logins. Check the data directory and retry"
         ) from exc

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import subprocess
 import time
@@ -44,6 +43,7 @@ from blockyard.attach.initiator.api import AttachedLun, ManagedPrefix
 from blockyard.attach.initiator.blockdev import IscsiVolumeSpec
 from blockyard.attach.initiator.connection import parse_target_address
 from blockyard.attach.initiator.errors import DeviceNotFoundError, KernelCommandError
+from blockyard.fileutil import atomic_write
 from blockyard.iscsi.discovery import DiscoveryTarget, Portal
 
 log = logging.getLogger("blockyard.attach.kernel")
@@ -345,9 +345,7 @@ class KernelAttacher:
         except FileNotFoundError:
             pass
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(str(path), text.encode(), mode=0o644)
         self._run([self.config.multipathd, "reconfigure"])
         return True
 
