@@ -14,8 +14,13 @@ misses a barrier for :data:`BARRIER_TIMEOUT_S` or whose connection drops is firs
 marked out of sync (the caller persists the mark; for now in the volume's replication state,
 later by the master), and only then stops counting. Until the mark is durable, waiters keep
 waiting for it; if marking fails, they fail — never an acknowledgement that a copy which might
-later be promoted does not hold. An out-of-sync replica counts again only after it caught up
-and was durably marked in sync.
+later be promoted does not hold.
+
+**Coming back** takes two steps, because flushes were acknowledged without the replica while
+it was out: when it has caught up it is *joining* — every new flush waits for it (and the
+timeout rule applies) — and once it is durable up to the highest LSN any flush was acknowledged
+for when it started joining, it holds everything ever acknowledged: it is durably marked in sync
+(:class:`MarkInSync`) and may be promoted again.
 
 Barriers are shared like fdatasync in group commit: at most one is in flight per replica; flushes
 that arrive meanwhile ride on the next one, which covers the highest LSN anyone waits for.
@@ -56,6 +61,14 @@ class MarkOutOfSync:
 
 
 @dataclass(frozen=True, slots=True)
+class MarkInSync:
+    """Persist that ``replica`` is in sync (it holds every acknowledged write), then call
+    :meth:`CommitTracker.marked_in_sync`."""
+
+    replica: str
+
+
+@dataclass(frozen=True, slots=True)
 class Complete:
     token: int
 
@@ -66,7 +79,7 @@ class Fail:
     reason: str
 
 
-Action = SendBarrier | MarkOutOfSync | Complete | Fail
+Action = SendBarrier | MarkOutOfSync | MarkInSync | Complete | Fail
 
 
 class Verdict(enum.Enum):
@@ -110,6 +123,8 @@ def degrade_or_fail(
 
 class _State(enum.Enum):
     IN_SYNC = "in_sync"
+    #: Caught up and counted for new flushes; not yet known to hold every acknowledged write.
+    JOINING = "joining"
     #: Timed out or disconnected; the out-of-sync mark is being persisted.
     MARKING = "marking"
     OUT_OF_SYNC = "out_of_sync"
@@ -117,10 +132,18 @@ class _State(enum.Enum):
     UNMARKABLE = "unmarkable"
 
 
+#: States that count for a flush (a new waiter waits for them).
+_COUNTED = frozenset({_State.IN_SYNC, _State.JOINING})
+
+
 @dataclass(slots=True)
 class _Replica:
     state: _State
     durable_lsn: int = 0
+    #: JOINING: durable up to here, it holds every write acknowledged before it joined.
+    join_lsn: int = 0
+    #: JOINING: the in-sync mark is being persisted.
+    promoting: bool = False
     inflight_id: int = 0
     inflight_lsn: int = 0
     inflight_since: float = 0.0
@@ -156,6 +179,8 @@ class CommitTracker:
         self._waiters: dict[int, _Waiter] = {}
         self._next_token = 1
         self._next_barrier = 1
+        #: The highest LSN any durability point was acknowledged for.
+        self.committed_lsn = 0
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -200,7 +225,11 @@ class CommitTracker:
             token,
             lsn,
             now,
-            {r for r, s in self._replicas.items() if s.state in (_State.IN_SYNC, _State.MARKING)},
+            {
+                r
+                for r, s in self._replicas.items()
+                if s.state in _COUNTED or s.state is _State.MARKING
+            },
         )
         self._waiters[token] = waiter
         return token, self._evaluate(now)
@@ -222,9 +251,33 @@ class CommitTracker:
             return []
         r.connected = False
         r.inflight_id = 0
-        if r.state is _State.IN_SYNC:
+        return self._drop(replica, r, "its connection dropped", now)
+
+    def behind(self, replica: str, reason: str, now: float) -> list[Action]:
+        """The replica reconnected but needs a resync: its copy is not whole, so it must not
+        count even while its acknowledgements come in. Marked out of sync like a timeout."""
+        r = self._replicas.get(replica)
+        if r is None:
+            return []
+        return self._drop(replica, r, reason, now)
+
+    def _drop(self, replica: str, r: _Replica, reason: str, now: float) -> list[Action]:
+        if r.state in _COUNTED:
             r.state = _State.MARKING
-            return [MarkOutOfSync(replica, "its connection dropped"), *self._evaluate(now)]
+            r.promoting = False
+            return [MarkOutOfSync(replica, reason), *self._evaluate(now)]
+        return self._evaluate(now)
+
+    def caught_up(self, replica: str, now: float) -> list[Action]:
+        """The replica holds a consistent copy up to the live stream: it joins (counted for
+        every new flush) and is marked in sync once durable up to what was acknowledged
+        before it joined."""
+        r = self._replicas.get(replica)
+        if r is None or r.state is not _State.OUT_OF_SYNC:
+            return self._evaluate(now)
+        r.state = _State.JOINING
+        r.join_lsn = self.committed_lsn
+        r.promoting = False
         return self._evaluate(now)
 
     def acked(self, replica: str, durable_lsn: int, barrier_id: int, now: float) -> list[Action]:
@@ -245,12 +298,15 @@ class CommitTracker:
             r.state = _State.OUT_OF_SYNC if ok else _State.UNMARKABLE
         return self._evaluate(now)
 
-    def back_in_sync(self, replica: str, now: float) -> list[Action]:
-        """The replica caught up and was durably marked in sync: it counts again."""
+    def marked_in_sync(self, replica: str, ok: bool, now: float) -> list[Action]:
+        """The in-sync mark asked for by :class:`MarkInSync` was persisted (``ok``) or not
+        (then it stays joining and is asked again)."""
         r = self._replicas.get(replica)
-        if r is None:
-            return []
-        r.state = _State.IN_SYNC
+        if r is None or r.state is not _State.JOINING:
+            return self._evaluate(now)
+        r.promoting = False
+        if ok:
+            r.state = _State.IN_SYNC
         return self._evaluate(now)
 
     def tick(self, now: float) -> list[Action]:
@@ -266,8 +322,9 @@ class CommitTracker:
                 continue
             for name in sorted(w.replicas):
                 r = self._replicas.get(name)
-                if r is not None and r.state is _State.IN_SYNC and r.durable_lsn < w.lsn:
+                if r is not None and r.state in _COUNTED and r.durable_lsn < w.lsn:
                     r.state = _State.MARKING
+                    r.promoting = False
                     actions.append(
                         MarkOutOfSync(
                             name,
@@ -283,7 +340,7 @@ class CommitTracker:
                     continue
                 if r.state is _State.UNMARKABLE:
                     unmarkable += 1
-                elif r.state is _State.IN_SYNC and r.durable_lsn >= w.lsn:
+                elif r.state in _COUNTED and r.durable_lsn >= w.lsn:
                     acked += 1
                 else:
                     pending += 1
@@ -291,6 +348,7 @@ class CommitTracker:
             if verdict is Verdict.DONE:
                 actions.append(Complete(w.token))
                 done.append(w.token)
+                self.committed_lsn = max(self.committed_lsn, w.lsn)
             elif verdict is Verdict.FAIL:
                 actions.append(
                     Fail(
@@ -303,9 +361,14 @@ class CommitTracker:
                 done.append(w.token)
         for token in done:
             del self._waiters[token]
-        # One barrier in flight per connected in-sync replica, for the newest LSN waited on.
         for name, r in self._replicas.items():
-            if r.state is not _State.IN_SYNC or not r.connected or r.inflight_id:
+            # A joining replica durable up to what was acknowledged before it joined holds
+            # every acknowledged write: it may be marked in sync.
+            if r.state is _State.JOINING and not r.promoting and r.durable_lsn >= r.join_lsn:
+                r.promoting = True
+                actions.append(MarkInSync(name))
+            # One barrier in flight per connected counted replica, for the newest LSN waited on.
+            if r.state not in _COUNTED or not r.connected or r.inflight_id:
                 continue
             want = max(
                 (w.lsn for w in self._waiters.values() if name in w.replicas),

@@ -193,6 +193,9 @@ class ReplicaLink:
             )
             self.status.plan = decision.choice.value
             self.status.plan_reason = decision.reason
+            if session.resync_id:
+                # Its copy is not whole until the resync ends: it must not count meanwhile.
+                self._owner.link_behind(self, f"it needs a {decision.choice.value} resync")
             await ch.send(plan)
             while session.awaits_need_blocks:
                 msg = await ch.recv()
@@ -233,6 +236,7 @@ class ReplicaLink:
                 await ch.send(*out.messages)
             self._report(session)
             if out.resync_bytes:
+                self._owner.observer.resync_sent(self.volume.name, self.address, out.resync_bytes)
                 await pace.sent(out.resync_bytes)
             if not out.idle:
                 continue
@@ -255,7 +259,7 @@ class ReplicaLink:
                     self._wake.set()
                 if heard.in_sync:
                     self.status.phase = "in_sync"
-                    await self._owner.mark_in_sync(self)
+                    self._owner.link_caught_up(self)
 
     def _report(self, session: PrimarySession) -> None:
         st = self.status

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from blockyard.blockdev import BytesLike, LbaStatus
 from blockyard.engine.volume import Volume
@@ -27,6 +27,7 @@ from blockyard.replication.commit import (
     Complete,
     DurabilityMode,
     Fail,
+    MarkInSync,
     MarkOutOfSync,
     SendBarrier,
 )
@@ -47,6 +48,35 @@ COMMIT_WAIT_TIMEOUT_S: Final = 25.0
 MARK_RETRY_S: Final = 1.0
 
 
+class ReplicationObserver(Protocol):
+    """Where a primary's replication reports what happens (the volume server's metrics). Every
+    method has a no-op default, inherited by subclasses. Implementations are thread-safe, quick
+    and never raise: :meth:`barrier_waited` is called from the SCSI worker threads, the others
+    on the event loop."""
+
+    def replica_degraded(self, volume: str, replica: str) -> None:
+        """``replica`` is being marked out of sync (the degrade step), once per marking."""
+        return None
+
+    def replica_in_sync(self, volume: str, replica: str) -> None:
+        """``replica`` caught up and was durably marked in sync again."""
+        return None
+
+    def barrier_waited(self, volume: str, latency_s: float) -> None:
+        """A flush or FUA write waited ``latency_s`` after its local fdatasync for the
+        durability mode to hold on the replicas (only when it had to wait for any)."""
+        return None
+
+    def resync_sent(self, volume: str, replica: str, data_bytes: int) -> None:
+        """A delta resync or rebuild sent ``data_bytes`` more bytes of block data (holes sent
+        as such count nothing)."""
+        return None
+
+
+class NoObserver(ReplicationObserver):
+    """The default :class:`ReplicationObserver`: ignores everything."""
+
+
 class VolumeReplication:
     """Replication of one primary volume (see the module docstring)."""
 
@@ -57,13 +87,13 @@ class VolumeReplication:
         *,
         executor: ThreadPoolExecutor,
         primary_id: str,
-        on_event: Callable[[str, str, str], None] | None = None,
+        observer: ReplicationObserver | None = None,
     ) -> None:
         self.volume = volume
         self.state = state
         self.primary_id = primary_id
         self._executor = executor
-        self._on_event = on_event
+        self.observer: ReplicationObserver = observer or NoObserver()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tracker = CommitTracker(
             state.mode,
@@ -160,7 +190,9 @@ class VolumeReplication:
                 f"{COMMIT_WAIT_TIMEOUT_S:g} s and could not be marked out of sync; the flush "
                 "is not durable on the copies the durability mode requires"
             ) from None
-        self.barrier_latencies_s.append(time.monotonic() - started)
+        latency_s = time.monotonic() - started
+        self.barrier_latencies_s.append(latency_s)
+        self.observer.barrier_waited(self.volume.name, latency_s)
         del self.barrier_latencies_s[:-1024]
 
     def _request(self, lsn: int, fut: concurrent.futures.Future[None]) -> None:
@@ -176,6 +208,8 @@ class VolumeReplication:
                     link.send_barrier(action.barrier_id, action.lsn)
             elif isinstance(action, MarkOutOfSync):
                 self._mark_out_of_sync(action.replica, action.reason)
+            elif isinstance(action, MarkInSync):
+                asyncio.get_running_loop().create_task(self._persist_in_sync(action.replica))
             elif isinstance(action, Complete):
                 fut = self._waiters.pop(action.token, None)
                 if fut is not None and not fut.done():
@@ -202,8 +236,7 @@ class VolumeReplication:
             "volume %s: marking replica %s out of sync: %s", self.volume.name, address, reason
         )
         self.degrade_events += 1
-        if self._on_event is not None:
-            self._on_event(self.volume.name, address, "degraded")
+        self.observer.replica_degraded(self.volume.name, address)
         asyncio.get_running_loop().create_task(self._persist_mark(address))
 
     async def _persist_mark(self, address: str) -> None:
@@ -228,23 +261,36 @@ class VolumeReplication:
         finally:
             self._marking.discard(address)
 
-    async def mark_in_sync(self, link: ReplicaLink) -> None:
-        """The replica caught up: persist that, then it counts again."""
-        address = link.address
-        if self.state.replica(address) is None:
-            return
-        state = self.state.with_in_sync(address, True)
-        await self.run_sync(save_primary_state, self.volume.directory, state)
-        self.state = state
-        log.info("volume %s: replica %s is in sync", self.volume.name, address)
-        if self._on_event is not None:
-            self._on_event(self.volume.name, address, "in_sync")
-        self._run(self.tracker.back_in_sync(address, time.monotonic()))
+    def link_caught_up(self, link: ReplicaLink) -> None:
+        """The replica holds a consistent copy and the live stream: it joins (see
+        :mod:`.commit`); the tracker asks for the durable in-sync mark when it may."""
+        log.info("volume %s: replica %s caught up, joining", self.volume.name, link.address)
+        self._run(self.tracker.caught_up(link.address, time.monotonic()))
+
+    async def _persist_in_sync(self, address: str) -> None:
+        ok = False
+        if self.state.replica(address) is not None:
+            state = self.state.with_in_sync(address, True)
+            try:
+                await self.run_sync(save_primary_state, self.volume.directory, state)
+            except BlockyardError:
+                log.exception("volume %s: cannot persist that replica %s is in sync",
+                              self.volume.name, address)  # fmt: skip
+            else:
+                ok = True
+                self.state = state
+                log.info("volume %s: replica %s is in sync", self.volume.name, address)
+                self.observer.replica_in_sync(self.volume.name, address)
+        self._run(self.tracker.marked_in_sync(address, ok, time.monotonic()))
 
     # ---- link events (on the loop) --------------------------------------------------------
 
     def link_up(self, link: ReplicaLink) -> None:
         self._run(self.tracker.connected(link.address, time.monotonic()))
+
+    def link_behind(self, link: ReplicaLink, reason: str) -> None:
+        """The replica needs a resync: it stops counting (marked out of sync) first."""
+        self._run(self.tracker.behind(link.address, reason, time.monotonic()))
 
     def link_down(self, link: ReplicaLink) -> None:
         self._run(self.tracker.disconnected(link.address, time.monotonic()))
