@@ -23,7 +23,12 @@ from blockyard.errors import InvalidArgumentError
 from blockyard.replication.commit import DurabilityMode
 from blockyard.replication.engine_store import EngineReplicaStore
 from blockyard.replication.messages import ReplicaDataState
-from blockyard.replication.primary import ReplicatedDevice, VolumeReplication
+from blockyard.replication.primary import (
+    NoObserver,
+    ReplicatedDevice,
+    ReplicationObserver,
+    VolumeReplication,
+)
 from blockyard.replication.receiver import ReplicationListener
 from blockyard.replication.report import ReplicationInfo
 from blockyard.replication.state import (
@@ -59,14 +64,15 @@ class ReplicationController:
         advertise: str | None = None,
         volume_lookup: Callable[[str], Volume | None],
         device_lookup: Callable[[str], ReplicatedDevice | None],
-        on_event: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self._listen_host = listen_host
         self._listen_port = listen_port
         self._advertise = advertise
         self._volume_lookup = volume_lookup
         self._device_lookup = device_lookup
-        self._on_event = on_event
+        #: Where primaries report replication events (the server's metrics); set before
+        #: :meth:`start`, it reaches every primary started after.
+        self.observer: ReplicationObserver = NoObserver()
         self.executor = ThreadPoolExecutor(
             max_workers=REPLICATION_WORKERS, thread_name_prefix="replication"
         )
@@ -125,7 +131,7 @@ class ReplicationController:
             state,
             executor=self.executor,
             primary_id=self.address or volume.name,
-            on_event=self._on_event,
+            observer=self.observer,
         )
         await vr.start()
         self._primaries[volume.name] = vr
