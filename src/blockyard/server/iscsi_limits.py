@@ -12,7 +12,11 @@ never does.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import fcntl
+import sys
+import termios
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
@@ -47,6 +51,19 @@ CONNECTION_OUTPUT_FLOOR_BYTES: Final = 256 << 10
 RELEASE_AFTER_DROP_BYTES: Final = 16 << 20
 
 T = TypeVar("T", bound=Hashable)
+
+
+def unread_bytes(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes in the socket's receive queue that the transport has not read yet (FIONREAD);
+    0 when that cannot be known."""
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4))
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder)
 
 
 def release_free_memory() -> bool:

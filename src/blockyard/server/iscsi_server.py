@@ -30,30 +30,24 @@ targets at any time and calls :meth:`IscsiServer.drop_sessions` after removing o
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import itertools
 import logging
-import sys
-import termios
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
 from blockyard.blockdev import BytesLike
-from blockyard.iscsi.discovery import DiscoveryTarget, Portal, send_targets_pairs
 from blockyard.iscsi.errors import LoginFailedError, LoginStatus
 from blockyard.iscsi.login import MAX_TSIH, TargetConfig
 from blockyard.iscsi.target_session import (
     CloseConnection,
-    CommandInspector,
     Event,
     ExecuteCommand,
     LoggedIn,
     ResetRequested,
     TargetConnection,
 )
-from blockyard.iscsi.text import TextPairs
 from blockyard.scsi.constants import Op
 from blockyard.scsi.lu import LogicalUnit
 from blockyard.scsi.sense import ScsiResult
@@ -63,8 +57,14 @@ from blockyard.server.iscsi_limits import (
     PreloginGate,
     ServerSettings,
     release_free_memory,
+    unread_bytes,
 )
-from blockyard.server.iscsi_registry import DictTargetRegistry, ServedTarget, TargetRegistry
+from blockyard.server.iscsi_registry import (
+    DictTargetRegistry,
+    RegistryPortal,
+    ServedTarget,
+    TargetRegistry,
+)
 
 __all__ = [
     "DictTargetRegistry",
@@ -108,37 +108,6 @@ _STARVED_POLL_S = 0.01
 #: Refusals and evictions are summed into one log line at most this often, not one per
 #: connection, so a flood cannot flood the log too.
 _LIMIT_LOG_INTERVAL_S = 10.0
-
-
-class _Portal:
-    """The sans-IO connection's view of the server, one per connection (it knows which
-    local address to advertise in SendTargets)."""
-
-    def __init__(self, server: IscsiServer, host: str, port: int) -> None:
-        self._server = server
-        self._host = host
-        self._port = port
-
-    def lookup(self, target_name: str) -> TargetConfig | None:
-        target = self._server.registry.lookup(target_name)
-        return None if target is None else target.config
-
-    def allocate_tsih(self) -> int:
-        return self._server.allocate_tsih()
-
-    def inspector(self, target_name: str) -> CommandInspector | None:
-        target = self._server.registry.lookup(target_name)
-        return None if target is None else target.logical_unit
-
-    def send_targets(
-        self, value: str, *, initiator_name: str, session_target: str | None
-    ) -> TextPairs:
-        visible = [
-            DiscoveryTarget(t.name, (Portal(self._host, self._port, t.config.portal_group_tag),))
-            for t in self._server.registry.targets()
-            if t.config.allowed_initiators is None or initiator_name in t.config.allowed_initiators
-        ]
-        return send_targets_pairs(value, visible, session_target=session_target)
 
 
 def _runs_off_loop(cdb: bytes, lu: LogicalUnit) -> bool:
@@ -250,7 +219,7 @@ class _IscsiProtocol(asyncio.Protocol):
         host = settings.advertised_host or (sockname[0] if sockname else "127.0.0.1")
         port = sockname[1] if sockname else server.port
         self.conn = TargetConnection(
-            _Portal(server, host, port),
+            RegistryPortal(server.registry, server.allocate_tsih, host, port),
             settings.login,
             limits=settings.limits,
             clock=server.clock or self._loop.time,
@@ -275,7 +244,7 @@ class _IscsiProtocol(asyncio.Protocol):
         conn = self.conn
         if self.logged_in or (conn is not None and conn.login_requests):
             return False
-        return _unread_bytes(self.transport) == 0
+        return unread_bytes(self.transport) == 0
 
     def _admit_session(self, session_type: str, target: TargetConfig | None) -> (
         LoginFailedError | None
@@ -792,19 +761,6 @@ class IscsiServer:
 
 def _is_idle(proto: _IscsiProtocol) -> bool:
     return proto.idle
-
-
-def _unread_bytes(transport: asyncio.Transport | None) -> int:
-    """Bytes in the socket's receive queue that the transport has not read yet (FIONREAD);
-    0 when that cannot be known."""
-    sock = None if transport is None else transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4))
-    except (OSError, ValueError):
-        return 0
-    return int.from_bytes(raw, sys.byteorder)
 
 
 def install_uvloop() -> bool:
