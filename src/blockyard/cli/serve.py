@@ -10,6 +10,11 @@ The management API uses mutual TLS with ``--tls-cert``, ``--tls-key`` and ``--tl
 must present a certificate signed by that CA). Without them it listens only on a loopback
 address, unless ``--insecure`` accepts plaintext elsewhere.
 
+``--metrics-listen`` serves Prometheus metrics over plain HTTP (as ``blockyard csi`` does; the
+READY line then ends with ``metrics=http://HOST:PORT/metrics``). Free space in the data
+directory is checked every few seconds: below ``--space-soft-threshold`` every volume's
+initiators get THIN PROVISIONING SOFT THRESHOLD REACHED, before writes fail for lack of space.
+
 Exit codes: 0 after a clean stop, 1 when it cannot start or stop cleanly (the message says
 why), 2 for usage errors (including plaintext off loopback without --insecure).
 """
@@ -24,6 +29,7 @@ import sys
 from typing import Final
 
 from blockyard import tls
+from blockyard.cli.sizes import parse_size
 from blockyard.errors import TlsConfigError
 from blockyard.server.daemon import (
     DaemonConfig,
@@ -32,6 +38,7 @@ from blockyard.server.daemon import (
     parse_address,
 )
 from blockyard.server.manager import DEFAULT_IQN_PREFIX
+from blockyard.server.space_task import DEFAULT_SOFT_THRESHOLD, SoftThreshold
 
 log = logging.getLogger("blockyard.cli.serve")
 
@@ -77,6 +84,21 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "127.0.0.1 for a wildcard)",
     )
     p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over plain HTTP here (port 0 = any free port)",
+    )
+    p.add_argument(
+        "--space-soft-threshold",
+        type=parse_soft_threshold,
+        default=DEFAULT_SOFT_THRESHOLD,
+        metavar="PCT%%|SIZE[,...]",
+        help="report low space (a unit attention to every initiator, a log line, a metric) "
+        "when the data directory's free space falls below this share of its filesystem "
+        "(e.g. 10%%) or this size (e.g. 2GiB, capped at half the filesystem), whichever is "
+        "larger; 0 turns it off (default: 10%%,256MiB)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -85,6 +107,31 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     tls.add_arguments(p, role="serve")
     p.set_defaults(func=run)
+
+
+def parse_soft_threshold(text: str) -> SoftThreshold:
+    """``--space-soft-threshold``: ``PCT%``, ``SIZE`` or both, comma-separated (``10%,2GiB``).
+    What is not given is 0; ``0`` alone turns the threshold off."""
+    fraction, min_bytes = 0.0, 0
+    for part in (p.strip() for p in text.split(",")):
+        if part.endswith("%"):
+            try:
+                percent = float(part[:-1])
+            except ValueError:
+                percent = -1.0
+            if not 0.0 <= percent < 100.0:
+                raise argparse.ArgumentTypeError(
+                    f"{part!r} is not a percentage from 0 up to (not including) 100"
+                )
+            fraction = percent / 100.0
+        else:
+            try:
+                min_bytes = parse_size(part)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(
+                    f"{part!r}: give a percentage (10%), a size (2GiB) or both (10%,2GiB); {exc}"
+                ) from exc
+    return SoftThreshold(fraction, min_bytes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +148,12 @@ def run(args: argparse.Namespace) -> int:
                 else parse_address(args.replication_listen, option="--replication-listen")
             ),
             replication_advertise=args.replication_advertise,
+            metrics_listen=(
+                None
+                if args.metrics_listen is None
+                else parse_address(args.metrics_listen, option="--metrics-listen")
+            ),
+            space_threshold=args.space_soft_threshold,
             iqn_prefix=args.iqn_prefix,
             advertise_host=args.advertise_host,
             shutdown_timeout_s=args.shutdown_timeout,

@@ -26,6 +26,8 @@ demand), so the invariant survives crashes of the primary.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import threading
 import time
@@ -65,6 +67,19 @@ _EPOCH: Final = 5
 _CONSUMED: Final = 6
 _GEN: Final = 7
 _POS: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class WalUsage:
+    """How a primary's WAL is used (:meth:`ReplicationSource.wal_usage`)."""
+
+    #: WAL bytes holding records, applied or not.
+    used_bytes: int
+    #: Of those, records already applied to the data region and kept only because a tracked
+    #: replica is not covered for them yet (what catch-up can still ship from the WAL).
+    retained_bytes: int
+    #: For each LSN asked about, the WAL bytes of the records after it still in the WAL.
+    bytes_after: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -227,6 +242,23 @@ class ReplicationSource:
         """The highest LSN the replica acknowledged durable since this volume was opened."""
         with self._lock:
             return self._trackers[replica_id].acked_lsn
+
+    def wal_usage(self, after_lsns: Sequence[int] = ()) -> WalUsage:
+        """WAL accounting for metrics, from memory only (no I/O): see :class:`WalUsage`.
+        Holds the volume lock only to copy the log's index; the sums are made after."""
+        with self._lock:
+            entries = list(self._log)
+            n_applied = self._n_applied
+            used = self._used
+        lsns = [e[_LSN] for e in entries]
+        prefix = [0, *itertools.accumulate(e[_CONSUMED] for e in entries)]
+        return WalUsage(
+            used_bytes=used,
+            retained_bytes=prefix[n_applied],
+            bytes_after=tuple(
+                prefix[-1] - prefix[bisect.bisect_right(lsns, x)] for x in after_lsns
+            ),
+        )
 
     def mark_missed(self, replica_id: str, blocks: Sequence[tuple[int, int]]) -> None:
         """Add block runs a replica must get back (e.g. what its divergent records touched, or

@@ -10,6 +10,11 @@ The management API is served with mutual TLS when ``api_security`` has TLS files
 them it serves only on a loopback address unless ``api_security.insecure`` (see
 :mod:`blockyard.tls`). Both are checked, and the files loaded, before the data directory is
 touched.
+
+The daemon also runs the data directory's space check (:mod:`blockyard.server.space_task`)
+and, with ``metrics_listen``, serves Prometheus metrics (:mod:`blockyard.server.metrics`) over
+plain HTTP: like the CSI driver's endpoint, on any address without TLS (metrics carry no
+secrets).
 """
 
 from __future__ import annotations
@@ -25,10 +30,19 @@ from typing import Final
 import grpc
 
 from blockyard import tls
+from blockyard.csi.metrics import MetricsHttpServer
 from blockyard.errors import BlockyardError, TlsConfigError, TlsFileError
 from blockyard.server.api import VolumeServerService, add_to_server
 from blockyard.server.iscsi_server import DictTargetRegistry, IscsiServer, ServerSettings
 from blockyard.server.manager import DEFAULT_IQN_PREFIX, PortalGroup, VolumeManager
+from blockyard.server.metrics import (
+    LoopSampler,
+    NoServerMetrics,
+    PrometheusServerMetrics,
+    ServerMetrics,
+    manager_view,
+)
+from blockyard.server.space_task import DEFAULT_SOFT_THRESHOLD, SoftThreshold, SpaceTask
 
 log = logging.getLogger("blockyard.server")
 
@@ -80,6 +94,9 @@ class DaemonConfig:
     api_security: tls.TransportSecurity = tls.PLAINTEXT
     replication_listen: Address | None = None
     replication_advertise: str | None = None
+    #: Prometheus metrics over plain HTTP (like the CSI driver's endpoint: no TLS, any address).
+    metrics_listen: Address | None = None
+    space_threshold: SoftThreshold = DEFAULT_SOFT_THRESHOLD
 
 
 class VolumeServerDaemon:
@@ -91,6 +108,10 @@ class VolumeServerDaemon:
         self._iscsi: list[IscsiServer] = []
         self._grpc: grpc.aio.Server | None = None
         self.api_port = 0
+        self.metrics: ServerMetrics = NoServerMetrics()
+        self._metrics_http: MetricsHttpServer | None = None
+        self.metrics_port = 0
+        self._space: SpaceTask | None = None
 
     @property
     def iscsi_addresses(self) -> list[Address]:
@@ -102,6 +123,9 @@ class VolumeServerDaemon:
         line = f"READY iscsi={iscsi} api={api}"
         if self.manager is not None and self.manager.replication.address:
             line += f" replication={self.manager.replication.address}"
+        if self._metrics_http is not None and self.config.metrics_listen is not None:
+            metrics = Address(self.config.metrics_listen.host, self.metrics_port)
+            line += f" metrics=http://{metrics}/metrics"
         return line
 
     async def start(self) -> None:
@@ -150,6 +174,8 @@ class VolumeServerDaemon:
             )
         except BlockyardError as exc:
             raise StartError(str(exc)) from exc
+        self.metrics = PrometheusServerMetrics() if cfg.metrics_listen else NoServerMetrics()
+        self.manager.replication.observer = self.metrics
         try:
             await self.manager.start()
         except BlockyardError as exc:
@@ -173,7 +199,11 @@ class VolumeServerDaemon:
                     f"cannot listen for iSCSI on {addr}: {exc.strerror or exc}; stop whatever "
                     "uses that address or pick another --iscsi-listen"
                 ) from exc
+        self._space = SpaceTask(self.manager, self.metrics, cfg.space_threshold)
+        await self._space.start()
         await self._start_api(credentials)
+        if cfg.metrics_listen is not None:
+            await self._start_metrics(cfg.metrics_listen)
         log.info(
             "volume server ready: %s (management API: %s)",
             self.ready_line(),
@@ -202,11 +232,33 @@ class VolumeServerDaemon:
         await server.start()
         self.api_port = port
 
+    async def _start_metrics(self, addr: Address) -> None:
+        assert self.manager is not None
+        metrics = self.metrics
+        assert isinstance(metrics, PrometheusServerMetrics)
+        metrics.sampler = LoopSampler(asyncio.get_running_loop(), manager_view(self.manager))
+        http = MetricsHttpServer(metrics.registry)
+        try:
+            await asyncio.to_thread(http.start, addr.host, addr.port)
+        except OSError as exc:
+            raise StartError(
+                f"cannot serve metrics on {addr} (--metrics-listen): {exc.strerror or exc}; "
+                "stop whatever uses that address or pick another --metrics-listen"
+            ) from exc
+        self._metrics_http = http
+        self.metrics_port = http.port
+
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop everything within about ``timeout_s`` (default: the configured bound)."""
         budget = self.config.shutdown_timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
+        http, self._metrics_http = self._metrics_http, None
+        if http is not None:
+            await asyncio.to_thread(http.stop)
+        space, self._space = self._space, None
+        if space is not None:
+            await space.stop()
         server, self._grpc = self._grpc, None
         if server is not None:
             await server.stop(grace=budget * _API_SHARE)

@@ -657,6 +657,11 @@ class VolumeManager(AccessOps, ReplicationOps):
             self.replication.address,
         )
 
+    def served(self) -> list[tuple[Volume, LogicalUnit]]:
+        """Every volume served now with its logical unit: a copy, taken on the event loop. For
+        the server's periodic work that reaches all of them (space watch, metrics)."""
+        return [(exp.volume, exp.lu) for exp in self._exported.values()]
+
     # ---- VolumeServerControl --------------------------------------------------------------
 
     async def set_volume_role(self, name: str, role: Role, epoch: int) -> VolumeDescription:
