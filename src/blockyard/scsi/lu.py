@@ -315,7 +315,9 @@ class LogicalUnit:
         a MODE SELECT turned write-through on since the gate was read; then it flushes."""
         try:
             with self._write_lock:
-                self._device.write(lba, data, fua=self._write_through)
+                self._device.write(lba, data)
+            if self._write_through:
+                self._device.flush()  # outside the lock, as in _do_write
         except BlockyardError as exc:
             return self._fast_error(exc, opcode, lba, IoKind.WRITE)
         return None
@@ -546,7 +548,12 @@ class LogicalUnit:
         if blocks == 0:
             return GOOD
         with self._write_lock:
-            self._device.write(lba, data, fua=fua or self._write_through)
+            self._device.write(lba, data)
+        if fua or self._write_through:
+            # Outside the write lock: a FUA write of a replicated volume waits for replicas
+            # here, and other writers (some on the event loop) must not wait behind it. A flush
+            # covers this write as FUA would (SBC-4 §5.40: FUA = durable before GOOD).
+            self._device.flush()
         return GOOD
 
     def _read6(self, nexus: Nexus, cdb: memoryview, data: memoryview) -> ScsiResult:
@@ -656,18 +663,16 @@ class LogicalUnit:
                     device.unmap(lba, blocks)
                 else:
                     device.write_zeroes(lba, blocks)
-                if self._write_through:
-                    device.flush()
-                return GOOD
-            chunk_blocks = max(1, min(device.max_transfer_blocks, 256, blocks))
-            chunk = bytes(pattern) * chunk_blocks
-            done = 0
-            while done < blocks:
-                n = min(chunk_blocks, blocks - done)
-                device.write(
-                    lba + done, memoryview(chunk)[: n * len(pattern)], fua=self._write_through
-                )
-                done += n
+            else:
+                chunk_blocks = max(1, min(device.max_transfer_blocks, 256, blocks))
+                chunk = bytes(pattern) * chunk_blocks
+                done = 0
+                while done < blocks:
+                    n = min(chunk_blocks, blocks - done)
+                    device.write(lba + done, memoryview(chunk)[: n * len(pattern)])
+                    done += n
+        if self._write_through:
+            device.flush()  # outside the lock, as in _do_write
         return GOOD
 
     def _write_same10(self, nexus: Nexus, cdb: memoryview, data: memoryview) -> ScsiResult:
@@ -704,8 +709,8 @@ class LogicalUnit:
         with self._write_lock:
             for lba, blocks in ranges:
                 self._device.unmap(lba, blocks)
-            if self._write_through and ranges:
-                self._device.flush()
+        if self._write_through and ranges:
+            self._device.flush()  # outside the lock, as in _do_write
         return GOOD
 
     def _compare_and_write(self, nexus: Nexus, cdb: memoryview, data: memoryview) -> ScsiResult:
@@ -720,7 +725,9 @@ class LogicalUnit:
             offset = _first_difference(stored, data[:half])
             if offset >= 0:
                 raise _miscompare(offset)
-            self._device.write(lba, data[half:], fua=bool(cdb[1] & 0x08) or self._write_through)
+            self._device.write(lba, data[half:])
+        if cdb[1] & 0x08 or self._write_through:
+            self._device.flush()  # outside the lock, as in _do_write
         return GOOD
 
     def _read_capacity10(self, nexus: Nexus, cdb: memoryview, data: memoryview) -> ScsiResult:
