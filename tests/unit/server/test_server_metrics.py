@@ -309,6 +309,27 @@ def test_loop_sampler_reads_replication_on_the_loop_and_the_wal_off_it(
     assert r.report.lag_lsns == 2
 
 
+def test_a_volume_lock_held_elsewhere_never_blocks_the_loop(
+    volume: Volume, loop_thread: asyncio.AbstractEventLoop
+) -> None:
+    """A writer holding the volume's lock (e.g. across a slow append) delays the scrape, on
+    the scraping thread, never the event loop."""
+    volume.track_replica("r1:7500")
+    volume.write(0, b"\x03" * BLOCK)
+    sampler = LoopSampler(loop_thread, lambda: [(volume, [report()])], timeout_s=10)
+    result: list[list[VolumeSample] | None] = []
+    with volume._lock:  # the engine's writer lock, held by "another writer" (this thread)
+        scraper = threading.Thread(target=lambda: result.append(sampler()))
+        scraper.start()
+        scraper.join(0.5)
+        assert scraper.is_alive()  # waiting for the lock...
+        answered = threading.Event()
+        loop_thread.call_soon_threadsafe(answered.set)
+        assert answered.wait(5)  # ...while the loop goes on
+    scraper.join(10)
+    assert result and result[0] is not None and result[0][0].replicas[0].lag_bytes > 0
+
+
 def test_loop_sampler_gives_up_on_a_stuck_loop(loop_thread: asyncio.AbstractEventLoop) -> None:
     release = threading.Event()
     loop_thread.call_soon_threadsafe(release.wait, 30)  # the loop is stuck in a callback
