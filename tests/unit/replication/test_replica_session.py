@@ -1,0 +1,387 @@
+"""The replica's session core (``ReplicaSession``) on a real engine volume (FaultFS): the Hello
+(epoch adopted and persisted, size checked), the Plan (resync state persisted before any block,
+diverged blocks reported, log reset), live records winning over older backfill, durability of
+what it reports (Ack, Progress, end of resync, also across a power loss), and its history after
+streaming across a primary's crash."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from repl_model_support import (
+    BLOCK,
+    RID,
+    ROOT,
+    SIZE,
+    WAL,
+    FaultReplicaStore,
+    block_image,
+    create_replica,
+    make_pair,
+    new_fs,
+    power_cycled,
+    read_all,
+    store_on,
+    write,
+)
+
+from blockyard.engine import Volume
+from blockyard.engine.superblock import WAL_OFFSET
+from blockyard.engine.wal import HEADER_BYTES
+from blockyard.errors import StaleEpochError
+from blockyard.replication.errors import ErrorCode, LocalProtocolError
+from blockyard.replication.messages import (
+    NO_RECORD,
+    Ack,
+    BlockRun,
+    BlockRunFlags,
+    Blocks,
+    Extent,
+    Hello,
+    HistorySegment,
+    NeedBlocks,
+    Plan,
+    PlanKind,
+    Progress,
+    RecordId,
+    RecordKind,
+    Records,
+    ReplicaDataState,
+    ReplRecord,
+    ResyncDone,
+)
+from blockyard.replication.replica_session import ReplicaSession
+from blockyard.replication.wire import OPEN_LSN
+from blockyard.testing.faultfs import FaultFS
+
+VOL = uuid.UUID(int=0xBEEF)
+GEN = 4242
+
+
+def replica(fs: FaultFS | None = None, *, epoch: int = 1) -> tuple[FaultFS, FaultReplicaStore]:
+    fs = fs or new_fs()
+    vol = create_replica(fs, "v", SIZE, VOL, wal_bytes=WAL, epoch=epoch)
+    return fs, FaultReplicaStore(vol, fs)
+
+
+def hello(*, epoch: int = 1, size: int = SIZE, last: int = 0) -> Hello:
+    return Hello(
+        protocol_version=1,
+        volume_uuid=VOL,
+        volume_name="v",
+        size_bytes=size,
+        primary_id="p:1",
+        head=RecordId(last, epoch, GEN),
+        durable_lsn=last,
+        history=(HistorySegment(epoch, GEN, 1, OPEN_LSN),),
+    )
+
+
+def full_plan(start: int, resync_id: int = 9) -> Plan:
+    return Plan(PlanKind.FULL, start, resync_id, SIZE // BLOCK, 0, OPEN_LSN)
+
+
+def rec(lsn: int, block: int, tag: int, *, epoch: int = 1) -> ReplRecord:
+    return ReplRecord(lsn, epoch, GEN, RecordKind.WRITE, block, 1, block_image(tag, block))
+
+
+def blocks(resync_id: int, cursor: int, *runs: tuple[int, list[int] | None]) -> Blocks:
+    """Runs as (first block, tags per block or None for a hole of one block)."""
+    out = []
+    for first, tags in runs:
+        if tags is None:
+            out.append(BlockRun(first, 1, BlockRunFlags.HOLE))
+        else:
+            data = b"".join(block_image(t, first + i) for i, t in enumerate(tags))
+            out.append(BlockRun(first, len(tags), BlockRunFlags.DATA, data))
+    return Blocks(resync_id, cursor, 0, tuple(out))
+
+
+def block(vol: Volume, b: int) -> bytes:
+    return vol.read(b * 8, 8)
+
+
+# ---- handshake ------------------------------------------------------------------------------
+
+
+def test_a_primary_at_the_replicas_epoch_is_answered() -> None:
+    _, store = replica(epoch=2)
+    reply = ReplicaSession(store).hello(hello(epoch=2))
+    assert reply.last == NO_RECORD and reply.volume_uuid == VOL
+    assert reply.state in (ReplicaDataState.EMPTY, ReplicaDataState.CONSISTENT)
+
+
+def test_a_primary_claiming_a_newer_epoch_than_assigned_is_refused() -> None:
+    """Epochs are assigned to the replica before the primary: a Hello from a newer epoch
+    than the replica was told is not trusted, and adopts nothing."""
+    fs, store = replica(epoch=1)
+    with pytest.raises(LocalProtocolError) as info:
+        ReplicaSession(store).hello(hello(epoch=3))
+    assert info.value.code is ErrorCode.UNEXPECTED
+    assert store.epoch == 1
+    assert store_on(power_cycled(fs)).open("v").epoch == 1
+
+
+def test_a_primary_smaller_than_the_replica_is_refused_and_a_larger_one_grows_it() -> None:
+    _, store = replica()
+    with pytest.raises(LocalProtocolError) as info:
+        ReplicaSession(store).hello(hello(size=SIZE // 2))
+    assert info.value.code is ErrorCode.SIZE_MISMATCH
+    assert store.size_bytes == SIZE
+    reply = ReplicaSession(store).hello(hello(size=2 * SIZE))
+    assert store.size_bytes == reply.size_bytes == 2 * SIZE
+
+
+def test_a_plan_before_the_hello_is_refused() -> None:
+    _, store = replica()
+    with pytest.raises(LocalProtocolError) as info:
+        ReplicaSession(store).plan(full_plan(1))
+    assert info.value.code is ErrorCode.UNEXPECTED
+
+
+# ---- resync ---------------------------------------------------------------------------------
+
+
+def test_a_resync_is_persisted_before_any_block_and_ends_only_once_durable() -> None:
+    fs, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    assert s.plan(full_plan(1, resync_id=77)) == []
+    state = store.data_state()
+    assert (state.data_state, state.resync_id) == (ReplicaDataState.RESYNCING, 77)
+    s.blocks(blocks(77, 2, (0, [1]), (1, None)))
+    s.records(Records((rec(1, 5, 2),)))
+    s.resync_done(ResyncDone(77, 1))
+    assert store.data_state().data_state is ReplicaDataState.RESYNCING, "not durable yet"
+    result = s.flush(0)
+    assert result.durable_lsn == 1
+    assert Progress(77, 2) in result.messages
+    assert result.messages[-1] == Ack(0, 1, 1)
+    assert store.data_state().data_state is ReplicaDataState.CONSISTENT
+    # Durable: what the replica reported survives a power loss.
+    again = store_on(power_cycled(fs)).open("v")
+    assert block(again, 0) == block_image(1, 0)
+    assert block(again, 5) == block_image(2, 5)
+
+
+def test_the_end_of_a_resync_waits_for_its_final_lsn() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(full_plan(1))
+    s.resync_done(ResyncDone(9, 2))  # the primary's last LSN when it finished: 2
+    s.records(Records((rec(1, 0, 1),)))
+    s.flush(0)
+    assert store.data_state().data_state is ReplicaDataState.RESYNCING
+    s.records(Records((rec(2, 0, 2),)))
+    s.flush(0)
+    assert store.data_state().data_state is ReplicaDataState.CONSISTENT
+
+
+def test_resync_blocks_reported_durable_survive_a_power_loss() -> None:
+    """Progress tells the primary to clear those blocks from the bitmap for good: they must
+    be on stable storage when it is sent, even when no record came with them."""
+    fs, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(full_plan(1, resync_id=5))
+    s.blocks(blocks(5, 3, (0, [10, 11, 12])))
+    result = s.flush(0)
+    assert Progress(5, 3) in result.messages
+    again = store_on(power_cycled(fs)).open("v")
+    assert [block(again, b) for b in range(3)] == [
+        block_image(t, b) for b, t in enumerate((10, 11, 12))
+    ]
+
+
+def test_a_live_record_wins_over_older_backfill_of_its_block() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(full_plan(1))
+    s.records(Records((rec(1, 4, 40),)))  # live write to block 4
+    # Backfill read before that write: blocks 3..5, block 4 holding its older image.
+    s.blocks(blocks(9, 6, (3, [30, 31, 32])))
+    vol = store.volume
+    assert block(vol, 4) == block_image(40, 4), "the live record wins"
+    assert block(vol, 3) == block_image(30, 3) and block(vol, 5) == block_image(32, 5)
+    # Also once the record was checkpointed out of the WAL, and for holes.
+    vol.checkpoint()
+    s.records(Records((ReplRecord(2, 1, GEN, RecordKind.ZERO, 6, 1),)))
+    vol.checkpoint()
+    s.blocks(blocks(9, 8, (4, [99]), (6, [98])))
+    assert block(vol, 4) == block_image(40, 4)
+    assert block(vol, 6) == bytes(BLOCK)
+
+
+def test_backfill_after_the_resync_ended_is_not_filtered_any_more() -> None:
+    """The touched set is the resync's; after the end it is dropped (a new resync starts a
+    new one)."""
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(full_plan(1))
+    s.records(Records((rec(1, 2, 1),)))
+    s.resync_done(ResyncDone(9, 1))
+    s.flush(0)
+    with pytest.raises(LocalProtocolError):
+        s.blocks(blocks(9, 3, (2, [5])))
+    assert block(store.volume, 2) == block_image(1, 2)
+
+
+def test_blocks_outside_a_resync_are_refused() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(Plan(PlanKind.CATCH_UP, 1, 0, 0, 0, OPEN_LSN))
+    with pytest.raises(LocalProtocolError) as info:
+        s.blocks(blocks(9, 1, (0, [1])))
+    assert info.value.code is ErrorCode.UNEXPECTED
+
+
+# ---- divergence and log resets ------------------------------------------------------------
+
+
+def test_diverged_records_are_reported_as_blocks_to_resend() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(Plan(PlanKind.CATCH_UP, 1, 0, 0, 0, OPEN_LSN))
+    s.records(Records(tuple(rec(i, b, i) for i, b in ((1, 0), (2, 7), (3, 8), (4, 20)))))
+    s.flush(0)
+    s2 = ReplicaSession(store)
+    s2.hello(hello(last=2))
+    out = s2.plan(Plan(PlanKind.DELTA, 3, 11, 0, 0, 2))
+    assert out == [NeedBlocks(True, (Extent(8, 1), Extent(20, 1)))]
+    assert store.last_lsn == 2, "the log continues where the primary's stream starts"
+    assert store.data_state().data_state is ReplicaDataState.RESYNCING
+
+
+def test_diverged_records_no_longer_in_the_wal_mean_every_block() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(Plan(PlanKind.CATCH_UP, 1, 0, 0, 0, OPEN_LSN))
+    for i in range(1, 40):  # several times the WAL: the early ones are gone from it
+        s.records(Records((rec(i, i % 10, i),)))
+    s.flush(0)
+    s2 = ReplicaSession(store)
+    s2.hello(hello(last=2))
+    out = s2.plan(Plan(PlanKind.DELTA, 3, 11, 0, 0, 2))
+    assert out == [NeedBlocks(True, (Extent(0, SIZE // BLOCK),))]
+
+
+def test_a_reset_log_is_not_replayed_after_a_restart() -> None:
+    fs, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(Plan(PlanKind.CATCH_UP, 1, 0, 0, 0, OPEN_LSN))
+    s.records(Records(tuple(rec(i, i, i) for i in range(1, 6))))
+    s.flush(0)
+    s2 = ReplicaSession(store)
+    s2.hello(hello(last=3))
+    s2.plan(Plan(PlanKind.DELTA, 4, 12, 0, 0, 3))
+    s2.records(Records((rec(4, 9, 44),)))
+    s2.flush(0)
+    vol = store_on(power_cycled(fs)).open("v")
+    assert vol.last_lsn == 4
+    assert block(vol, 9) == block_image(44, 9)
+    # Record 5 of the old log (block 5) was applied before the reset: the resync's job to
+    # replace it, not the log's to replay or drop it.
+    assert block(vol, 4) == block_image(4, 4)
+
+
+def test_a_record_from_a_newer_epoch_is_refused() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello(epoch=1))
+    s.plan(Plan(PlanKind.CATCH_UP, 1, 0, 0, 0, OPEN_LSN))
+    with pytest.raises(StaleEpochError):
+        s.records(Records((rec(1, 0, 1, epoch=2),)))
+    assert store.last_lsn == 0
+    assert store.epoch_violations == []
+
+
+def test_a_barrier_is_answered_with_its_id_and_what_is_durable() -> None:
+    _, store = replica()
+    s = ReplicaSession(store)
+    s.hello(hello())
+    s.plan(Plan(PlanKind.CATCH_UP, 1, 0, 0, 0, OPEN_LSN))
+    s.records(Records((rec(1, 0, 1), rec(2, 1, 2))))
+    result = s.flush(17)
+    assert result.durable_lsn == 2
+    assert result.messages == (Ack(17, 2, 2),)
+    assert store.durable_lsn == 2
+
+
+# ---- over the wire --------------------------------------------------------------------------
+
+
+def test_a_stale_primary_is_refused_at_the_hello() -> None:
+    pair = make_pair()
+    pair.replica.set_epoch(3)  # the replica heard of a newer primary
+    lk = pair.connect()
+    lk.deliver_to_replica()
+    assert not lk.connected
+    ((side, exc),) = lk.errors
+    assert side == "replica"
+    assert getattr(exc, "code", None) is ErrorCode.STALE_EPOCH, exc
+    assert pair.replica.epoch == 3
+
+
+def tear_last_record(fs: FaultFS, vol: Volume) -> FaultFS:
+    """A power loss in which the newest record's header reached the disk but its payload did
+    not: recovery stops before it, and numbers the next incarnation past it."""
+    pos = vol._log[-1][8]
+    path = f"{ROOT}/v/volume.blk"
+    image = bytearray(fs.durable_image()[path])
+    image[WAL_OFFSET + pos + HEADER_BYTES + 100] ^= 0xFF
+    out = power_cycled(fs)
+    out.restore(path, bytes(image))
+    return out
+
+
+def test_a_replica_that_streamed_across_a_primary_crash_catches_up_afterwards() -> None:
+    """The primary lost a torn record and went on past its LSN in a new generation. The
+    replica (which never got the torn record) followed; next time it connects it shares the
+    primary's history in full: a WAL catch-up, not a divergence."""
+    pair = make_pair()
+    write(pair.primary, 0, 1)
+    pair.sync()
+    write(pair.primary, 1, 2)  # never shipped; torn by the crash
+    pair.primary.flush()
+    pair.lk.cut()
+    torn_lsn = pair.primary.last_lsn
+    pair.fs_p = tear_last_record(pair.fs_p, pair.primary)
+    pair.primary = store_on(pair.fs_p).open("v")
+    pair.primary.track_replica(RID)
+    segs = pair.primary.history.segments
+    assert segs[-2].last_lsn == torn_lsn - 1, "the torn record is not in the history"
+    assert block(pair.primary, 1) == bytes(BLOCK)
+    lsn = write(pair.primary, 2, 3)
+    assert lsn > torn_lsn, "numbered past the torn record"
+    pair.sync()
+    assert pair.plan().kind is PlanKind.CATCH_UP
+    assert pair.replica.last_lsn == lsn
+    write(pair.primary, 3, 4)
+    pair.lk.cut()
+    pair.sync()
+    plan = pair.plan()
+    assert (plan.kind, plan.diverged_after_lsn) == (PlanKind.CATCH_UP, OPEN_LSN), plan
+    assert read_all(pair.primary) == read_all(pair.replica)
+
+
+def test_records_resent_after_a_reconnect_are_applied_once() -> None:
+    pair = make_pair()
+    write(pair.primary, 0, 1)
+    pair.sync()
+    lk = pair.lk
+    lsns = [write(pair.primary, b, 10 + b) for b in range(3)]
+    lk.pump()
+    lk.deliver_to_replica()
+    # The same LSN again (as a resend carries it), with other bytes: skipped, not applied.
+    s = lk.attempt.r_session  # type: ignore[union-attr]
+    held = pair.replica.last_lsn
+    assert s.records(Records((rec(lsns[0], 0, 99),))) == held
+    assert block(pair.replica, 0) == block_image(10, 0)
