@@ -1,0 +1,711 @@
+"""``blockyard bench replication``: what replication costs the writer and how fast a copy
+catches up, with three real ``blockyard serve`` processes on loopback, in one run.
+
+Server 0 is the primary of every volume; servers 1 and 2 hold replicas. Four phases:
+
+1. **Write cost.** One volume per setup — RF1 (no replica), RF2 best_effort, RF2 sync_all,
+   RF3 sync_quorum — driven by the same external initiators (:mod:`.replication_load`): 4 KiB
+   writes at QD32 with a flush every 32, and 4 KiB FUA writes at QD1. Setups are interleaved
+   over several rounds (their order rotated each round) and each ratio to RF1 is taken within a
+   round, so drifting load from other work on the machine hits numerator and denominator alike.
+2. **Delta resync.** The replica server of an in-sync sync_all volume is killed with SIGKILL,
+   the primary takes N 4 KiB writes (with a flush every 32, so each flush proves the replica
+   was marked out of sync first), the server is restarted, and the time until GetReplication
+   says ``in_sync`` is measured — from READY, and from the moment the link reconnected.
+3. **Full rebuild.** A volume filled densely and one with 10 % allocated (1 MiB every 10 MiB)
+   get a new, empty replica; time from SetReplication until ``in_sync``, and the data bytes the
+   primary sent.
+4. **Degraded.** The replica server of the RF2 sync_all volume is killed; once that replica is
+   marked out of sync, the volume's QD32 rate is measured against another RF2 sync_all volume
+   whose replica (on server 2) is healthy, interleaved.
+
+Every wait is bounded; a replica that never gets in sync raises :class:`BenchError` with the
+servers' log lines. The report labels what each figure measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from blockyard.bench.iscsi import BenchError, _need
+from blockyard.bench.replication_load import (
+    FLUSH_EVERY,
+    QD1_MAX_WRITES,
+    Qd1Result,
+    Spread,
+    fill,
+    poke,
+    qd1_fua,
+    qd32_flush_iops,
+)
+from blockyard.engine.epoch import Role
+from blockyard.replication.commit import DurabilityMode
+from blockyard.replication.report import ReplicaReport, ReplicationInfo
+from blockyard.server.client import VolumeServerClient
+from blockyard.testing.cluster import API_SLOW_TIMEOUT_S, API_TIMEOUT_S, LocalCluster
+
+MIB: Final = 1 << 20
+EPOCH: Final = 1
+PRIMARY: Final = 0
+#: GetReplication polling while timing a catch-up (the figures' resolution).
+POLL_INTERVAL_S: Final = 0.02
+#: Longest wait for a replica to be marked out of sync after its server was killed (the
+#: dropped connection marks it at once; the barrier timeout is 5 s).
+MARK_TIMEOUT_S: Final = 30.0
+#: Rates assumed before a setup's first measurement (they only size the first round's runs).
+QD32_GUESS_IOPS: Final = 4000.0
+QD1_GUESS_IOPS: Final = 500.0
+MIN_QD32_WRITES: Final = 4 * FLUSH_EVERY
+MIN_QD1_WRITES: Final = 50
+#: How long an idle volume gets to return in sync after its replica's server restarted.
+IDLE_REJOIN_TIMEOUT_S: Final = 10.0
+#: Rebuild fills are written in 1 MiB requests.
+FILL_CHUNK_BYTES: Final = MIB
+
+# Goals, from the replication issue.
+SYNC_ALL_GOAL_RATIO: Final = 0.7
+REBUILD_GOAL_MBPS: Final = 500.0
+DELTA_GOAL_S: Final = 2.0
+DEGRADED_GOAL_RATIO: Final = 0.9
+#: "Sparse rebuild time ∝ allocated data" counts as met when sparse/dense time is within this
+#: factor of sparse/dense data (fixed costs — handshake, walking the whole volume's bitmap and
+#: its holes — make it somewhat more than the data ratio; Longhorn's sparse rebuilds are 20x
+#: slower than dense ones per byte).
+PROPORTIONAL_SLACK: Final = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    volume: str
+    label: str
+    replicas: tuple[int, ...]
+    #: None: no replication at all (RF1).
+    mode: DurabilityMode | None
+
+
+RF1 = Setup("rf1", "RF1 (no replica)", (), None)
+RF2_BEST_EFFORT = Setup("rf2-best-effort", "RF2 best_effort", (1,), DurabilityMode.BEST_EFFORT)
+RF2_SYNC_ALL = Setup("rf2-sync-all", "RF2 sync_all", (1,), DurabilityMode.SYNC_ALL)
+RF3_QUORUM = Setup("rf3-sync-quorum", "RF3 sync_quorum", (1, 2), DurabilityMode.SYNC_QUORUM)
+#: The healthy peer of the degraded measurement (its replica is on a server that stays up).
+RF2_HEALTHY_PEER = Setup("rf2-peer", "RF2 sync_all, healthy", (2,), DurabilityMode.SYNC_ALL)
+DELTA_VOLUME = Setup("delta", "RF2 sync_all", (1,), DurabilityMode.SYNC_ALL)
+
+QD32 = "4 KiB writes QD32, flush every 32"
+QD1 = "4 KiB FUA writes QD1"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    size_bytes: int = 1 << 30
+    rebuild_size_bytes: int = 1 << 30
+    seconds: float = 2.0
+    rounds: int = 3
+    missed_writes: int = 10_000
+    sparse_percent: int = 10
+    rf3: bool = True
+    delta: bool = True
+    rebuild: bool = True
+    degraded: bool = True
+    sync_timeout_s: float = 300.0
+    #: Where the replica servers (1 and 2) keep their data, if not beside the primary's (a
+    #: tmpfs here takes the shared disk out of the replicas' costs, for diagnosis).
+    replica_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """One timed catch-up of one replica."""
+
+    #: Seconds from the start of the trigger (SetReplication, a restart) to in_sync.
+    total_s: float
+    #: Seconds from the end of the trigger (the SetReplication answer, READY) to in_sync.
+    after_trigger_s: float
+    #: Seconds from the link's reconnection to in_sync (None: connected before the first poll).
+    resync_s: float | None
+    #: The replica's last report before in_sync (plan, resync blocks and bytes).
+    report: ReplicaReport
+    #: CPU seconds of the primary's and the replica's server processes after the trigger.
+    primary_cpu_s: float
+    replica_cpu_s: float
+
+    @property
+    def cpus_busy(self) -> float:
+        return (self.primary_cpu_s + self.replica_cpu_s) / self.after_trigger_s
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaResult:
+    writes: int
+    lag_lsns: int
+    ready_s: float
+    catch_up: CatchUp
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    kind: str
+    size_bytes: int
+    written_bytes: int
+    allocated_bytes: int
+    catch_up: CatchUp
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.catch_up.report.resync_bytes
+
+    @property
+    def data_mbps(self) -> float:
+        return self.sent_bytes / self.catch_up.total_s / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    """CPU time spent during one measurement, per write, and how busy the machine was."""
+
+    primary_us: float
+    #: Every other server (replica holders, and idle servers).
+    replicas_us: float
+    #: The load generator (qemu-img or qemu-io, start-up and login included).
+    initiator_us: float
+    #: CPU seconds of all of them over the measurement's wall time (2.0 = both cores of a
+    #: 2-CPU machine).
+    cpus_busy: float
+
+
+@dataclass
+class Samples:
+    """Per-round results of one setup."""
+
+    qd32_iops: list[float] = field(default_factory=list)
+    qd32_cpu: list[CpuUse] = field(default_factory=list)
+    qd1: list[Qd1Result] = field(default_factory=list)
+    qd1_cpu: list[CpuUse] = field(default_factory=list)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a live process (every thread), from /proc/PID/stat (proc(5))."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of the line; the split starts at field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class ReplicationBench:
+    def __init__(self, root: Path, options: Options, replica_root: Path | None = None) -> None:
+        self.root = root
+        self.opt = options
+        self.cluster = LocalCluster.create(root, 3)
+        if replica_root is not None:
+            for i, server in enumerate(self.cluster.servers):
+                if i != PRIMARY:
+                    server.data_dir = replica_root / server.name / "data"
+        self.setups = [RF1, RF2_BEST_EFFORT, RF2_SYNC_ALL] + ([RF3_QUORUM] if options.rf3 else [])
+        self.urls: dict[str, str] = {}
+        self.samples: dict[str, Samples] = {}
+        self.degraded: dict[str, list[float]] = {}
+        self.delta: DeltaResult | None = None
+        self.rebuilds: list[RebuildResult] = []
+        #: Things that went wrong but did not stop the run (printed with the report).
+        self.notes: list[str] = []
+        self._rates: dict[tuple[str, str], float] = {}
+        self.load_start = os.getloadavg()
+        self.load_end = self.load_start
+        self.elapsed_s = 0.0
+
+    # ---- cluster plumbing -----------------------------------------------------------------
+
+    def _create(self, setup: Setup, size_bytes: int) -> None:
+        """Create the volume (and its replicas, in sync) and remember its URL."""
+        c = self.cluster
+        if setup.mode is None:
+            c.servers[PRIMARY].call(lambda cl: cl.create_volume(setup.volume, size_bytes))
+        else:
+            c.replicate(
+                setup.volume, size_bytes, replicas=setup.replicas, mode=setup.mode, epoch=EPOCH
+            )
+            self._wait_in_sync(setup.volume)
+        desc = c.servers[PRIMARY].call(lambda cl: cl.get_volume(setup.volume))
+        self.urls[setup.volume] = f"iscsi://{c.servers[PRIMARY].portal}/{desc.export.iqn}/0"
+
+    def _wait_in_sync(self, name: str, timeout_s: float | None = None) -> None:
+        try:
+            self.cluster.wait_in_sync(name, timeout_s=timeout_s or self.opt.sync_timeout_s)
+        except AssertionError as exc:
+            raise BenchError(f"{exc}\n{self.log_excerpt()}") from None
+
+    def _back_in_sync(self, names: list[str]) -> None:
+        """Idle volumes whose replica server restarted: wait for them in sync; those that are
+        not within :data:`IDLE_REJOIN_TIMEOUT_S` are named in the report and get one write
+        (the replica then acknowledges what it holds)."""
+        deadline = time.monotonic() + IDLE_REJOIN_TIMEOUT_S
+        waiting = list(names)
+        while waiting and time.monotonic() < deadline:
+            waiting = [n for n in waiting if not self._in_sync(n)]
+            time.sleep(POLL_INTERVAL_S)
+        for name in waiting:
+            self.notes.append(
+                f"{name}: idle, its replica's server restarted; not back in sync within "
+                f"{IDLE_REJOIN_TIMEOUT_S:g} s (nothing to catch up, and nothing made the "
+                "replica acknowledge); one 4 KiB write was made to bring it back"
+            )
+            poke(self.urls[name])
+            self._wait_in_sync(name)
+
+    def _in_sync(self, name: str) -> bool:
+        info: ReplicationInfo = self.cluster.servers[PRIMARY].call(
+            lambda c: c.get_replication(name)
+        )
+        return bool(info.replicas) and all(r.state == "in_sync" for r in info.replicas)
+
+    def _replica_report(self, name: str, server: int) -> ReplicaReport:
+        info: ReplicationInfo = self.cluster.servers[PRIMARY].call(
+            lambda c: c.get_replication(name)
+        )
+        r = info.replica(self.cluster.servers[server].replication_address)
+        if r is None:
+            raise BenchError(f"{name}: no replica on server{server} in {info}")
+        return r
+
+    def _wait_marked_out_of_sync(self, name: str, server: int) -> None:
+        deadline = time.monotonic() + MARK_TIMEOUT_S
+        while time.monotonic() < deadline:
+            r = self._replica_report(name, server)
+            if r.state == "out_of_sync" and not r.in_sync:
+                return
+            time.sleep(POLL_INTERVAL_S)
+        raise BenchError(
+            f"{name}: the replica on server{server} was not marked out of sync within "
+            f"{MARK_TIMEOUT_S} s of its server's death: {r}\n{self.log_excerpt()}"
+        )
+
+    def _time_catch_up(self, name: str, server: int, trigger: Callable[[], None]) -> CatchUp:
+        """Run ``trigger`` and time until the replica on ``server`` is in sync."""
+        address = self.cluster.servers[server].replication_address
+        api = self.cluster.servers[PRIMARY].api
+
+        async def watch() -> CatchUp:
+            async with VolumeServerClient(
+                api, timeout_s=API_TIMEOUT_S, slow_timeout_s=API_SLOW_TIMEOUT_S
+            ) as c:
+                t0 = time.monotonic()
+                await asyncio.to_thread(trigger)
+                t1 = time.monotonic()
+                cpu0 = self._pair_cpu_s(server)
+                deadline = t0 + self.opt.sync_timeout_s
+                connected_at: float | None = None
+                seen_down = False
+                last: ReplicaReport | None = None
+                while time.monotonic() < deadline:
+                    r = (await c.get_replication(name)).replica(address)
+                    now = time.monotonic()
+                    if r is not None:
+                        seen_down = seen_down or not r.connected
+                        if r.connected and connected_at is None and seen_down:
+                            connected_at = now
+                        if r.state == "in_sync" and r.in_sync:
+                            resync = None if connected_at is None else now - connected_at
+                            cpu1 = self._pair_cpu_s(server)
+                            return CatchUp(
+                                now - t0,
+                                now - t1,
+                                resync,
+                                r,
+                                cpu1[0] - cpu0[0],
+                                cpu1[1] - cpu0[1],
+                            )
+                        last = r
+                    await asyncio.sleep(POLL_INTERVAL_S)
+                raise BenchError(
+                    f"{name}: the replica on server{server} was not in sync within "
+                    f"{self.opt.sync_timeout_s:g} s: {last}\n{self.log_excerpt()}"
+                )
+
+        return asyncio.run(watch())
+
+    def log_excerpt(self, limit: int = 12) -> str:
+        """The servers' ERROR lines, each with the exception that ended its traceback (the
+        last ``limit``)."""
+        found: list[str] = []
+        for path in sorted((self.root / "logs").glob("*.log")):
+            in_traceback = False
+            for line in path.read_text(errors="replace").splitlines():
+                if " ERROR " in line or " CRITICAL " in line:
+                    found.append(f"{path.name}: {line}")
+                elif line.startswith("Traceback"):
+                    in_traceback = True
+                elif in_traceback and line and not line[0].isspace():
+                    in_traceback = False
+                    found.append(f"{path.name}:   -> {line}")
+        if not found:
+            return "server logs: no ERROR lines"
+        errors = sum(1 for line in found if "   -> " not in line)
+        return "\n".join([f"server logs: {errors} ERROR lines, the last:", *found[-limit:]])
+
+    # ---- measurements ---------------------------------------------------------------------
+
+    def _qd32_count(self, key: str) -> int:
+        rate = self._rates.get((key, QD32), QD32_GUESS_IOPS)
+        return max(MIN_QD32_WRITES, round(rate * self.opt.seconds / FLUSH_EVERY) * FLUSH_EVERY)
+
+    def _qd1_count(self, key: str) -> int:
+        rate = self._rates.get((key, QD1), QD1_GUESS_IOPS)
+        return min(QD1_MAX_WRITES, max(MIN_QD1_WRITES, round(rate * self.opt.seconds)))
+
+    def _cpu_now(self) -> tuple[float, float, float]:
+        """CPU seconds so far: the primary, the other live servers, finished children."""
+        servers = self.cluster.servers
+        others = sum(
+            _proc_cpu_s(s.process.pid)
+            for i, s in enumerate(servers)
+            if i != PRIMARY and s.running and s.process is not None
+        )
+        primary = servers[PRIMARY].process
+        assert primary is not None
+        return _proc_cpu_s(primary.pid), others, _children_cpu_s()
+
+    def _pair_cpu_s(self, replica: int) -> tuple[float, float]:
+        """CPU seconds so far of the primary's and one replica's server process."""
+        pids = []
+        for i in (PRIMARY, replica):
+            proc = self.cluster.servers[i].process
+            assert proc is not None
+            pids.append(proc.pid)
+        return _proc_cpu_s(pids[0]), _proc_cpu_s(pids[1])
+
+    def _cpu_since(self, before: tuple[float, float, float], t0: float, ops: int) -> CpuUse:
+        after = self._cpu_now()
+        d = [a - b for a, b in zip(after, before, strict=True)]
+        per = 1e6 / ops
+        return CpuUse(d[0] * per, d[1] * per, d[2] * per, sum(d) / (time.monotonic() - t0))
+
+    def _qd32(self, setup: Setup, key: str, round_no: int) -> tuple[float, CpuUse]:
+        count = self._qd32_count(key)
+        before, t0 = self._cpu_now(), time.monotonic()
+        iops = qd32_flush_iops(self.urls[setup.volume], count, offset_bytes=round_no * 4096)
+        cpu = self._cpu_since(before, t0, count)
+        self._rates[key, QD32] = iops
+        return iops, cpu
+
+    def _qd1(self, setup: Setup, round_no: int) -> tuple[Qd1Result, CpuUse]:
+        count = self._qd1_count(setup.volume)
+        before, t0 = self._cpu_now(), time.monotonic()
+        result = qd1_fua(
+            self.urls[setup.volume],
+            count,
+            self.opt.size_bytes,
+            offset_bytes=(128 + round_no) * 4096,
+        )
+        cpu = self._cpu_since(before, t0, count)
+        self._rates[setup.volume, QD1] = result.iops
+        return result, cpu
+
+    def write_cost(self) -> None:
+        for s in self.setups:
+            self.samples[s.volume] = Samples()
+        n = len(self.setups)
+        for r in range(self.opt.rounds):
+            order = [self.setups[(r + i) % n] for i in range(n)]
+            for s in order:
+                iops, cpu = self._qd32(s, s.volume, r)
+                self.samples[s.volume].qd32_iops.append(iops)
+                self.samples[s.volume].qd32_cpu.append(cpu)
+            for s in order:
+                result, cpu = self._qd1(s, r)
+                self.samples[s.volume].qd1.append(result)
+                self.samples[s.volume].qd1_cpu.append(cpu)
+
+    def delta_resync(self) -> None:
+        replica = DELTA_VOLUME.replicas[0]
+        server = self.cluster.servers[replica]
+        # A replica that holds no record yet gets a full rebuild, not a delta: give it some.
+        qd32_flush_iops(self.urls[DELTA_VOLUME.volume], 8 * MIN_QD32_WRITES)
+        self._wait_in_sync(DELTA_VOLUME.volume)
+        server.kill()
+        self._wait_marked_out_of_sync(DELTA_VOLUME.volume, replica)
+        qd32_flush_iops(self.urls[DELTA_VOLUME.volume], self.opt.missed_writes)
+        lag = self._replica_report(DELTA_VOLUME.volume, replica).lag_lsns
+        ready: list[float] = []
+
+        def restart() -> None:
+            t = time.monotonic()
+            server.restart()
+            ready.append(time.monotonic() - t)
+
+        catch_up = self._time_catch_up(DELTA_VOLUME.volume, replica, restart)
+        self.delta = DeltaResult(self.opt.missed_writes, lag, ready[0], catch_up)
+        # The other volumes with a replica there catch up too before the next phase.
+        self._back_in_sync(
+            [s.volume for s in (*self.setups, RF2_HEALTHY_PEER) if replica in s.replicas]
+        )
+
+    def rebuild(self, kind: str, step_bytes: int) -> None:
+        name = f"rebuild-{kind}"
+        size = self.opt.rebuild_size_bytes
+        target = 2
+        self._create(Setup(name, kind, (), None), size)
+        count = size // step_bytes
+        fill(self.urls[name], chunk_bytes=FILL_CHUNK_BYTES, step_bytes=step_bytes, count=count)
+        # The fill's dirty pages would otherwise be written back during the rebuild.
+        os.sync()
+        desc = self.cluster.servers[PRIMARY].call(lambda c: c.get_volume(name))
+        addr = self.cluster.servers[target].replication_address
+
+        async def make_replica(c: VolumeServerClient) -> None:
+            await c.create_volume(name, size, volume_uuid=desc.uuid)
+            await c.set_replication(name, role=Role.REPLICA, epoch=EPOCH)
+
+        self.cluster.servers[target].call(make_replica)
+
+        def start() -> None:
+            self.cluster.servers[PRIMARY].call(
+                lambda c: c.set_replication(
+                    name,
+                    role=Role.PRIMARY,
+                    epoch=EPOCH,
+                    mode=DurabilityMode.SYNC_ALL,
+                    replicas=[addr],
+                )
+            )
+
+        catch_up = self._time_catch_up(name, target, start)
+        self.rebuilds.append(
+            RebuildResult(kind, size, count * FILL_CHUNK_BYTES, desc.allocated_bytes, catch_up)
+        )
+
+    def degrade(self) -> None:
+        victim = RF2_SYNC_ALL.replicas[0]
+        self.cluster.servers[victim].kill()
+        self._wait_marked_out_of_sync(RF2_SYNC_ALL.volume, victim)
+        pair = (RF2_HEALTHY_PEER, RF2_SYNC_ALL)
+        self.degraded = {s.volume: [] for s in pair}
+        for s in pair:  # warm-up: first writes of the peer, first flush after the mark
+            qd32_flush_iops(self.urls[s.volume], MIN_QD32_WRITES)
+        for r in range(self.opt.rounds):
+            for s in pair if r % 2 == 0 else reversed(pair):
+                key = f"{s.volume}-degraded-phase"
+                self.degraded[s.volume].append(self._qd32(s, key, r)[0])
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        self.cluster.start()
+        try:
+            extra = [RF2_HEALTHY_PEER] if self.opt.degraded else []
+            extra += [DELTA_VOLUME] if self.opt.delta else []
+            for s in (*self.setups, *extra):
+                self._create(s, self.opt.size_bytes)
+            self.write_cost()
+            if self.opt.delta:
+                self.delta_resync()
+            if self.opt.rebuild:
+                self.rebuild("dense", FILL_CHUNK_BYTES)
+                self.rebuild("sparse", FILL_CHUNK_BYTES * 100 // self.opt.sparse_percent)
+            if self.opt.degraded:
+                self.degrade()
+        finally:
+            self.load_end = os.getloadavg()
+            self.cluster.stop()
+            self.elapsed_s = time.monotonic() - t0
+
+
+def run_replication_bench(directory: str | None, options: Options) -> str:
+    _need("qemu-img", "qemu-io")
+    if options.rounds < 1 or options.seconds <= 0:
+        raise BenchError("--rounds must be at least 1 and --seconds positive")
+    if not 0 < options.sparse_percent < 100:
+        raise BenchError("--sparse-percent must be between 1 and 99")
+    own = directory is None
+    path = tempfile.mkdtemp(prefix="blockyard-bench-repl-", dir="/var/tmp") if own else directory
+    assert path is not None
+    os.makedirs(path, exist_ok=True)
+    replica_root = None
+    if options.replica_dir is not None:
+        os.makedirs(options.replica_dir, exist_ok=True)
+        replica_root = tempfile.mkdtemp(prefix="blockyard-bench-repl-", dir=options.replica_dir)
+    bench = ReplicationBench(
+        Path(path), options, None if replica_root is None else Path(replica_root)
+    )
+    try:
+        bench.run()
+        return render(bench)
+    finally:
+        if own:
+            shutil.rmtree(path, ignore_errors=True)
+        if replica_root is not None:
+            shutil.rmtree(replica_root, ignore_errors=True)
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def _range(s: Spread, fmt: str) -> str:
+    return f"{s.median:{fmt}} [{s.low:{fmt}}-{s.high:{fmt}}]"
+
+
+def _ratio_cell(values: list[float], base: list[float]) -> tuple[str, Spread]:
+    spread = Spread.of([v / b for v, b in zip(values, base, strict=True)])
+    return f"{spread.median:.2f}x [{spread.low:.2f}-{spread.high:.2f}]", spread
+
+
+def _goal_cell(setup: Setup, ratio: Spread) -> str:
+    if setup is RF2_SYNC_ALL:
+        return f">= {SYNC_ALL_GOAL_RATIO:.2f}x RF1: {_verdict(ratio.median >= SYNC_ALL_GOAL_RATIO)}"
+    return ""
+
+
+def _write_cost_lines(bench: ReplicationBench) -> list[str]:
+    base = bench.samples[RF1.volume]
+    out = [
+        f"{'Write cost (all on the primary, server 0)':<36} {'IOPS median [min-max]':>26} "
+        f"{'p50 µs':>7} {'p99 µs':>7}  {'vs RF1 (per round)':<22} goal",
+        f"{QD32} — qemu-img bench -w -t none -d 32 -s 4096 --flush-interval=32 -S 1052672",
+    ]
+    for s in bench.setups:
+        smp = bench.samples[s.volume]
+        cell, ratio = _ratio_cell(smp.qd32_iops, base.qd32_iops)
+        iops = _range(Spread.of(smp.qd32_iops), ",.0f")
+        out.append(f"  {s.label:<34} {iops:>26} {'':>7} {'':>7}  {cell:<22} {_goal_cell(s, ratio)}")
+    out.append(f"{QD1} — qemu-io -t none, write -f (FUA), one at a time, latency per write")
+    base_qd1 = [q.iops for q in base.qd1]
+    for s in bench.setups:
+        smp = bench.samples[s.volume]
+        rates = [q.iops for q in smp.qd1]
+        cell, ratio = _ratio_cell(rates, base_qd1)
+        p50 = Spread.of([q.percentile_us(50) for q in smp.qd1]).median
+        p99 = Spread.of([q.percentile_us(99) for q in smp.qd1]).median
+        out.append(
+            f"  {s.label:<34} {_range(Spread.of(rates), ',.0f'):>26} {p50:>7,.0f} {p99:>7,.0f}"
+            f"  {cell:<22} {_goal_cell(s, ratio)}"
+        )
+    out.append(
+        "CPU per write, µs (median over rounds): primary server / other servers / load "
+        "generator; CPUs busy = their CPU time over wall time"
+    )
+    for s in bench.setups:
+        smp = bench.samples[s.volume]
+        out.append(f"  {s.label:<34} QD32 {_cpu_cell(smp.qd32_cpu)}   QD1 {_cpu_cell(smp.qd1_cpu)}")
+    return out
+
+
+def _cpu_cell(cpu: list[CpuUse]) -> str:
+    def med(values: list[float]) -> float:
+        return Spread.of(values).median
+
+    return (
+        f"{med([c.primary_us for c in cpu]):>5,.0f} / {med([c.replicas_us for c in cpu]):>5,.0f}"
+        f" / {med([c.initiator_us for c in cpu]):>5,.0f}, "
+        f"{med([c.cpus_busy for c in cpu]):.2f} CPUs busy"
+    )
+
+
+def _delta_lines(d: DeltaResult) -> list[str]:
+    r = d.catch_up.report
+    c = d.catch_up
+    resync_s = c.resync_s if c.resync_s is not None else c.after_trigger_s
+    return [
+        f"Delta resync — {d.writes:,} 4 KiB writes missed: replica server SIGKILLed, the primary "
+        "wrote them (QD32, flush every 32), the server restarted",
+        f"  replica {d.lag_lsns:,} LSNs behind; plan {r.plan or '?'} ({r.plan_reason}); "
+        f"{r.resync_total_blocks:,} blocks to resync, {r.resync_bytes / MIB:,.1f} MiB of data sent",
+        f"  link reconnected -> in_sync {resync_s:.2f} s   goal < {DELTA_GOAL_S:g} s: "
+        f"{_verdict(resync_s < DELTA_GOAL_S)}",
+        f"  READY -> in_sync {c.after_trigger_s:.2f} s (includes the link's reconnect backoff; "
+        f"the restart itself, {d.ready_s:.2f} s to READY, is not counted); CPU from READY: "
+        f"primary {c.primary_cpu_s:.2f} s, replica {c.replica_cpu_s:.2f} s "
+        f"({c.cpus_busy:.2f} CPUs busy)",
+    ]
+
+
+def _rebuild_lines(bench: ReplicationBench) -> list[str]:
+    out = [
+        "Full rebuild — a new empty replica on server 2; SetReplication -> in_sync; "
+        "filled with 1 MiB writes (pattern 0xa5)",
+    ]
+    for rb in bench.rebuilds:
+        t = rb.catch_up.total_s
+        goal = ""
+        if rb.kind == "dense":
+            goal = (
+                f"goal >= {REBUILD_GOAL_MBPS:g} MB/s: {_verdict(rb.data_mbps >= REBUILD_GOAL_MBPS)}"
+            )
+        out.extend(
+            (
+                f"  {rb.kind:<7} {rb.size_bytes / MIB:,.0f} MiB volume, "
+                f"{rb.written_bytes / MIB:,.0f} MiB written ({rb.allocated_bytes / MIB:,.0f} MiB "
+                f"allocated, WAL included), {rb.sent_bytes / MIB:,.0f} MiB sent in {t:.2f} s = "
+                f"{rb.data_mbps:,.0f} MB/s of data, {rb.size_bytes / t / 1e6:,.0f} MB/s of volume  "
+                f"{goal}",
+                f"          CPU: primary {rb.catch_up.primary_cpu_s:.2f} s, replica "
+                f"{rb.catch_up.replica_cpu_s:.2f} s ({rb.catch_up.cpus_busy:.2f} CPUs busy)",
+            )
+        )
+    by_kind = {rb.kind: rb for rb in bench.rebuilds}
+    dense, sparse = by_kind.get("dense"), by_kind.get("sparse")
+    if dense is not None and sparse is not None and dense.sent_bytes:
+        time_ratio = sparse.catch_up.total_s / dense.catch_up.total_s
+        data_ratio = sparse.sent_bytes / dense.sent_bytes
+        ok = time_ratio <= PROPORTIONAL_SLACK * data_ratio
+        out.append(
+            f"  sparse/dense: time {time_ratio:.3f}x, data sent {data_ratio:.3f}x   goal time "
+            f"∝ data (time ratio <= {PROPORTIONAL_SLACK:g} x data ratio): {_verdict(ok)}"
+        )
+    return out
+
+
+def _degraded_lines(bench: ReplicationBench) -> list[str]:
+    healthy = bench.degraded[RF2_HEALTHY_PEER.volume]
+    down = bench.degraded[RF2_SYNC_ALL.volume]
+    cell, ratio = _ratio_cell(down, healthy)
+    return [
+        f"Degraded — {QD32}; RF2 sync_all whose replica server was SIGKILLed and marked out of "
+        "sync, against an RF2 sync_all volume with a healthy replica (server 2), interleaved",
+        f"  {'healthy':<34} {_range(Spread.of(healthy), ',.0f'):>26} IOPS",
+        f"  {'one replica down':<34} {_range(Spread.of(down), ',.0f'):>26} IOPS  {cell}  goal >= "
+        f"{DEGRADED_GOAL_RATIO:.2f}x healthy: {_verdict(ratio.median >= DEGRADED_GOAL_RATIO)}",
+    ]
+
+
+def render(bench: ReplicationBench) -> str:
+    o = bench.opt
+    lines = [
+        f"blockyard bench replication — 3 blockyard serve processes on loopback, server 0 primary "
+        f"of every volume; {o.size_bytes / MIB:,.0f} MiB volumes; {os.cpu_count()} CPUs shared "
+        "by servers and load generators",
+        f"{o.rounds} rounds of ~{o.seconds:g} s per figure, setups interleaved (order rotated "
+        "each round); median [min-max] over rounds; ratios taken within each round",
+        "writes are strided 257 blocks apart (qemu-img bench has no random mode): never "
+        "adjacent, so never merged",
+        "data: primary in "
+        f"{bench.cluster.servers[PRIMARY].data_dir.parent.parent}, replicas in "
+        f"{bench.cluster.servers[1].data_dir.parent.parent}",
+        f"load average (1 min) {bench.load_start[0]:.2f} at start, {bench.load_end[0]:.2f} at "
+        f"end; the run took {bench.elapsed_s:.0f} s",
+        "",
+        *_write_cost_lines(bench),
+    ]
+    if bench.delta is not None:
+        lines += ["", *_delta_lines(bench.delta)]
+    if bench.rebuilds:
+        lines += ["", *_rebuild_lines(bench)]
+    if bench.degraded:
+        lines += ["", *_degraded_lines(bench)]
+    lines += ["", *(f"note: {n}" for n in bench.notes), bench.log_excerpt()]
+    return "\n".join(lines)
