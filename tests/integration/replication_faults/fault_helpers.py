@@ -256,6 +256,9 @@ class Writer(threading.Thread):
         self.burst = burst
         self.seed = seed
         self.stop_flag = threading.Event()
+        #: Held by the writer for each write (and flush); :meth:`pause` takes it.
+        self._gate = threading.Lock()
+        self._paused = False
         self.flushes: list[FlushResult] = []
         self.errors: list[BaseException] = []
         self.writes = 0
@@ -264,14 +267,30 @@ class Writer(threading.Thread):
         rng = random.Random(self.seed)
         try:
             while not self.stop_flag.is_set():
-                first = rng.randrange(self.region_blocks - self.burst + 1)
-                for b in range(first, first + self.burst):
-                    self.model.write(b)
-                self.writes += 1
-                if self.writes % self.flush_every == 0:
-                    self.flushes.append(self.model.flush())
+                if not self._gate.acquire(timeout=0.1):
+                    continue
+                try:
+                    first = rng.randrange(self.region_blocks - self.burst + 1)
+                    for b in range(first, first + self.burst):
+                        self.model.write(b)
+                    self.writes += 1
+                    if self.writes % self.flush_every == 0:
+                        self.flushes.append(self.model.flush())
+                finally:
+                    self._gate.release()
         except BaseException as exc:  # the test asserts there were none
             self.errors.append(exc)
+
+    def pause(self, timeout_s: float = 60.0) -> None:
+        """Stop writing (returns once the writer is between writes) until :meth:`resume`."""
+        assert not self._paused
+        assert self._gate.acquire(timeout=timeout_s), "the writer did not pause"
+        self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._gate.release()
 
     def wait_writes(self, more: int, timeout_s: float = 60.0) -> None:
         target = self.writes + more
@@ -284,6 +303,7 @@ class Writer(threading.Thread):
 
     def finish(self, timeout_s: float = 120.0) -> None:
         self.stop_flag.set()
+        self.resume()
         self.join(timeout_s)
         assert not self.is_alive(), "the writer did not stop"
         assert not self.errors, self.errors
