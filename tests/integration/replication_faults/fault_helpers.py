@@ -43,13 +43,19 @@ FLUSH_BOUND_S = BARRIER_TIMEOUT_S + DEGRADE_SLACK_S
 
 @dataclass
 class Rig:
-    """A primary (server 0) replicating ``VOLUME`` in ``mode`` through ``proxy`` to a replica
-    (server 1)."""
+    """A primary (server 0) replicating ``VOLUME`` to a replica (server 1) it knows as
+    ``replica_address`` — the fault proxy's address when there is one."""
 
     cluster: LocalCluster
-    proxy: FaultProxy
     desc: VolumeDescription
+    replica_address: str
+    fault_proxy: FaultProxy | None = None
     devices: list[IscsiBlockDevice] = field(default_factory=list)
+
+    @property
+    def proxy(self) -> FaultProxy:
+        assert self.fault_proxy is not None, "this rig has no fault proxy"
+        return self.fault_proxy
 
     @property
     def primary(self) -> ServerProc:
@@ -75,8 +81,8 @@ class Rig:
         return self.primary.call(lambda c: c.get_replication(VOLUME))
 
     def report(self) -> ReplicaReport:
-        rep = self.info().replica(self.proxy.address)
-        assert rep is not None, f"the primary does not list {self.proxy.address}"
+        rep = self.info().replica(self.replica_address)
+        assert rep is not None, f"the primary does not list {self.replica_address}"
         return rep
 
     def replica_info(self) -> ReplicationInfo:
@@ -85,7 +91,7 @@ class Rig:
     def file_in_sync(self) -> bool:
         doc = json.loads(self.state_path.read_text())
         (entry,) = doc["replicas"]
-        assert entry["address"] == self.proxy.address, doc
+        assert entry["address"] == self.replica_address, doc
         return bool(entry["in_sync"])
 
     def wait_report(
@@ -178,7 +184,7 @@ def make_rig(
                 VOLUME, role=Role.PRIMARY, epoch=epoch, mode=mode, replicas=[address]
             )
         )
-        rig = Rig(cluster, proxy, desc)
+        rig = Rig(cluster, desc, address, proxy)
         rig.wait_in_sync()
         yield rig
     finally:
