@@ -365,6 +365,13 @@ def fill(device: IscsiBlockDevice, model: VolumeModel, extents: Iterable[tuple[i
     return written
 
 
+def fill_range(device: IscsiBlockDevice, model: VolumeModel, first: int, count: int) -> int:
+    """``count`` blocks from ``first`` in 64 KiB writes (one WAL record each), then a flush."""
+    return fill(
+        device, model, [(b, min(16, first + count - b)) for b in range(first, first + count, 16)]
+    )
+
+
 # ---- qemu-io --------------------------------------------------------------------------------
 
 
@@ -402,7 +409,8 @@ def qemu_job(url: str, rng: random.Random, first_block: int, block_count: int, o
             steps.append(({x: ZERO_BLOCK for x in range(b, b + count)}, False))
             continue
         pattern = rng.randint(1, 255)
-        fua = r < 0.45
+        # A FUA write from qemu-io would overlap the other client's writes (FUA_EXCLUSIVE).
+        fua = r < 0.45 and not FUA_EXCLUSIVE
         commands.append(f"write -q {'-f ' if fua else ''}-P {pattern} {off} {length}")
         steps.append(({x: bytes([pattern]) * BLOCK_BYTES for x in range(b, b + count)}, fua))
     commands.append("flush")
@@ -414,7 +422,8 @@ def run_qemu_io(job: QemuJob, model: VolumeModel) -> None:
     """Run ``job`` and record it: every write may land while it runs; all of them are
     acknowledged (and the final flush durable) once qemu-io exits 0."""
     pending = [(model.begin(step[0]), step[0], step[1]) for step in job.steps if step is not None]
-    args = ["qemu-io", "-f", "raw"]
+    # qemu-io defaults to writethrough (every write FUA); writeback leaves FUA to "-f".
+    args = ["qemu-io", "-f", "raw", "-t", "writeback"]
     for command in job.commands:
         args += ["-c", command]
     res = subprocess.run(
@@ -449,6 +458,16 @@ def replication(server: ServerProc, name: str) -> ReplicationInfo:
     return server.call(lambda c: c.get_replication(name))
 
 
+def show(*reports: ReplicaReport) -> str:
+    """Replica reports in full, for assertion messages (pytest shortens long reprs)."""
+    return "\n".join(
+        f"{r.address}: state={r.state} connected={r.connected} phase={r.phase} plan={r.plan} "
+        f"({r.plan_reason}) acked_lsn={r.acked_lsn} resync {r.resync_done_blocks}/"
+        f"{r.resync_total_blocks} blocks, {r.resync_bytes} bytes; last error: {r.last_error}"
+        for r in reports
+    )
+
+
 def replica_report(cluster: LocalCluster, name: str, primary: int, replica: int) -> ReplicaReport:
     info = replication(cluster.servers[primary], name)
     report = info.replica(cluster.servers[replica].replication_address)
@@ -477,7 +496,7 @@ def wait_report(
     try:
         return wait_for(probe, timeout_s, what)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; last report: {last}") from None
+        raise AssertionError(f"{exc}; last report: {show(*last)}") from None
 
 
 def open_device(server: ServerProc, name: str) -> IscsiBlockDevice:

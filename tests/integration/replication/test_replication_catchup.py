@@ -25,10 +25,12 @@ from repl_helpers import (
     VolumeModel,
     Workload,
     fill,
+    fill_range,
     kill_replica,
     open_device,
     replica_report,
     settle,
+    show,
     wait_report,
 )
 
@@ -56,23 +58,18 @@ def _replicated(
     return cluster, open_device(cluster.servers[0], name), VolumeModel(size_bytes // BLOCK_BYTES)
 
 
-def _write_blocks(device: IscsiBlockDevice, model: VolumeModel, first: int, count: int) -> None:
-    """``count`` blocks from ``first``, 16 blocks (64 KiB) per write, then a flush."""
-    fill(device, model, [(b, min(16, first + count - b)) for b in range(first, first + count, 16)])
-
-
 def test_wal_catch_up_after_a_short_outage(make_cluster: Callable[[int], LocalCluster]) -> None:
     cluster, device, model = _replicated(make_cluster, "walcu")
     with device:
-        _write_blocks(device, model, 0, 64)
+        fill_range(device, model, 0, 64)
         replica_lsn = cluster.checksum("walcu", 1)[1]
         assert replica_lsn == cluster.checksum("walcu", 0)[1] > 0
         kill_replica(cluster, "walcu")
-        _write_blocks(device, model, 1000, 32)  # 128 KiB: far inside the retention bound
+        fill_range(device, model, 1000, 32)  # 128 KiB: far inside the retention bound
         cluster.servers[1].restart()
         report = wait_report(cluster, "walcu", lambda r: r.connected, "replica reconnected")
-        assert report.plan == "catch_up", report
-        assert report.plan_reason == f"WAL catch-up from LSN {replica_lsn + 1}", report
+        assert report.plan == "catch_up", show(report)
+        assert report.plan_reason == f"WAL catch-up from LSN {replica_lsn + 1}", show(report)
         settle(cluster, device, model, "walcu")
         report = replica_report(cluster, "walcu", 0, 1)
         assert (report.plan, report.resync_total_blocks, report.resync_bytes) == ("catch_up", 0, 0)
@@ -82,7 +79,7 @@ def _write_past_retention(device: IscsiBlockDevice, model: VolumeModel) -> int:
     """More than the WAL's retention bound (half the WAL) of distinct blocks; returns how
     many blocks."""
     count = int(WAL_BYTES * RETENTION_MAX_FRACTION * 1.5) // BLOCK_BYTES
-    _write_blocks(device, model, 4096, count)
+    fill_range(device, model, 4096, count)
     return count
 
 
@@ -98,21 +95,23 @@ def test_delta_resync_after_the_wal_was_released(
     cluster, device, model = _replicated(make_cluster, "delta")
     assert WAL_BYTES == 4 << 20  # the default for 64 MiB: the numbers below depend on it
     with device:
-        _write_blocks(device, model, 0, 256)
+        fill_range(device, model, 0, 256)
         kill_replica(cluster, "delta")
         missed = _write_past_retention(device, model)
         cluster.servers[1].restart()
         report = wait_report(cluster, "delta", lambda r: r.connected, "replica reconnected")
-        assert report.plan == "delta", report
-        assert report.plan_reason.startswith(_DELTA_REASONS), report
+        assert report.plan == "delta", show(report)
+        assert report.plan_reason.startswith(_DELTA_REASONS), show(report)
         # Only blocks written while the replica was away are owed (the rest of the WAL's
         # records are streamed).
-        assert 0 < report.resync_total_blocks <= missed, (missed, report)
+        assert 0 < report.resync_total_blocks <= missed, f"{missed} blocks missed: {show(report)}"
         settle(cluster, device, model, "delta")
         report = replica_report(cluster, "delta", 0, 1)
         assert report.plan == "delta"
-        assert report.resync_done_blocks == report.resync_total_blocks, report
-        assert report.resync_bytes <= missed * BLOCK_BYTES, (missed, report)
+        assert report.resync_done_blocks == report.resync_total_blocks, show(report)
+        assert report.resync_bytes <= missed * BLOCK_BYTES, (
+            f"{missed} blocks missed: {show(report)}"
+        )
 
 
 def test_delta_resync_after_a_primary_restart_in_between(
@@ -121,7 +120,7 @@ def test_delta_resync_after_a_primary_restart_in_between(
     """The missed-write bitmap and the out-of-sync mark survive a kill -9 of the primary."""
     cluster, device, model = _replicated(make_cluster, "pdelta")
     with device:
-        _write_blocks(device, model, 0, 256)
+        fill_range(device, model, 0, 256)
         kill_replica(cluster, "pdelta")
         missed = _write_past_retention(device, model)
         cluster.servers[0].kill()
@@ -133,9 +132,9 @@ def test_delta_resync_after_a_primary_restart_in_between(
         assert (before.state, before.in_sync) == ("out_of_sync", False), info
         cluster.servers[1].restart()
         report = wait_report(cluster, "pdelta", lambda r: r.connected, "replica reconnected")
-        assert report.plan == "delta", report
-        assert report.plan_reason.startswith(_DELTA_REASONS), report
-        assert 0 < report.resync_total_blocks <= missed, (missed, report)
+        assert report.plan == "delta", show(report)
+        assert report.plan_reason.startswith(_DELTA_REASONS), show(report)
+        assert 0 < report.resync_total_blocks <= missed, f"{missed} blocks missed: {show(report)}"
         settle(cluster, device, model, "pdelta")
 
 
@@ -159,12 +158,12 @@ def test_full_rebuild_sends_allocated_data_only(
         cluster.replicate(name, VOLUME_BYTES)
         cluster.wait_in_sync(name, timeout_s=120)
         report = replica_report(cluster, name, 0, 1)
-        assert report.plan == "full", report
-        assert report.plan_reason == "the replica holds no data yet", report
-        assert report.resync_total_blocks == BLOCKS, report
-        assert report.resync_done_blocks == BLOCKS, report
+        assert report.plan == "full", show(report)
+        assert report.plan_reason == "the replica holds no data yet", show(report)
+        assert report.resync_total_blocks == BLOCKS, show(report)
+        assert report.resync_done_blocks == BLOCKS, show(report)
         # Holes travel as holes: exactly the allocated data is sent.
-        assert report.resync_bytes == written, (written, report)
+        assert report.resync_bytes == written, f"{written} bytes written: {show(report)}"
         settle(cluster, device, model, name)
 
 
@@ -195,25 +194,29 @@ def test_full_rebuild_resumes_after_kill(
         else:
             cluster.servers[0].kill()
             cluster.servers[0].restart()
-        assert first.plan == "full" and first.resync_total_blocks == blocks, first
+        assert first.plan == "full" and first.resync_total_blocks == blocks, show(first)
         assert quarter <= first.resync_done_blocks < REBUILD_DATA_BLOCKS, (
-            f"the kill did not land in the middle of the rebuild: {first}"
+            f"the kill did not land in the middle of the rebuild: {show(first)}"
         )
         second = wait_report(cluster, name, lambda r: r.connected, "the link back up")
-        assert second.plan == "delta", second
-        assert second.plan_reason == "a resync was interrupted", second
+        assert second.plan == "delta", show(second)
+        assert second.plan_reason == "a resync was interrupted", show(second)
         # Resumed, not restarted: only the blocks the first session had not confirmed.
         if side == "replica":
-            assert second.resync_total_blocks == blocks - first.resync_done_blocks, (first, second)
+            assert second.resync_total_blocks == blocks - first.resync_done_blocks, show(
+                first, second
+            )
         else:
-            assert second.resync_total_blocks <= blocks - first.resync_done_blocks, (first, second)
+            assert second.resync_total_blocks <= blocks - first.resync_done_blocks, show(
+                first, second
+            )
         settle(cluster, device, model, name)
         second = replica_report(cluster, name, 0, 1)
-        assert second.resync_done_blocks == second.resync_total_blocks, second
+        assert second.resync_done_blocks == second.resync_total_blocks, show(second)
         left = REBUILD_DATA_BLOCKS - first.resync_done_blocks
-        assert 0 < second.resync_bytes <= left * BLOCK_BYTES, (first, second)
+        assert 0 < second.resync_bytes <= left * BLOCK_BYTES, show(first, second)
         if side == "replica":
-            assert first.resync_bytes + second.resync_bytes < 1.5 * data_bytes, (first, second)
+            assert first.resync_bytes + second.resync_bytes < 1.5 * data_bytes, show(first, second)
 
 
 def test_catch_up_under_live_writes_keeps_every_acknowledged_write(
