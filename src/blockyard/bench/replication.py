@@ -200,6 +200,14 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine spent not idle so far (/proc/stat, proc(5))."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _children_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -226,6 +234,8 @@ class ReplicationBench:
         self.load_start = os.getloadavg()
         self.load_end = self.load_start
         self.elapsed_s = 0.0
+        #: CPUs kept busy during the write-cost phase by this bench, and by other work.
+        self.write_cost_cpus = (0.0, 0.0)
 
     # ---- cluster plumbing -----------------------------------------------------------------
 
@@ -378,6 +388,11 @@ class ReplicationBench:
         assert primary is not None
         return _proc_cpu_s(primary.pid), others, _children_cpu_s()
 
+    def _own_cpu_s(self) -> float:
+        """CPU seconds of this bench so far: its servers, its tools and itself."""
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return sum(self._cpu_now()) + own.ru_utime + own.ru_stime
+
     def _pair_cpu_s(self, replica: int) -> tuple[float, float]:
         """CPU seconds so far of the primary's and one replica's server process."""
         pids = []
@@ -508,7 +523,11 @@ class ReplicationBench:
             extra += [DELTA_VOLUME] if self.opt.delta else []
             for s in (*self.setups, *extra):
                 self._create(s, self.opt.size_bytes)
+            own0, machine0, t1 = self._own_cpu_s(), _machine_busy_s(), time.monotonic()
             self.write_cost()
+            wall = time.monotonic() - t1
+            own = self._own_cpu_s() - own0
+            self.write_cost_cpus = (own / wall, (_machine_busy_s() - machine0 - own) / wall)
             if self.opt.delta:
                 self.delta_resync()
             if self.opt.rebuild:
@@ -697,7 +716,9 @@ def render(bench: ReplicationBench) -> str:
         f"{bench.cluster.servers[PRIMARY].data_dir.parent.parent}, replicas in "
         f"{bench.cluster.servers[1].data_dir.parent.parent}",
         f"load average (1 min) {bench.load_start[0]:.2f} at start, {bench.load_end[0]:.2f} at "
-        f"end; the run took {bench.elapsed_s:.0f} s",
+        f"end; the run took {bench.elapsed_s:.0f} s; during the write-cost rounds this bench "
+        f"kept {bench.write_cost_cpus[0]:.2f} CPUs busy and other work "
+        f"{max(0.0, bench.write_cost_cpus[1]):.2f}",
         "",
         *_write_cost_lines(bench),
     ]
