@@ -17,6 +17,7 @@ the primary and the replica's ChecksumVolume equals the primary's.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 import pytest
@@ -36,6 +37,7 @@ from repl_helpers import (
 
 from blockyard.attach.initiator import IscsiBlockDevice
 from blockyard.engine.limits import RETENTION_MAX_FRACTION, default_wal_size
+from blockyard.replication.link import RESYNC_CHUNK_BLOCKS
 from blockyard.testing.cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -235,3 +237,69 @@ def test_catch_up_under_live_writes_keeps_every_acknowledged_write(
         work.wait_ops(300)
         work.stop()
         settle(cluster, device, model, "live")
+
+
+#: Live-writes-win: a 16 MiB dense front rebuilt at 4 MiB/s (about 4 s), overwritten meanwhile.
+LIVE_VOLUME_BYTES = 32 << 20
+LIVE_DATA_BLOCKS = 4096
+LIVE_LIMIT_BPS = 4 << 20
+#: Blocks around the rebuild's cursor count as "at the cursor" (one resync chunk either side).
+CURSOR_SPAN_BLOCKS = RESYNC_CHUNK_BLOCKS
+#: Pause after each round of 8 single-block overwrites and a flush.
+LIVE_PAUSE_S = 0.03
+
+
+def test_live_writes_win_over_older_backfill(
+    make_cluster: Callable[[int], LocalCluster], seed: int
+) -> None:
+    """During a slow full rebuild, blocks the rebuild already sent, blocks at its cursor and
+    blocks it has not reached yet are overwritten again and again (the live records race the
+    backfill of the same blocks). The replica must end with the newest image of every block:
+    its checksum equals the primary's, whose bytes match every acknowledged write."""
+    cluster = make_cluster(2)
+    name = "livewin"
+    blocks = LIVE_VOLUME_BYTES // BLOCK_BYTES
+    cluster.servers[0].call(lambda c: c.create_volume(name, LIVE_VOLUME_BYTES))
+    model = VolumeModel(blocks)
+    rng = random.Random(seed)
+    with open_device(cluster.servers[0], name) as device:
+        fill(device, model, [(0, LIVE_DATA_BLOCKS)])
+        cluster.replicate(name, LIVE_VOLUME_BYTES, resync_limit_bps=LIVE_LIMIT_BPS)
+        writer = Workload(device, model, seed, threads=1)  # its write() records in the model
+        counts = {"behind": 0, "at": 0, "ahead": 0}
+        report = wait_report(cluster, name, lambda r: r.connected, "rebuild started")
+        assert report.plan == "full", show(report)
+        rounds = 0
+        while report.phase == "resyncing":
+            cursor = report.resync_done_blocks
+            for _ in range(8):
+                where = rng.choice(("behind", "at", "ahead"))
+                if where == "behind" and cursor > 0:
+                    block = rng.randrange(cursor)
+                elif where == "at":
+                    block = rng.randrange(
+                        max(0, cursor - CURSOR_SPAN_BLOCKS),
+                        min(blocks, cursor + CURSOR_SPAN_BLOCKS),
+                    )
+                else:
+                    where = "ahead"
+                    block = rng.randrange(min(blocks - 1, cursor + CURSOR_SPAN_BLOCKS), blocks)
+                writer.write(block, 1, fua=False)
+                counts[where] += 1
+            covered = model.flush_begin()
+            device.flush()
+            model.flush_end(covered)
+            # About 1 MiB/s of live writes: well under what the paced rebuild leaves room for
+            # (test_bug_resync_limit_holds_back_live_records), so it stays one session.
+            time.sleep(LIVE_PAUSE_S)
+            rounds += 1
+            assert rounds < 10_000, "the rebuild never finished"
+            report = replica_report(cluster, name, 0, 1)
+        # The race was really run: writes landed on every side of the cursor while the
+        # rebuild was under way.
+        assert min(counts.values()) >= 10, counts
+        settle(cluster, device, model, name)
+        report = replica_report(cluster, name, 0, 1)
+        # The race ran inside one rebuild session (no reconnect muddled "ahead" and "behind").
+        assert report.plan == "full" and not report.last_error, show(report)
+    print(f"overwrites during the rebuild: {counts}")
