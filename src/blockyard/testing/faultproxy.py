@@ -51,7 +51,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
+import functools
 import itertools
+import logging
 import socket
 import struct
 import threading
@@ -61,6 +63,8 @@ from types import TracebackType
 from typing import Final, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("blockyard.testing.faultproxy")
 
 #: Bytes read from a socket per call (and the largest chunk delivered at once).
 CHUNK_BYTES: Final = 64 << 10
@@ -118,6 +122,8 @@ class ProxyStats:
     forwarded_to_client_bytes: int
     dropped_to_target_bytes: int
     dropped_to_client_bytes: int
+    #: Forwarding tasks that failed with an unexpected error (a proxy bug; logged).
+    internal_errors: int
 
 
 @dataclass(slots=True)
@@ -178,6 +184,7 @@ class FaultProxy:
         self._dialling: set[asyncio.Task[None]] = set()
         self._numbers = itertools.count(1)
         self._accepted = self._refused = self._reset = self._unreachable = 0
+        self._internal_errors = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -325,6 +332,7 @@ class FaultProxy:
                 forwarded_to_client_bytes=to_client.forwarded_bytes,
                 dropped_to_target_bytes=to_target.dropped_bytes,
                 dropped_to_client_bytes=to_client.dropped_bytes,
+                internal_errors=self._internal_errors,
             )
 
         return self._control(read)
@@ -454,6 +462,8 @@ class FaultProxy:
             queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_CHUNKS)
             link.tasks.append(asyncio.create_task(self._read(direction, source, queue)))
             link.tasks.append(asyncio.create_task(self._deliver(link, direction, queue, sink)))
+        for task in link.tasks:
+            task.add_done_callback(functools.partial(self._task_done, link))
         try:
             await link.done.wait()
         finally:
@@ -527,29 +537,51 @@ class FaultProxy:
                         sink.write_eof()
                     self._finished(link, direction)
                     return
-                await self._send(settings, sink, data)
+                await self._send(link, direction, sink, data)
             except OSError:
                 self._end(link, reset=True)
                 return
 
-    async def _send(self, settings: _Settings, sink: asyncio.StreamWriter, data: bytes) -> None:
-        if not settings.bytes_per_s:
-            sink.write(data)
-            settings.forwarded_bytes += len(data)
-            await sink.drain()
-            return
+    async def _send(
+        self, link: _Link, direction: Direction, sink: asyncio.StreamWriter, data: bytes
+    ) -> None:
+        """Deliver ``data``, in paced pieces under a bandwidth limit; every piece obeys the
+        mode in force when it leaves (a hold or blackhole set meanwhile stops the rest)."""
+        settings = self._settings[direction]
         loop = asyncio.get_running_loop()
         view = memoryview(data)
-        for start in range(0, len(view), PACED_PIECE_BYTES):
-            piece = view[start : start + PACED_PIECE_BYTES]
-            now = loop.time()
-            begin = max(settings.link_free_at, now)
-            settings.link_free_at = begin + len(piece) / settings.bytes_per_s
-            if begin > now:
-                await asyncio.sleep(begin - now)
+        start = 0
+        while start < len(view):
+            rate = settings.bytes_per_s
+            piece = view[start : start + PACED_PIECE_BYTES] if rate else view[start:]
+            if rate:
+                now = loop.time()
+                begin = max(settings.link_free_at, now)
+                settings.link_free_at = begin + len(piece) / rate
+                if begin > now:
+                    await asyncio.sleep(begin - now)
+            await self._not_held(direction)
+            if settings.mode is Mode.BLACKHOLE:
+                link.broken = True
+                settings.dropped_bytes += len(view) - start
+                return
             sink.write(piece)
             settings.forwarded_bytes += len(piece)
+            start += len(piece)
             await sink.drain()
+
+    def _task_done(self, link: _Link, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in the proxy, not a network fault: count it (tests assert on it), log it, and
+        # reset the connection rather than leave it hanging.
+        self._internal_errors += 1
+        log.error(
+            "fault proxy for %s: forwarding failed; resetting the connection",
+            self.target,
+            exc_info=task.exception(),
+        )
+        self._end(link, reset=True)
 
     def _finished(self, link: _Link, direction: Direction) -> None:
         link.finished |= direction

@@ -55,11 +55,24 @@ def target() -> Iterator[Target]:
 def proxy(target: Target) -> Iterator[FaultProxy]:
     with FaultProxy(target.address) as p:
         yield p
+        assert p.stats().internal_errors == 0
+
+
+#: Client sockets of the running test, closed at its end whatever happened.
+_CLIENTS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def dial(proxy: FaultProxy) -> socket.socket:
     host, _, port = proxy.address.rpartition(":")
     s = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    _CLIENTS.append(s)
     s.settimeout(WAIT_S)
     return s
 
@@ -308,6 +321,39 @@ def test_bandwidth_limit_paces_the_link(proxy: FaultProxy, target: Target) -> No
     assert time.monotonic() - started >= 15 * (16 << 10) / rate
     proxy.set_bandwidth(0)
     client.close()
+
+
+def test_bandwidth_lifted_mid_chunk_delivers_the_rest_at_once(
+    proxy: FaultProxy, target: Target
+) -> None:
+    proxy.set_bandwidth(64 << 10)
+    client, server = pair(proxy, target)
+    data = os.urandom(64 << 10)  # one chunk: a second at this rate
+    client.sendall(data)
+    time.sleep(0.2)
+    started = time.monotonic()
+    proxy.set_bandwidth(0)
+    assert recv_exactly(server, len(data)) == data
+    assert time.monotonic() - started < 0.5
+
+
+def test_hold_stops_a_paced_chunk_midway(proxy: FaultProxy, target: Target) -> None:
+    proxy.set_bandwidth(64 << 10)
+    client, server = pair(proxy, target)
+    data = os.urandom(64 << 10)
+    client.sendall(data)
+    time.sleep(0.3)
+    proxy.hold()
+    got = bytearray()
+    server.settimeout(QUIET_S)
+    with pytest.raises(TimeoutError):
+        while True:
+            got += server.recv(1 << 16)
+    server.settimeout(WAIT_S)
+    assert 0 < len(got) < len(data)
+    proxy.pass_through()
+    got += recv_exactly(server, len(data) - len(got))
+    assert bytes(got) == data
 
 
 def test_controls_from_many_threads_while_bytes_flow(proxy: FaultProxy, target: Target) -> None:
