@@ -29,6 +29,7 @@ import asyncio
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -234,6 +235,7 @@ class ReplicationBench:
         self.load_start = os.getloadavg()
         self.load_end = self.load_start
         self.elapsed_s = 0.0
+        self._t0 = time.monotonic()
         #: CPUs kept busy during the write-cost phase by this bench, and by other work.
         self.write_cost_cpus = (0.0, 0.0)
 
@@ -429,11 +431,17 @@ class ReplicationBench:
         self._rates[setup.volume, QD1] = result.iops
         return result, cpu
 
+    def progress(self, what: str) -> None:
+        """One line on stderr per step: the run takes minutes."""
+        elapsed = time.monotonic() - self._t0
+        print(f"[{elapsed:6.1f} s] {what}", file=sys.stderr, flush=True)
+
     def write_cost(self) -> None:
         for s in self.setups:
             self.samples[s.volume] = Samples()
         n = len(self.setups)
         for r in range(self.opt.rounds):
+            self.progress(f"write cost, round {r + 1} of {self.opt.rounds}")
             order = [self.setups[(r + i) % n] for i in range(n)]
             for s in order:
                 iops, cpu = self._qd32(s, s.volume, r)
@@ -447,6 +455,7 @@ class ReplicationBench:
     def delta_resync(self) -> None:
         replica = DELTA_VOLUME.replicas[0]
         server = self.cluster.servers[replica]
+        self.progress(f"delta resync of {self.opt.missed_writes:,} missed writes")
         # A replica that holds no record yet gets a full rebuild, not a delta: give it some.
         qd32_flush_iops(self.urls[DELTA_VOLUME.volume], 8 * MIN_QD32_WRITES)
         self._wait_in_sync(DELTA_VOLUME.volume)
@@ -471,6 +480,7 @@ class ReplicationBench:
     def rebuild(self, kind: str, step_bytes: int) -> None:
         name = f"rebuild-{kind}"
         size = self.opt.rebuild_size_bytes
+        self.progress(f"full rebuild, {kind}")
         target = 2
         self._create(Setup(name, kind, (), None), size)
         count = size // step_bytes
@@ -504,6 +514,7 @@ class ReplicationBench:
 
     def degrade(self) -> None:
         victim = RF2_SYNC_ALL.replicas[0]
+        self.progress("degraded sync_all")
         self.cluster.servers[victim].kill()
         self._wait_marked_out_of_sync(RF2_SYNC_ALL.volume, victim)
         pair = (RF2_HEALTHY_PEER, RF2_SYNC_ALL)
@@ -516,7 +527,8 @@ class ReplicationBench:
                 self.degraded[s.volume].append(self._qd32(s, key, r)[0])
 
     def run(self) -> None:
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
+        self.progress(f"starting 3 servers in {self.root}")
         self.cluster.start()
         try:
             extra = [RF2_HEALTHY_PEER] if self.opt.degraded else []
@@ -537,6 +549,7 @@ class ReplicationBench:
                 self.degrade()
         finally:
             self.load_end = os.getloadavg()
+            self.progress("stopping the servers")
             self.cluster.stop()
             self.elapsed_s = time.monotonic() - t0
 
@@ -563,6 +576,7 @@ def run_replication_bench(directory: str | None, options: Options) -> str:
         return render(bench)
     finally:
         if own:
+            bench.progress(f"removing {path}")
             shutil.rmtree(path, ignore_errors=True)
         if replica_root is not None:
             shutil.rmtree(replica_root, ignore_errors=True)
