@@ -132,8 +132,10 @@ class _State(enum.Enum):
     UNMARKABLE = "unmarkable"
 
 
-#: States that count for a flush (a new waiter waits for them).
+#: States that count for a flush (acknowledging satisfies it).
 _COUNTED = frozenset({_State.IN_SYNC, _State.JOINING})
+#: States a new flush must settle: acknowledged, or durably marked out of sync.
+_WAITED_FOR = frozenset({*_COUNTED, _State.MARKING, _State.UNMARKABLE})
 
 
 @dataclass(slots=True)
@@ -225,11 +227,9 @@ class CommitTracker:
             token,
             lsn,
             now,
-            {
-                r
-                for r, s in self._replicas.items()
-                if s.state in _COUNTED or s.state is _State.MARKING
-            },
+            # Counted replicas, and those whose out-of-sync mark is not yet durable: a copy
+            # that may still be promoted must hold the write or be marked first.
+            {r for r, s in self._replicas.items() if s.state in _WAITED_FOR},
         )
         self._waiters[token] = waiter
         return token, self._evaluate(now)
@@ -276,7 +276,9 @@ class CommitTracker:
         if r is None or r.state is not _State.OUT_OF_SYNC:
             return self._evaluate(now)
         r.state = _State.JOINING
-        r.join_lsn = self.committed_lsn
+        # Flushes already waiting do not count it but may still be acknowledged: it must hold
+        # those too before it is promotable.
+        r.join_lsn = max([self.committed_lsn, *(w.lsn for w in self._waiters.values())])
         r.promoting = False
         return self._evaluate(now)
 

@@ -130,13 +130,13 @@ def load_primary_state(directory: str) -> PrimaryState | None:
         limit = int(doc.get("resync_limit_bps", 0))
         items = doc["replicas"]
         _require(isinstance(items, list) and len(items) <= MAX_REPLICAS and limit >= 0)
-        replicas = tuple(
-            ReplicaEntry(check_replica_address(str(i["address"])), bool(i["in_sync"]))
-            for i in items
-        )
+        replicas = []
+        for i in items:
+            _require(isinstance(i, dict) and isinstance(i.get("in_sync"), bool))
+            replicas.append(ReplicaEntry(check_replica_address(str(i["address"])), i["in_sync"]))
     except (_Invalid, KeyError, TypeError, ValueError, InvalidArgumentError):
         raise _corrupt(path, "has invalid content") from None
-    return PrimaryState(mode, replicas, limit)
+    return PrimaryState(mode, tuple(replicas), limit)
 
 
 def save_primary_state(directory: str, state: PrimaryState) -> None:
