@@ -74,6 +74,7 @@ class ReplicaSink:
         _dir: str
         _last_lsn: int
         _next_lsn: int
+        _write_seq: int
         _durable_lsn: int
         _block_limit: int
         _seed: int
@@ -199,6 +200,10 @@ class ReplicaSink:
                     del images[b]
             if images:
                 self._apply_images(images)
+                with self._lock:
+                    # The next flush must sync these data-region writes too (it skips the
+                    # fdatasync when nothing was written since the last one).
+                    self._write_seq += 1
 
     def logged_extents_after(self, after_lsn: int) -> list[tuple[int, int]] | None:
         """Block runs touched by the records after ``after_lsn`` this copy still has in its
