@@ -87,13 +87,15 @@ class History:
         self.segments.append(Segment(epoch, generation, first_lsn))
         del self.segments[:-MAX_HISTORY_SEGMENTS]
 
-    def note_record(self, epoch: int, generation: int, lsn: int) -> bool:
-        """A replica applies record ``lsn``: returns True when it starts a new segment (the
-        caller persists the history before making the record durable)."""
+    def note_record(self, epoch: int, generation: int, lsn: int, *, previous_lsn: int) -> bool:
+        """A replica applies record ``lsn`` after ``previous_lsn`` (the last it held): returns
+        True when it starts a new segment (the caller persists the history before making the
+        record durable). The open segment ends at ``previous_lsn``: LSNs skipped between the two
+        (a primary numbering past records it lost) belong to no segment."""
         last = self.last
         if last is not None and last.key() == (epoch, generation) and last.open:
             return False
-        self.begin(epoch, generation, lsn, close_at=lsn - 1)
+        self.begin(epoch, generation, lsn, close_at=previous_lsn)
         return True
 
     def segment_for(self, lsn: int) -> Segment | None:

@@ -140,7 +140,9 @@ class ReplicaSink:
                 if new_segment:
                     # Durable before any record of the segment is: a restart must know which
                     # history its records belong to.
-                    self._history.note_record(rec.epoch, rec.generation, lsn)
+                    self._history.note_record(
+                        rec.epoch, rec.generation, lsn, previous_lsn=self._last_lsn
+                    )
                     self._save_history()
                 kind = wal.Kind(rec.kind)
                 if kind is wal.Kind.WRITE:
