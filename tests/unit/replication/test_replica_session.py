@@ -385,3 +385,32 @@ def test_records_resent_after_a_reconnect_are_applied_once() -> None:
     held = pair.replica.last_lsn
     assert s.records(Records((rec(lsns[0], 0, 99),))) == held
     assert block(pair.replica, 0) == block_image(10, 0)
+
+
+def test_a_replica_that_lost_records_of_several_segments_in_a_power_loss_recovers() -> None:
+    """A replica learns a history segment durably before its records are durable. After a
+    power loss took records of two segments (the primary had restarted in between), it must
+    still catch up, keep a valid history, and open again."""
+    pair = make_pair()
+    for b in range(3):
+        write(pair.primary, b, b + 1)
+    pair.sync()
+    pair.restart_primary(power_loss=False)  # segment B from LSN 4
+    write(pair.primary, 3, 4)
+    write(pair.primary, 4, 5)
+    pair.restart_primary(power_loss=False)  # segment C from LSN 6
+    write(pair.primary, 5, 6)
+    lk = pair.connect()
+    lk.deliver_to_replica()
+    lk.deliver_to_primary()
+    lk.pump()
+    lk.deliver_to_replica()  # applied (4, 5, 6: two new segments), never flushed
+    assert pair.replica.last_lsn == 6 and pair.replica.durable_lsn == 3
+    pair.restart_replica(power_loss=True)
+    assert pair.replica.last_lsn == 3
+    pair.sync()
+    assert read_all(pair.primary) == read_all(pair.replica)
+    firsts = [s.first_lsn for s in pair.replica.history.segments]
+    assert firsts == sorted(set(firsts)), pair.replica.history
+    pair.restart_replica(power_loss=False)  # opens again
+    assert pair.replica.last_lsn == pair.primary.last_lsn
