@@ -249,6 +249,12 @@ class ReplicaLink:
     async def _read(self, ch: Channel, session: PrimarySession) -> None:
         while True:
             msg = await ch.recv()
+            if isinstance(msg, Keepalive):
+                if msg.durable_lsn <= session.acked_lsn:
+                    continue
+                # A replica's keepalive carries its durable LSN: an acknowledgement like any
+                # (an idle replica that holds everything has nothing else to say).
+                msg = Ack(0, msg.durable_lsn, msg.durable_lsn)
             if isinstance(msg, Ack):
                 # The commit point first, on the loop: a flush waits on it.
                 self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id)
