@@ -56,6 +56,12 @@ class IoFile(Protocol):
 
     def preadv(self, buffers: Sequence[memoryview | bytearray], offset: int) -> int: ...
 
+    def preadv_nowait(self, buffers: Sequence[memoryview | bytearray], offset: int) -> int | None:
+        """Like :meth:`preadv`, but only from what is cached: never waits for the device.
+        Returns the bytes read (short when only the start of the range is cached), or None
+        when reading would wait, or when the filesystem cannot promise that (then always)."""
+        ...
+
     def pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int: ...
 
     def pwrite(self, data: BytesLike, offset: int) -> int: ...
@@ -113,9 +119,15 @@ class VolumeFS(Protocol):
 
 
 class OsFile:
-    """An :class:`IoFile` over a real file descriptor."""
+    """An :class:`IoFile` over a real file descriptor.
 
-    __slots__ = ("_fd", "path")
+    :meth:`preadv_nowait` is ``preadv2(RWF_NOWAIT)`` (Linux 4.14+): served from the page cache
+    or refused with EAGAIN. ext4, xfs and btrfs support it for buffered reads; tmpfs and FUSE
+    refuse the flag (EOPNOTSUPP), and then every such read answers None (the caller reads off
+    its event loop instead).
+    """
+
+    __slots__ = ("_fd", "_nowait", "path")
 
     def __init__(self, path: str, *, create: bool = False) -> None:
         flags = os.O_RDWR | os.O_CLOEXEC
@@ -126,6 +138,8 @@ class OsFile:
         except OSError as exc:
             raise translate_os_error(exc, f"open {path}") from exc
         self.path = path
+        #: Whether RWF_NOWAIT reads are supported here (learnt at the first refusal).
+        self._nowait = True
 
     @property
     def fd(self) -> int:
@@ -145,6 +159,25 @@ class OsFile:
         try:
             return os.preadv(self._fd, buffers, offset)
         except OSError as exc:
+            raise translate_os_error(exc, f"read {self.path}@{offset}") from exc
+
+    def preadv_nowait(self, buffers: Sequence[memoryview | bytearray], offset: int) -> int | None:
+        if not self._nowait:
+            return None
+        try:
+            return os.preadv(self._fd, buffers, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None  # EAGAIN: part of the range is not in the page cache
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                log.info(
+                    "%s: this filesystem cannot read without waiting (RWF_NOWAIT: %s); its "
+                    "reads run off the event loop",
+                    self.path,
+                    exc.strerror,
+                )
+                self._nowait = False
+                return None
             raise translate_os_error(exc, f"read {self.path}@{offset}") from exc
 
     def _raw_pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:

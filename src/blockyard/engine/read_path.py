@@ -4,6 +4,10 @@ Reads take no lock: clean ranges are one ``pread`` of the data region, dirty blo
 the dirty map (the newest WAL image). A sequence counter bumped around every data-region change
 makes a read retry when a checkpoint ran underneath it (a seqlock), so a read never sees a
 half-applied block; after a few retries it takes the apply lock.
+
+:meth:`ReadPath.try_read` is the same read for a caller that must not wait (the volume
+server's event loop): clean ranges only from the page cache (``RWF_NOWAIT``), and never the
+apply lock; when either would be needed it answers None and the caller reads off the loop.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ _LBA_SHIFT: Final = 9
 _ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
 #: Lock-free reads retry this often when a checkpoint runs underneath, then take the lock.
 _READ_RETRIES: Final = 3
+
+
+class _WouldWait(Exception):
+    """A clean range of a :meth:`ReadPath.try_read` is not in the page cache."""
 
 
 class ReadPath:
@@ -62,6 +70,41 @@ class ReadPath:
         with self._apply_lock:
             return b"".join(self._read_parts(start, length))
 
+    def try_read(self, lba: int, block_count: int) -> bytes | bytearray | None:
+        """What :meth:`read` returns, if it can be had without waiting; else None.
+
+        None when a clean part of the range is not in the page cache (or the filesystem
+        cannot read without waiting: tmpfs, FUSE), when a checkpoint is applying blocks
+        underneath (a read would retry, then take the apply lock), or when the volume is not
+        open; the caller then calls :meth:`read` where it may block, and gets its errors.
+        Range errors are raised as :meth:`read` raises them. Thread-safe, takes no lock.
+        """
+        if self._closed:
+            return None
+        self._check_range(lba, block_count)
+        start = lba << _LBA_SHIFT
+        length = block_count << _LBA_SHIFT
+        for _ in range(_READ_RETRIES):
+            gen = self._apply_gen
+            if gen & 1:
+                return None
+            try:
+                if not self._dmap:
+                    data: bytes | bytearray = self._pread_cached(length, self._data_offset + start)
+                else:
+                    data = b"".join(self._read_parts(start, length, cached_only=True))
+            except _WouldWait:
+                return None
+            if gen == self._apply_gen:
+                return data
+        return None
+
+    def _pread_cached(self, length: int, offset: int) -> bytearray:
+        buf = bytearray(length)
+        if self._file.preadv_nowait([buf], offset) != length:
+            raise _WouldWait
+        return buf
+
     def readinto(self, lba: int, buf: memoryview) -> None:
         """Like :meth:`read` into a caller-owned buffer (no allocation on clean data)."""
         if len(buf) % LOGICAL_BLOCK_SIZE:
@@ -92,8 +135,13 @@ class ReadPath:
             buf[pos : pos + len(part)] = part
             pos += len(part)
 
-    def _read_parts(self, start: int, length: int) -> Iterator[bytes | memoryview]:
-        """Yield the newest bytes of [start, start+length): WAL overlay over the data region."""
+    def _read_parts(
+        self, start: int, length: int, *, cached_only: bool = False
+    ) -> Iterator[bytes | bytearray | memoryview]:
+        """Yield the newest bytes of [start, start+length): WAL overlay over the data region.
+        With ``cached_only`` the data region is read from the page cache only (raising
+        :class:`_WouldWait` when it does not hold a part)."""
+        pread = self._pread_cached if cached_only else self._file.pread
         end = start + length
         dmap = self._dmap
         run_start = start
@@ -106,7 +154,7 @@ class ReadPath:
                 s = max(start, bstart)
                 e = min(end, bstart + BLOCK_SIZE)
                 if s > run_start:
-                    yield self._file.pread(s - run_start, self._data_offset + run_start)
+                    yield pread(s - run_start, self._data_offset + run_start)
                 data = ent[1]
                 if data is None:
                     yield _ZERO_BLOCK[: e - s]
@@ -115,7 +163,7 @@ class ReadPath:
                 run_start = e
             b += 1
         if end > run_start:
-            yield self._file.pread(end - run_start, self._data_offset + run_start)
+            yield pread(end - run_start, self._data_offset + run_start)
 
     def _read_block(self, block: int) -> bytes:
         ent = self._dmap.get(block)

@@ -116,14 +116,17 @@ class Feed:
         notify callback is armed. Raises :class:`FeedLostError` once the records this feed
         needs were released (the replica must resync from its bitmap).
 
-        With ``memory_only`` it stops before a record whose payload must be read back from
-        the WAL (kept across a restart): safe to call on an event loop. :attr:`needs_disk`
-        then says whether such a record is next."""
+        With ``memory_only`` it never waits: it stops before a record whose payload must be
+        read back from the WAL (kept across a restart), and takes nothing while a writer holds
+        the volume lock (a writer may hold it across a slow WAL write, or a large unmap across
+        a checkpoint's fdatasync): safe to call on an event loop. :attr:`needs_disk` then says
+        whether it stopped for either reason."""
         return self._source._feed_take(self, max_bytes, memory_only)
 
     @property
     def needs_disk(self) -> bool:
-        """The next record must be read back from the WAL (use :meth:`take` off the loop)."""
+        """A ``memory_only`` take stopped short: the next record must be read back from the
+        WAL, or the volume lock was busy (use :meth:`take` off the loop)."""
         return self._needs_disk
 
     def ack(self, durable_lsn: int) -> None:
@@ -339,39 +342,20 @@ class ReplicationSource:
             return feed
 
     def _feed_take(self, feed: Feed, max_bytes: int, memory_only: bool) -> list[WalRecord]:
+        if memory_only:
+            # On the event loop: never wait for the lock (see Feed.take). The records taken
+            # hold their payloads in memory, so building them needs no I/O either.
+            if not self._lock.acquire(blocking=False):
+                feed._needs_disk = True
+                return []
+            try:
+                return [self._to_record(e) for e in self._feed_next(feed, max_bytes, True)]
+            finally:
+                self._lock.release()
         with self._lock:
-            if feed.lost or feed.closed:
-                raise FeedLostError(
-                    f"volume {self._name!r}: the records replica {feed.replica_id} needs were "
-                    "released from the WAL; it must resync from its missed-write bitmap"
-                )
-            log_ = self._log
-            n = len(log_)
-            i = n
-            while i > 0 and log_[i - 1][_LSN] >= feed.cursor:
-                i -= 1
-            if i == n:
-                if feed not in self._feeds_waiting:
-                    self._feeds_waiting.append(feed)
-                return []
-            entries: list[_LogEntry] = []
-            size = 0
-            feed._needs_disk = False
-            while i < n:
-                e = log_[i]
-                is_write = e[_KIND] is wal.Kind.WRITE
-                if memory_only and is_write and e[_PAYLOAD] is None:
-                    feed._needs_disk = True
-                    break
-                payload_bytes = e[_COUNT] * BLOCK_SIZE if is_write else 0
-                if entries and size + payload_bytes > max_bytes:
-                    break
-                entries.append(e)
-                size += payload_bytes
-                i += 1
-            if not entries:
-                return []
-            feed.cursor = entries[-1][_LSN] + 1
+            entries = self._feed_next(feed, max_bytes, False)
+        if not entries:
+            return []
         records = [self._to_record(e) for e in entries]
         with self._lock:
             if feed.lost:
@@ -381,6 +365,41 @@ class ReplicationSource:
                     "while reading; it must resync from its missed-write bitmap"
                 )
         return records
+
+    def _feed_next(self, feed: Feed, max_bytes: int, memory_only: bool) -> list[_LogEntry]:
+        """The log entries ``feed`` takes next, advancing its cursor. Caller holds ``_lock``."""
+        feed._needs_disk = False
+        if feed.lost or feed.closed:
+            raise FeedLostError(
+                f"volume {self._name!r}: the records replica {feed.replica_id} needs were "
+                "released from the WAL; it must resync from its missed-write bitmap"
+            )
+        log_ = self._log
+        n = len(log_)
+        i = n
+        while i > 0 and log_[i - 1][_LSN] >= feed.cursor:
+            i -= 1
+        if i == n:
+            if feed not in self._feeds_waiting:
+                self._feeds_waiting.append(feed)
+            return []
+        entries: list[_LogEntry] = []
+        size = 0
+        while i < n:
+            e = log_[i]
+            is_write = e[_KIND] is wal.Kind.WRITE
+            if memory_only and is_write and e[_PAYLOAD] is None:
+                feed._needs_disk = True
+                break
+            payload_bytes = e[_COUNT] * BLOCK_SIZE if is_write else 0
+            if entries and size + payload_bytes > max_bytes:
+                break
+            entries.append(e)
+            size += payload_bytes
+            i += 1
+        if entries:
+            feed.cursor = entries[-1][_LSN] + 1
+        return entries
 
     def _to_record(self, e: _LogEntry) -> WalRecord:
         from blockyard.engine.volume import WalRecord  # noqa: PLC0415 - import cycle

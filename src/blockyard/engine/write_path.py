@@ -7,6 +7,11 @@ wait on a condition (bounded, ``WalFullTimeoutError``) while the flusher frees s
 write returns the LSN of the record that holds it, so a caller can tie an acknowledgement to it.
 
 Writers are serialised on ``_lock`` (the WAL is a single append point).
+
+:meth:`WritePath.try_write` is the same write for a caller that must not wait (the volume
+server's event loop): it logs only whole aligned blocks, only if the lock is free, the WAL has
+room for the records right now and the volume's recent appends were quick; otherwise it answers
+None and the caller writes off the loop. Both share one append path.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
     from blockyard.engine.volume import VolumeStats
     from blockyard.errors import VolumeFailedError
 
+_now_ns = time.monotonic_ns
 _PAD: Final = bytes(SECTOR_SIZE)
 #: Sector padding views by length, so the hot write path slices nothing.
 _PADS: Final = [memoryview(_PAD)[:n] for n in range(SECTOR_SIZE)]
@@ -42,6 +48,15 @@ _BLOCK_SHIFT: Final = 12
 _LBA_SHIFT: Final = 9
 _MAX_IO_BYTES: Final = MAX_TRANSFER_BLOCKS * LOGICAL_BLOCK_SIZE
 _WRITE: Final = wal.Kind.WRITE
+#: A WAL append (one pwritev into the page cache) slower than this marks the volume's appends
+#: slow: the device, the kernel's dirty-page throttling or another write to the file holding
+#: its inode lock is pushing back. A page-cache write of the largest record (1 MiB) takes well
+#: under a millisecond here.
+SLOW_APPEND_NS: Final = 2_000_000
+#: After a slow append, :meth:`WritePath.try_write` declines for this long (every later slow
+#: append, made off the loop, extends it), so a stalling disk costs the event loop at most one
+#: stalled append per period instead of one per write.
+SLOW_APPEND_HOLD_NS: Final = 1_000_000_000
 #: A range record's block count is a u32 on disk.
 _RANGE_RECORD_MAX_BLOCKS: Final = 1 << 30
 _Entry = tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]
@@ -49,6 +64,9 @@ _Entry = tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]
 
 class WritePath:
     """Writes, unmaps and the WAL append; uses the volume's state (declared below)."""
+
+    #: Until when (monotonic ns) try_write declines because an append was slow; 0: it does not.
+    _slow_until_ns: int = 0
 
     if TYPE_CHECKING:
         _lock: threading.RLock
@@ -95,6 +113,7 @@ class WritePath:
         def _read_block(self, block: int) -> bytes: ...
         def _sync_until(self, target: int, timeout_s: float | None = None) -> None: ...
         def _checkpoint_locked(self) -> None: ...
+        def _release_due_retained_locked(self) -> None: ...
         def _preserve_range(self, first: int, end: int) -> None: ...
         def _zero_blocks(self, first: int, end: int) -> None: ...
         def _take_offline(self, exc: BlockyardError, what: str) -> None: ...
@@ -130,17 +149,7 @@ class WritePath:
             if epoch is not None:
                 self._check_epoch(epoch)
             if not (start | length) & (BLOCK_SIZE - 1):
-                # The common case: whole blocks. One owned copy of the caller's buffer, which
-                # the dirty map and the flusher share until the checkpoint.
-                if length <= self._max_payload:
-                    self._append(
-                        _WRITE,
-                        start >> _BLOCK_SHIFT,
-                        length >> _BLOCK_SHIFT,
-                        memoryview(bytes(data)),
-                    )
-                else:
-                    self._append_blocks(start >> _BLOCK_SHIFT, memoryview(bytes(data)))
+                self._log_whole_blocks(start >> _BLOCK_SHIFT, data)
             else:
                 end = start + length
                 first = start >> _BLOCK_SHIFT
@@ -158,6 +167,73 @@ class WritePath:
         if fua:
             self._sync_until(seq)
         return lsn
+
+    def try_write(self, lba: int, data: BytesLike) -> int | None:
+        """What :meth:`write` does (without FUA), if it can be done without waiting; else None.
+
+        Logs only whole aligned 4 KiB blocks (a partial block would read the data region), and
+        only when the writer lock is free, the WAL has room for every record of it right now
+        (no back-pressure wait), no append of the volume was slow lately (SLOW_APPEND_NS,
+        SLOW_APPEND_HOLD_NS) and the volume takes writes (open, not stopping or offline, not a
+        replica). Returns the LSN as :meth:`write` does; None means nothing was logged: call
+        :meth:`write` where it may block (it raises the errors, if any). Thread-safe.
+        """
+        length = len(data)
+        start = lba << _LBA_SHIFT
+        if (
+            (start | length) & (BLOCK_SIZE - 1)
+            or not length
+            or lba < 0
+            or lba + (length >> _LBA_SHIFT) > self._lba_count
+            or length > _MAX_IO_BYTES
+        ):
+            return None
+        if self._slow_until_ns:
+            if _now_ns() < self._slow_until_ns:
+                return None
+            self._slow_until_ns = 0
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            if (
+                self._closed
+                or self._stopping
+                or self._role_refuses_writes
+                or not self._wal_room_now(length)
+            ):
+                return None
+            self._log_whole_blocks(start >> _BLOCK_SHIFT, data)
+            return self._last_lsn
+        finally:
+            lock.release()
+
+    def _wal_room_now(self, length: int) -> bool:
+        """Whether the records logging ``length`` bytes of whole blocks fit in the WAL now, so
+        appending them cannot wait for space. Caller holds ``_lock``. A write of several
+        records is counted with the whole tail as a wrap gap, which bounds any wrap among them
+        (only one fits in a WAL that has room for all of them)."""
+        step = self._max_payload
+        tail = self._wal_size - self._head
+        if length <= step:
+            need = wal.record_bytes(length)
+            if tail < need:
+                need += tail
+        else:
+            full, rest = divmod(length, step)
+            need = full * wal.record_bytes(step) + tail
+            if rest:
+                need += wal.record_bytes(rest)
+        return self._used + need <= self._wal_size
+
+    def _log_whole_blocks(self, block: int, data: BytesLike) -> None:
+        """Log whole blocks starting at ``block``: one owned copy of the caller's buffer, which
+        the dirty map and the flusher share until the checkpoint. Caller holds ``_lock``."""
+        payload = memoryview(bytes(data))
+        if len(payload) <= self._max_payload:
+            self._append(_WRITE, block, len(payload) >> _BLOCK_SHIFT, payload)
+        else:
+            self._append_blocks(block, payload)
 
     def _append_blocks(self, block: int, payload: memoryview) -> None:
         step = self._max_payload
@@ -235,12 +311,16 @@ class WritePath:
         pad = length - wal.HEADER_BYTES - payload_len
         pos = self._head
         off = self._wal_offset + pos
+        started = _now_ns()
         if payload is None:
             self._file.pwritev([hdr], off)
         elif pad:
             self._file.pwritev([hdr, payload, _PADS[pad]], off)
         else:
             self._file.pwritev([hdr, payload], off)
+        done = _now_ns()
+        if done - started > SLOW_APPEND_NS:
+            self._slow_until_ns = done + SLOW_APPEND_HOLD_NS
         consumed = length + self._gap
         self._gap = 0
         self._log.append((lsn, kind, block, block_count, payload, epoch, consumed, generation, pos))
@@ -278,6 +358,14 @@ class WritePath:
             # checkpoint's inner acquisition is ours; no other thread can hold _apply_lock.
             with self._apply_lock:
                 self._checkpoint_locked()
+                # Records kept for replicas past the retention bound go to their bitmaps, as
+                # the background flusher would do: never write over what a replica still needs.
+                self._release_due_retained_locked()
+            if self._used + need > self._wal_size:
+                raise WalFullTimeoutError(
+                    f"volume {self._name!r}: the WAL stays full after a checkpoint; a record "
+                    "of this size cannot fit"
+                )
             return
         deadline = time.monotonic() + self._backpressure_timeout_s
         while self._used + need > self._wal_size:

@@ -82,6 +82,10 @@ class FaultFile:
             total += n
         return total
 
+    def preadv_nowait(self, buffers: Sequence[memoryview | bytearray], offset: int) -> int | None:
+        """The model is all "page cache": a read never waits."""
+        return self.preadv(buffers, offset)
+
     def _raw_pwritev(self, buffers: Sequence[BytesLike], offset: int) -> int:
         """One ``pwritev`` system call of the model: may write short when space runs out."""
         data = b"".join(bytes(b) for b in buffers)
