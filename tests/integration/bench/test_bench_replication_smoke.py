@@ -51,7 +51,7 @@ def test_bench_replication_prints_every_row(tmp_path: Path) -> None:
         assert "CPUs busy" in found[2], found[2]
     sync_all_qd32, sync_all_qd1 = rows("RF2 sync_all")[:2]
     for row in (sync_all_qd32, sync_all_qd1):
-        assert re.search(r">= 0\.70x RF1: (met|NOT MET)$", row), row
+        assert re.search(r">= 0\.70x RF1 \([0-9.]+x\): (met|NOT MET)$", row), row
     assert re.search(r"link reconnected -> in_sync [0-9.]+ s +goal < 2 s: (met|NOT MET)", out)
     assert re.search(r"READY -> in_sync [0-9.]+ s", out)
     assert re.search(r"replica [0-9,]+ LSNs behind; plan (catch_up|delta|full)", out), out
@@ -59,6 +59,8 @@ def test_bench_replication_prints_every_row(tmp_path: Path) -> None:
     assert dense and re.search(rf"{NUMBER} MB/s of data.*goal >= 500 MB/s: (met|NOT MET)", dense[0])
     assert sparse and re.search(rf"{NUMBER} MB/s of data", sparse[0])
     assert re.search(r"sparse/dense: time [0-9.]+x, data sent [0-9.]+x .*: (met|NOT MET)", out)
-    assert re.search(r"one replica down .* IOPS .*goal >= 0\.90x healthy: (met|NOT MET)", out)
+    assert re.search(
+        r"one replica down .* IOPS .*goal >= 0\.90x healthy \([0-9.]+x\): (met|NOT MET)", out
+    )
     assert re.search(r"^healthy +" + NUMBER, "\n".join(x.strip() for x in lines), re.M)
     assert any(line.startswith("server logs:") for line in lines), out
