@@ -101,7 +101,7 @@ from blockyard.iscsi.text import (
 )
 from blockyard.scsi.commands import CommandInfo, Direction
 from blockyard.scsi.constants import AscPair, Op, SenseKey, Status
-from blockyard.scsi.lu import FastGate, ResetKind
+from blockyard.scsi.lu import WOULD_BLOCK, FastGate, ResetKind, WouldBlock
 from blockyard.scsi.nexus import Nexus
 from blockyard.scsi.sense import ScsiResult, check_condition
 
@@ -187,15 +187,20 @@ class CommandInspector(Protocol):
 class FastCommandUnit(CommandInspector, Protocol):
     """A logical unit that lets the connection run plain READ/WRITE (10)/(16) itself, without
     events (see :meth:`blockyard.scsi.lu.LogicalUnit.fast_gate`). ``fast_read`` and
-    ``fast_write`` must not block beyond page-cache work: they run inside the event loop."""
+    ``fast_write`` run inside the event loop and must never wait: what cannot be done at once
+    answers ``WOULD_BLOCK`` having changed nothing, and the command takes the general path."""
 
     state_generation: int
 
     def fast_gate(self, nexus: Nexus) -> FastGate: ...
 
-    def fast_read(self, opcode: int, lba: int, blocks: int) -> BytesLike | ScsiResult: ...
+    def fast_read(
+        self, opcode: int, lba: int, blocks: int
+    ) -> BytesLike | ScsiResult | WouldBlock: ...
 
-    def fast_write(self, opcode: int, lba: int, data: BytesLike) -> ScsiResult | None: ...
+    def fast_write(
+        self, opcode: int, lba: int, data: BytesLike
+    ) -> ScsiResult | WouldBlock | None: ...
 
 
 class TargetPortal(Protocol):
@@ -447,6 +452,9 @@ class TargetConnection:
         self._run_blocks = 0
         self._run_data: list[memoryview] = []
         self._run_replies: list[tuple[int, int, int, bytearray]] = []
+        #: MaxCmdSN before the run was taken, restored if the run has to wait (see
+        #: _flush_write_run): its answers, which advanced it, are then never sent.
+        self._run_max_cmd_sn = 0
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -1126,7 +1134,10 @@ class TargetConnection:
     # answered with headers packed directly. No dataclass, task, event or dispatch layer per
     # command. Anything else, or any doubt, returns False before changing state and the PDU
     # takes the general path, which gives byte-identical answers for the commands taken here
-    # (tests/unit/iscsi_target/test_fast_path.py holds the two against each other).
+    # (tests/unit/iscsi_target/test_fast_path.py holds the two against each other). So does a
+    # command the logical unit cannot run without waiting (WOULD_BLOCK): a read before it is
+    # taken, a write run after (each of its commands becomes a task). Either way the commands
+    # after it see a task outstanding and follow it down the general path until it is done.
 
     def _fast_command(self, chunk: bytearray) -> bool:
         op, flags, data_length, lun, itt, edtl, cmd_sn, _exp_stat_sn = _unpack_command(chunk)
@@ -1174,19 +1185,23 @@ class TargetConnection:
                 or not self._fast_writes
             ):
                 return False
-            # Taken: this is now the command with CmdSN cmd_sn (RFC 7143 §4.2.2.1). It joins the
-            # pending run when it continues it, else the run is written first.
-            exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
+            # It joins the pending run when it continues it, else the run is written first (and
+            # if the run had to wait, this write follows it down the general path).
             if self._run_replies and (
                 lba != self._run_lba + self._run_blocks
                 or (self._run_blocks + blocks) * self._fast_block_size > WRITE_RUN_BYTES_MAX
             ):
                 self._flush_write_run()
+                if self._tasks:
+                    return False
+            # Taken: this is now the command with CmdSN cmd_sn (RFC 7143 §4.2.2.1).
+            exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
             replies = self._run_replies
             if not replies:
                 self._run_opcode = code
                 self._run_lba = lba
                 self._run_blocks = 0
+                self._run_max_cmd_sn = self._max_cmd_sn
             self._run_blocks += blocks
             self._run_data.append(memoryview(chunk)[BHS_LENGTH : BHS_LENGTH + edtl])
             # The answer's ExpCmdSN/MaxCmdSN are those of now, as if written at once.
@@ -1198,8 +1213,12 @@ class TargetConnection:
             return False
         if self._run_replies:
             self._flush_write_run()  # the read must see them
-        exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
+            if self._tasks:
+                return False  # they had to wait: the read goes after them
         data = unit.fast_read(code, lba, blocks)
+        if data is WOULD_BLOCK:
+            return False
+        exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
         if isinstance(data, ScsiResult):
             self._fast_failed(chunk, data)
             return True
@@ -1226,13 +1245,22 @@ class TargetConnection:
         each in arrival order. The run is all SIMPLE commands that arrived together with nothing
         in between, so one write of their concatenation is one of the orders SAM-5 allows;
         StatSNs are assigned here, so the answers are byte for byte those of separate writes.
-        On a device error every command of the run gets that error's CHECK CONDITION."""
+        On a device error every command of the run gets that error's CHECK CONDITION.
+
+        When the logical unit cannot write without waiting, nothing was written or answered:
+        each command of the run becomes a task of the general path, in CmdSN order (their
+        CmdSNs are consumed already; from now on they count against the command window)."""
         unit = self._fast_unit
         assert unit is not None
         data, replies = self._run_data, self._run_replies
         self._run_data, self._run_replies = [], []
         payload: BytesLike = data[0] if len(data) == 1 else b"".join(data)
         failed = unit.fast_write(self._run_opcode, self._run_lba, payload)
+        if failed is WOULD_BLOCK:
+            self._max_cmd_sn = self._run_max_cmd_sn
+            for _itt, _exp, _max, chunk in replies:
+                self._defer_taken(chunk)
+            return
         if failed is not None:
             for _itt, _exp, _max, chunk in replies:
                 self._fast_failed(chunk, failed)
@@ -1278,6 +1306,17 @@ class TargetConnection:
                 data_sn += 1
                 offset = end
         self._out_bytes += total + BHS_LENGTH * data_sn
+
+    def _defer_taken(self, chunk: bytearray) -> None:
+        """A command the fast path took (its CmdSN consumed) but could not run: hand it to the
+        general path as a task, as _handle_numbered would have."""
+        try:
+            cmd = self._decode_raw(chunk)
+        except RemoteProtocolError as exc:
+            self._on_bad_pdu(exc)
+            return
+        assert isinstance(cmd, ScsiCommand), "the fast path takes SCSI Commands only"
+        self._on_command(cmd)
 
     def _fast_regate(self, unit: FastCommandUnit) -> None:
         nexus = self._nexus

@@ -371,11 +371,21 @@ class ReplicatedDevice:
     def readinto(self, lba: int, buf: memoryview) -> None:
         self.volume.readinto(lba, buf)
 
+    def try_read(self, lba: int, block_count: int) -> BytesLike | None:
+        """:meth:`read` if it needs no wait, else None (see ``Volume.try_read``)."""
+        return self.volume.try_read(lba, block_count)
+
     def write(self, lba: int, data: BytesLike, *, fua: bool = False) -> int:
         lsn = self.volume.write(lba, data, fua=fua)
         if fua:
             self._commit(lsn)
         return lsn
+
+    def try_write(self, lba: int, data: BytesLike) -> int | None:
+        """A plain (non-FUA) :meth:`write` if it needs no wait, else None (see
+        ``Volume.try_write``). Replication adds no wait here: the record is a local WAL append
+        that the links ship on their own; only flushes and FUA writes wait for replicas."""
+        return self.volume.try_write(lba, data)
 
     def unmap(self, lba: int, block_count: int) -> int:
         return self.volume.unmap(lba, block_count)

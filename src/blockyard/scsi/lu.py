@@ -13,11 +13,17 @@ Fast path: a transport may skip ``execute`` for plain READ/WRITE (10)/(16) while
 reservation, an accessible ALUA state), and call :meth:`~LogicalUnit.fast_read` /
 :meth:`~LogicalUnit.fast_write` itself. Every change that could close a gate bumps
 ``state_generation`` under the state lock, so one integer compare per command tells the
-transport whether its cached verdict still holds.
+transport whether its cached verdict still holds. The fast calls never wait: on a device with
+``try_read``/``try_write`` (the engine's), anything that would (data not in the page cache, a
+full WAL, a busy writer, a flush) answers :data:`WOULD_BLOCK`, having done nothing, and the
+transport runs the command through ``execute`` where it may block. The state lock is never
+held across device I/O, so the event loop may take it; the write lock is, and the fast path
+only tries it.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import struct
 import threading
@@ -64,7 +70,7 @@ from blockyard.scsi.identity import (
 from blockyard.scsi.modepages import DEFAULT_PAGES, PAGE_CACHING, mode_select, mode_sense
 from blockyard.scsi.modepages import parse_mode_sense as _parse_mode_sense
 from blockyard.scsi.nexus import Nexus, UnitAttentionQueue
-from blockyard.scsi.pr import pr_in, pr_out
+from blockyard.scsi.pr import PrOutOutcome, pr_in, pr_out
 from blockyard.scsi.reservations import PrState, PrType, ReservationStore
 from blockyard.scsi.sense import (
     GOOD,
@@ -106,6 +112,16 @@ _PARAM_LIST_OPS: Final = frozenset(
 _EXACT_DATA_OPS: Final = frozenset((Op.COMPARE_AND_WRITE, Op.WRITE_SAME_10, Op.WRITE_SAME_16))
 
 Handler = Callable[[Nexus, memoryview, memoryview], ScsiResult]
+
+
+class WouldBlock(enum.Enum):
+    """The answer of a fast call that could not complete without waiting (see the module
+    docstring); its one member is :data:`WOULD_BLOCK`."""
+
+    WOULD_BLOCK = "would block"
+
+
+WOULD_BLOCK: Final = WouldBlock.WOULD_BLOCK
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +205,15 @@ class LogicalUnit:
         self._tmf_support = tmf_support
         self._state_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        #: Orders PERSISTENT RESERVE OUT, so its state is saved (fsync) outside the state lock.
+        self._pr_lock = threading.Lock()
+        #: The device's non-waiting calls, when it has them (the engine volume does).
+        self._try_read: Callable[[int, int], BytesLike | None] | None = getattr(
+            device, "try_read", None
+        )
+        self._try_write: Callable[[int, BytesLike], int | None] | None = getattr(
+            device, "try_write", None
+        )
         self._nexuses: dict[Nexus, UnitAttentionQueue] = {}
         self._pr: PrState = reservations.load()
         self._spc2_holder: Nexus | None = None
@@ -301,25 +326,41 @@ class LogicalUnit:
                 device.max_transfer_blocks,
             )
 
-    def fast_read(self, opcode: int, lba: int, blocks: int) -> BytesLike | ScsiResult:
-        """The data of a READ that passed the fast gate and its range check, or the CHECK
-        CONDITION the device error maps to."""
+    def fast_read(self, opcode: int, lba: int, blocks: int) -> BytesLike | ScsiResult | WouldBlock:
+        """The data of a READ that passed the fast gate and its range check, the CHECK
+        CONDITION the device error maps to, or :data:`WOULD_BLOCK` when the device cannot
+        read it without waiting (not in the page cache): then run it through ``execute``."""
+        try_read = self._try_read
         try:
-            return self._device.read(lba, blocks)
+            if try_read is None:
+                return self._device.read(lba, blocks)
+            data = try_read(lba, blocks)
         except BlockyardError as exc:
             return self._fast_error(exc, opcode, lba, IoKind.READ)
+        return WOULD_BLOCK if data is None else data
 
-    def fast_write(self, opcode: int, lba: int, data: BytesLike) -> ScsiResult | None:
-        """Write for a WRITE that passed the fast gate (write-back) and its range check; None
-        when done, else the CHECK CONDITION the device error maps to. Page-cache work unless
-        a MODE SELECT turned write-through on since the gate was read; then it flushes."""
+    def fast_write(self, opcode: int, lba: int, data: BytesLike) -> ScsiResult | WouldBlock | None:
+        """Write for a WRITE that passed the fast gate (write-back) and its range check: None
+        when done, the CHECK CONDITION the device error maps to, or :data:`WOULD_BLOCK` with
+        nothing written when it would have to wait — another write of this logical unit holds
+        the write lock (COMPARE AND WRITE holds it across its read), a MODE SELECT turned
+        write-through on since the gate was read (the write would flush), or the device
+        declined (a full WAL, a busy or slow writer): then run it through ``execute``."""
+        if self._write_through:
+            return WOULD_BLOCK
+        lock = self._write_lock
+        if not lock.acquire(blocking=False):
+            return WOULD_BLOCK
         try:
-            with self._write_lock:
+            try_write = self._try_write
+            if try_write is None:
                 self._device.write(lba, data)
-            if self._write_through:
-                self._device.flush()  # outside the lock, as in _do_write
+            elif try_write(lba, data) is None:
+                return WOULD_BLOCK
         except BlockyardError as exc:
             return self._fast_error(exc, opcode, lba, IoKind.WRITE)
+        finally:
+            lock.release()
         return None
 
     def _fast_error(self, exc: BlockyardError, opcode: int, lba: int, kind: IoKind) -> ScsiResult:
@@ -881,10 +922,19 @@ class LogicalUnit:
         return ScsiResult(Status.GOOD, None, pr_in(self._pr, cdb[1] & 0x1F))
 
     def _pr_out(self, nexus: Nexus, cdb: memoryview, data: memoryview) -> ScsiResult:
-        with self._state_lock:
+        # The new state is saved (fsynced) before it takes effect, under the lock that orders
+        # every PERSISTENT RESERVE OUT (only it changes the state), not under the state lock:
+        # the event loop takes that one (fast gate, unit attentions) and must not wait on disk.
+        with self._pr_lock:
             outcome = pr_out(self._pr, nexus, cdb, data)
             if outcome.state is not None:
                 self._store.save(outcome.state)
+            self._apply_pr_outcome(nexus, outcome)
+        return outcome.result
+
+    def _apply_pr_outcome(self, nexus: Nexus, outcome: PrOutOutcome) -> None:
+        with self._state_lock:
+            if outcome.state is not None:
                 self._pr = outcome.state
                 self._update_reserved()
                 if outcome.unit_attentions:
@@ -895,7 +945,6 @@ class LogicalUnit:
                             other.initiator_port_name, other.relative_target_port_id
                         ):
                             queue.push(asc)
-        return outcome.result
 
 
 def _encode_lun(lun: int) -> bytes:
@@ -905,4 +954,4 @@ def _encode_lun(lun: int) -> bytes:
     return bytes([0x40 | ((lun >> 8) & 0x3F), lun & 0xFF]) + bytes(6)
 
 
-__all__ = ["FastGate", "LogicalUnit", "ResetKind"]
+__all__ = ["WOULD_BLOCK", "FastGate", "LogicalUnit", "ResetKind", "WouldBlock"]

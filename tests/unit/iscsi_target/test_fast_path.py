@@ -10,6 +10,7 @@ depends on when each command is answered.
 from __future__ import annotations
 
 import dataclasses
+import random
 import struct
 import uuid
 
@@ -415,3 +416,193 @@ def test_plain_reads_and_writes_emit_no_events() -> None:
     assert isinstance(answers[0], ScsiResponse) and answers[0].status == 0
     assert isinstance(answers[1], DataIn) and bytes(answers[1].data) == data
     assert ini.conn.tasks_in_flight == 0
+
+
+# ---- the device would block: the fast path hands the command to the general path ----------
+
+
+class BlockingDevice(MemoryBlockDevice):
+    """A memory device with the engine's non-waiting calls, which decline (a cold page cache,
+    a full WAL, a busy writer) when a seeded coin says so; ``always`` declines every time."""
+
+    def __init__(self, blocks: int, seed: int, *, always: bool = False) -> None:
+        super().__init__(blocks)
+        self._rng = random.Random(seed)
+        self._always = always
+        self.declined = 0
+
+    def _declines(self) -> bool:
+        if self._always or self._rng.random() < 0.5:
+            self.declined += 1
+            return True
+        return False
+
+    def try_read(self, lba: int, block_count: int) -> bytes | None:
+        return None if self._declines() else self.read(lba, block_count)
+
+    def try_write(self, lba: int, data: bytes | bytearray | memoryview) -> int | None:
+        if self._declines():
+            return None
+        self.write(lba, data)
+        return 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_command, min_size=1, max_size=24), st.integers(0, 2**32))
+def test_one_at_a_time_is_byte_identical_when_the_device_would_block(
+    commands: list[tuple[str, int, int, str | None]], seed: int
+) -> None:
+    fast = ready(True, new_lu(BlockingDevice(BLOCKS, seed)))
+    slow = ready(False)
+    for i, spec in enumerate(commands):
+        pdu_bytes = build(spec, 0x100 + i, fast.cmd_sn)
+        if spec[3] != "immediate":
+            fast.next_cmd_sn()
+            slow.next_cmd_sn()
+        assert raw_output(fast, pdu_bytes) == raw_output(slow, pdu_bytes), spec
+    assert fast.lu.device.read(0, BLOCKS) == slow.lu.device.read(0, BLOCKS)
+    assert (fast.conn.stat_sn, fast.conn.exp_cmd_sn, fast.conn.max_cmd_sn) == (
+        slow.conn.stat_sn,
+        slow.conn.exp_cmd_sn,
+        slow.conn.max_cmd_sn,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_batch_command, min_size=1, max_size=40), st.integers(1, 8), st.integers(0, 2**32))
+def test_batches_answer_the_same_when_the_device_would_block(
+    commands: list[tuple[str, int, int, str | None]], split: int, seed: int
+) -> None:
+    fast = ready(True, new_lu(BlockingDevice(BLOCKS, seed)))
+    slow = ready(False)
+    pdus = []
+    for i, spec in enumerate(commands):
+        pdus.append(build(spec, 0x100 + i, fast.next_cmd_sn()))
+        slow.next_cmd_sn()
+    raw_fast = raw_slow = b""
+    for start in range(0, len(pdus), split):
+        chunk = b"".join(pdus[start : start + split])
+        raw_fast += raw_output(fast, chunk)
+        raw_slow += raw_output(slow, chunk)
+    got_fast, got_slow = _decode_all(raw_fast), _decode_all(raw_slow)
+    assert _by_itt(got_fast) == _by_itt(got_slow)
+    assert fast.lu.device.read(0, BLOCKS) == slow.lu.device.read(0, BLOCKS)
+    stat_sns = [
+        p.stat_sn
+        for p in got_fast
+        if isinstance(p, ScsiResponse) or (isinstance(p, DataIn) and p.status_present)
+    ]
+    if stat_sns:
+        assert stat_sns == list(range(stat_sns[0], stat_sns[0] + len(stat_sns)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_batch_command, min_size=1, max_size=40), st.integers(1, 8))
+def test_a_device_that_always_blocks_makes_the_fast_path_the_general_one(
+    commands: list[tuple[str, int, int, str | None]], split: int
+) -> None:
+    """Every command the fast path takes or tries, it hands over unchanged: the bytes on the
+    wire are the general path's, batches included (MaxCmdSN too: a run that had to wait
+    advanced it for answers that were never sent)."""
+    fast = ready(True, new_lu(BlockingDevice(BLOCKS, 0, always=True)))
+    slow = ready(False)
+    pdus = []
+    for i, spec in enumerate(commands):
+        pdus.append(build(spec, 0x100 + i, fast.next_cmd_sn()))
+        slow.next_cmd_sn()
+    for start in range(0, len(pdus), split):
+        chunk = b"".join(pdus[start : start + split])
+        assert raw_output(fast, chunk) == raw_output(slow, chunk)
+    assert fast.lu.device.read(0, BLOCKS) == slow.lu.device.read(0, BLOCKS)
+    assert fast.conn.max_cmd_sn == slow.conn.max_cmd_sn
+
+
+class DeclinesFirstWrite(MemoryBlockDevice):
+    """Declines its first try_write (a full WAL that the flusher then drains); reads and
+    later writes go through."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__(blocks)
+        self.tries = 0
+
+    def try_read(self, lba: int, block_count: int) -> bytes | None:
+        return self.read(lba, block_count)
+
+    def try_write(self, lba: int, data: bytes | bytearray | memoryview) -> int | None:
+        self.tries += 1
+        if self.tries == 1:
+            return None
+        self.write(lba, data)
+        return 1
+
+
+def _hold(ini: Initiator, *, fast_path: bool = True) -> None:
+    """Keep the commands handed to the general path (events) until finish_held; the fast
+    path stays as it was (the harness turns it off with auto_execute)."""
+    ini.auto_execute = False
+    ini.conn.fast_path = fast_path
+
+
+def _write_pdu(ini: Initiator, itt: int, lba: int, blocks: int) -> bytes:
+    data = pattern(blocks * BLOCK, seed=itt)
+    return encode_pdu(
+        ScsiCommand(
+            itt=itt, cdb=write10(lba, blocks), expected_data_transfer_length=len(data),
+            cmd_sn=ini.next_cmd_sn(), write=True, data=data,
+        )
+    )  # fmt: skip
+
+
+def _read_pdu(ini: Initiator, itt: int, lba: int, blocks: int) -> bytes:
+    return encode_pdu(
+        ScsiCommand(
+            itt=itt, cdb=read10(lba, blocks), expected_data_transfer_length=blocks * BLOCK,
+            cmd_sn=ini.next_cmd_sn(), read=True,
+        )
+    )  # fmt: skip
+
+
+def test_a_read_that_flushes_a_run_that_would_block_goes_after_it() -> None:
+    device = DeclinesFirstWrite(BLOCKS)
+    ini = ready(True, new_lu(device))
+    _hold(ini)
+    blob = _write_pdu(ini, 0x500, 0, 8) + _write_pdu(ini, 0x501, 8, 8)
+    blob += _read_pdu(ini, 0x502, 0, 16)  # reads what the run writes
+    assert ini.send_bytes(blob) == []  # the run had to wait: the read waits behind it
+    assert device.read(0, 16) == bytes(16 * BLOCK)
+    assert ini.conn.tasks_in_flight == 3
+    answers = ini.finish_held()
+    assert [a.itt for a in answers if isinstance(a, ScsiResponse)] == [0x500, 0x501]
+    data = b"".join(bytes(a.data) for a in answers if isinstance(a, DataIn))
+    assert data == pattern(8 * BLOCK, seed=0x500) + pattern(8 * BLOCK, seed=0x501)
+
+
+def test_a_write_after_a_run_that_would_block_goes_after_it() -> None:
+    device = DeclinesFirstWrite(BLOCKS)
+    ini = ready(True, new_lu(device))
+    _hold(ini)
+    blob = _write_pdu(ini, 0x600, 0, 8) + _write_pdu(ini, 0x601, 8, 8)
+    blob += _write_pdu(ini, 0x602, 100, 8)  # not adjacent: the run is written first, and waits
+    blob += _write_pdu(ini, 0x603, 108, 8)
+    assert ini.send_bytes(blob) == []
+    assert device.read(0, 128) == bytes(128 * BLOCK)  # nothing overtook the waiting run
+    assert [e.task_id for e in ini.held] == sorted(e.task_id for e in ini.held)
+    assert len(ini.held) == 4
+    answers = ini.finish_held()
+    assert [a.itt for a in answers] == [0x600, 0x601, 0x602, 0x603]
+    assert all(isinstance(a, ScsiResponse) and a.status == 0 for a in answers)
+
+
+def test_a_run_that_would_block_leaves_max_cmd_sn_where_the_general_path_has_it() -> None:
+    """Its answers were computed (advancing MaxCmdSN) but never sent: the window the initiator
+    is told must count the run's commands as in flight, as the general path does."""
+    fast = ready(True, new_lu(BlockingDevice(BLOCKS, 0, always=True)))
+    slow = ready(False)
+    _hold(fast)
+    _hold(slow, fast_path=False)
+    blob_fast = b"".join(_write_pdu(fast, 0x700 + i, 8 * i, 8) for i in range(4))
+    blob_slow = b"".join(_write_pdu(slow, 0x700 + i, 8 * i, 8) for i in range(4))
+    assert fast.send_bytes(blob_fast) == slow.send_bytes(blob_slow) == []
+    assert fast.conn.max_cmd_sn == slow.conn.max_cmd_sn
+    assert fast.conn.tasks_in_flight == slow.conn.tasks_in_flight == 4
+    assert fast.finish_held() == slow.finish_held()
