@@ -20,12 +20,13 @@ from pathlib import Path
 
 from blockyard.attach.initiator import IscsiBlockDevice
 from blockyard.engine.epoch import Role
+from blockyard.replication.channel import DEAD_PEER_TIMEOUT_S
 from blockyard.replication.commit import BARRIER_TIMEOUT_S, DurabilityMode
 from blockyard.replication.report import ReplicaReport, ReplicationInfo
 from blockyard.server.backend import VolumeDescription
 from blockyard.server.client import VolumeServerClient
 from blockyard.testing.cluster import LocalCluster, ServerProc
-from blockyard.testing.faultproxy import FaultProxy
+from blockyard.testing.faultproxy import Direction, FaultProxy
 
 INITIATOR = "iqn.2026-12.io.blockyard.test:replication-faults"
 VOLUME = "vol"
@@ -39,6 +40,9 @@ CONVERGE_TIMEOUT_S = 90.0
 #: fsync of the out-of-sync mark and the iSCSI round trip, on a loaded machine.
 DEGRADE_SLACK_S = 5.0
 FLUSH_BOUND_S = BARRIER_TIMEOUT_S + DEGRADE_SLACK_S
+#: A link this slow each way makes a barrier's round trip outlast BARRIER_TIMEOUT_S while
+#: neither side is ever silent for DEAD_PEER_TIMEOUT_S.
+SLOW_ONE_WAY_S = 3.0
 
 
 @dataclass
@@ -395,3 +399,29 @@ def describe(result: FlushResult, mark: MarkEvidence) -> str:
     else:
         seen = f"seen {1000 * (result.ended_s - mark.seen_s):+.1f} ms before the return"
     return f"flush returned after {result.latency_s:.3f} s ({outcome}); out-of-sync mark {seen}"
+
+
+def degrade_by_barrier_timeout(rig: Rig, model: Model) -> None:
+    """Write, flush over the slow link and check that the flush degraded by the barrier timeout
+    with the connection up; the link stays slow."""
+    assert SLOW_ONE_WAY_S < DEAD_PEER_TIMEOUT_S < 2 * SLOW_ONE_WAY_S
+    assert 2 * SLOW_ONE_WAY_S > BARRIER_TIMEOUT_S
+    model.write_range(range(0, 16))
+    assert model.flush().error is None
+    rig.proxy.set_delay(SLOW_ONE_WAY_S, Direction.BOTH)
+    model.write_range(range(16, 32))
+    flushed_lsn = rig.info().last_lsn
+    with watch_state(rig) as evidence:
+        result = model.flush()
+        returned_ns = time.time_ns()
+        mark = evidence()
+    print(f"{SLOW_ONE_WAY_S:g} s each way: {describe(result, mark)}")
+    assert_degraded_before_ack(rig, result, flushed_lsn, returned_ns, mark)
+    assert result.error is None, result.error
+    # Degraded by the barrier timeout, not by a dead connection.
+    assert result.latency_s >= BARRIER_TIMEOUT_S, result
+    assert result.latency_s <= FLUSH_BOUND_S, result
+    log = rig.log(rig.primary)
+    assert f"did not acknowledge LSN {flushed_lsn}" in log, rig.log_tails()
+    assert "its connection dropped" not in log, rig.log_tails()
+    assert rig.report().connected, rig.report()

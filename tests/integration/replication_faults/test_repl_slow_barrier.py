@@ -1,0 +1,18 @@
+"""A link slow enough that a barrier's round trip outlasts the barrier timeout, though neither
+side ever falls silent for the dead-peer timeout (3 s each way: a 6 s round trip against
+BARRIER_TIMEOUT_S = 5 s and DEAD_PEER_TIMEOUT_S = 5 s). This is the barrier-timeout branch of
+the degrade-or-fail rule with the connection up: the flush degrades only after the replica was
+durably marked out of sync, within the bound. (What should follow — the replica, still
+connected, counting again once it caught up — is in
+test_bug_barrier_timeout_replica_never_rejoins.py.)"""
+
+from __future__ import annotations
+
+from fault_helpers import Model, Rig, degrade_by_barrier_timeout
+
+
+def test_barrier_round_trip_past_the_timeout_degrades_with_the_link_up(rig: Rig) -> None:
+    model = Model(rig.attach())
+    degrade_by_barrier_timeout(rig, model)
+    rig.proxy.set_delay(0.0)
+    model.verify()
