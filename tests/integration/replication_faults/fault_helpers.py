@@ -118,9 +118,8 @@ class Rig:
     def wait_in_sync_while_writing(
         self, model: Model, *, block: int = 1000, timeout_s: float = CONVERGE_TIMEOUT_S
     ) -> ReplicaReport:
-        """Until the replica is in sync, writing ``block`` every half second (a live volume;
-        a replica holding everything is never declared in sync on an idle one, see
-        test_bug_idle_replica_never_back_in_sync.py)."""
+        """Until the replica is in sync, writing ``block`` every half second: a live volume,
+        as in production (an idle one is test_bug_idle_replica_never_back_in_sync.py)."""
         deadline = time.monotonic() + timeout_s
         while True:
             rep = self.report()

@@ -41,9 +41,8 @@ def flush_timed(model: Model) -> tuple[FlushResult, int]:
 
 def heal_and_converge(rig: Rig, model: Model) -> None:
     rig.proxy.heal()
-    # The volume stays live while the replica catches up: one write every half second. (On an
-    # idle volume a replica that already holds everything never comes back in sync:
-    # test_bug_idle_replica_never_back_in_sync.py.)
+    # The volume stays live while the replica catches up: one write every half second (an
+    # idle volume is test_bug_idle_replica_never_back_in_sync.py).
     rig.wait_in_sync_while_writing(model)
     final = model.flush()
     assert final.error is None, final.error
