@@ -49,6 +49,14 @@ CONNECTION_OUTPUT_FLOOR_BYTES: Final = 256 << 10
 #: After the output held by all connections fell by this much from its peak, the server asks
 #: the allocator to return free memory to the OS (see release_free_memory).
 RELEASE_AFTER_DROP_BYTES: Final = 16 << 20
+#: Threads per listener for the commands that may wait on storage (reads not in the page
+#: cache, writes that meet a full WAL, flushes, FUA writes, bulk commands). They mostly wait
+#: in the kernel, so more threads than cores is the point: uncached reads of a deep queue run
+#: in parallel.
+IO_WORKERS: Final = 8
+#: Of those, one volume may use at most this many at once (its further commands queue in
+#: order), so a volume stuck on a stalled disk leaves the other half to every other volume.
+VOLUME_IO_WORKERS_MAX: Final = IO_WORKERS // 2
 
 T = TypeVar("T", bound=Hashable)
 
@@ -182,7 +190,8 @@ class PreloginGate(Generic[T]):
 class ServerSettings:
     """Server-wide bounds (defaults and their reasons in :mod:`~blockyard.server.iscsi_limits`).
 
-    ``flush_workers`` threads run commands that may block. At most ``sessions_max`` logged-in
+    ``flush_workers`` threads run the commands that may wait on storage, at most
+    ``volume_workers_max`` of one volume at a time. At most ``sessions_max`` logged-in
     sessions in total and ``sessions_per_target_max`` Normal sessions per target are served: a
     login beyond them is answered "out of resources" (RFC 7143 §11.13.5). Connections that have
     not logged in are a separate pool of ``prelogin_max``, ``prelogin_per_peer_max`` per peer
@@ -201,7 +210,8 @@ class ServerSettings:
     prelogin_per_peer_max: int = PRELOGIN_PER_PEER_MAX
     connection_output_bytes_max: int = CONNECTION_OUTPUT_BYTES_MAX
     server_output_bytes_max: int = SERVER_OUTPUT_BYTES_MAX
-    flush_workers: int = 4
+    flush_workers: int = IO_WORKERS
+    volume_workers_max: int = VOLUME_IO_WORKERS_MAX
     advertised_host: str | None = None
     relative_target_port_id: int = 1
     target_port_group_id: int = 1
@@ -209,6 +219,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.sessions_max < 1 or self.sessions_per_target_max < 1 or self.flush_workers < 1:
             raise ValueError("sessions_max, sessions_per_target_max and flush_workers must be >= 1")
+        if not 1 <= self.volume_workers_max <= self.flush_workers:
+            raise ValueError("need 1 <= volume_workers_max <= flush_workers")
         if not 1 <= self.prelogin_per_peer_max <= self.prelogin_max:
             raise ValueError("need 1 <= prelogin_per_peer_max <= prelogin_max")
         if self.connection_output_bytes_max < 2 * CONNECTION_OUTPUT_FLOOR_BYTES:

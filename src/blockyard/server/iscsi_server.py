@@ -2,10 +2,12 @@
 :class:`LogicalUnit` underneath.
 
 One :class:`_IscsiProtocol` per TCP connection feeds bytes to its sans-IO connection and runs
-the SCSI commands it emits. Reads and plain writes are page-cache work and run inline on the
-loop; anything that may call ``fdatasync`` (SYNCHRONIZE CACHE, FUA writes, write-through mode,
-PERSISTENT RESERVE OUT, and the bulk WRITE SAME / UNMAP / VERIFY / COMPARE AND WRITE) goes to a
-bounded thread pool so one volume's flush never stalls every other session.
+the SCSI commands it emits. The loop never waits on storage: the connection's fast path runs
+plain READ/WRITE on the loop only when they need no wait (page-cache data, room in the WAL; see
+:mod:`blockyard.scsi.lu`), commands answered from the logical unit's memory run on the loop,
+and every other command — anything that may read, write or sync the volume or a file — goes to
+a bounded thread pool, where one volume runs at most ``volume_workers_max`` commands at once
+(:mod:`blockyard.server.iscsi_offload`), so a volume stuck on its disk never stalls the others.
 
 Output is batched: PDUs produced during one event-loop turn leave in one ``writelines``.
 
@@ -48,7 +50,6 @@ from blockyard.iscsi.target_session import (
     ResetRequested,
     TargetConnection,
 )
-from blockyard.scsi.constants import Op
 from blockyard.scsi.lu import LogicalUnit
 from blockyard.scsi.sense import ScsiResult
 from blockyard.server.iscsi_limits import (
@@ -59,6 +60,7 @@ from blockyard.server.iscsi_limits import (
     release_free_memory,
     unread_bytes,
 )
+from blockyard.server.iscsi_offload import VolumeLanes, runs_inline
 from blockyard.server.iscsi_registry import (
     DictTargetRegistry,
     RegistryPortal,
@@ -77,28 +79,6 @@ __all__ = [
 
 log = logging.getLogger("blockyard.server.iscsi")
 
-#: Operations that may call BlockDevice.flush() or move a lot of data in one call.
-_BLOCKING_OPS = frozenset(
-    {
-        Op.SYNCHRONIZE_CACHE_10,
-        Op.SYNCHRONIZE_CACHE_16,
-        Op.PERSISTENT_RESERVE_OUT,  # the reservation store fsyncs its file
-        Op.WRITE_SAME_10,
-        Op.WRITE_SAME_16,
-        Op.UNMAP,
-        Op.VERIFY_10,
-        Op.VERIFY_12,
-        Op.VERIFY_16,
-        Op.COMPARE_AND_WRITE,
-        Op.WRITE_AND_VERIFY_10,
-        Op.WRITE_AND_VERIFY_12,
-        Op.WRITE_AND_VERIFY_16,
-    }
-)
-#: Writes whose FUA bit (CDB byte 1, bit 3, SBC-4 §5.40) makes them flush.
-_FUA_WRITE_OPS = frozenset({Op.WRITE_10, Op.WRITE_12, Op.WRITE_16})
-_WRITE_OPS = _FUA_WRITE_OPS | {Op.WRITE_6}
-_FUA_BIT = 0x08
 _TICK_INTERVAL_S = 1.0
 #: The transport reports "drained" (resume_writing) once its buffer is down to this.
 _WRITE_LOW_WATER_BYTES = 1 << 20
@@ -108,15 +88,6 @@ _STARVED_POLL_S = 0.01
 #: Refusals and evictions are summed into one log line at most this often, not one per
 #: connection, so a flood cannot flood the log too.
 _LIMIT_LOG_INTERVAL_S = 10.0
-
-
-def _runs_off_loop(cdb: bytes, lu: LogicalUnit) -> bool:
-    opcode = cdb[0]
-    if opcode in _BLOCKING_OPS:
-        return True
-    if opcode in _WRITE_OPS:
-        return lu.write_through or (opcode in _FUA_WRITE_OPS and bool(cdb[1] & _FUA_BIT))
-    return False
 
 
 class _IscsiProtocol(asyncio.Protocol):
@@ -365,17 +336,25 @@ class _IscsiProtocol(asyncio.Protocol):
         assert conn is not None
         if lu is None:
             return
-        if _runs_off_loop(event.cdb, lu):
-            fut = self._loop.run_in_executor(
-                self._server.executor, lu.execute, event.nexus, event.cdb, event.data_out
-            )
-            self._pending.add(fut)
-            fut.add_done_callback(functools.partial(self._done_off_loop, event.task_id))
+        if not runs_inline(event.cdb):
+            self._server.offload(self, lu, event)
             return
         result = lu.execute(event.nexus, event.cdb, event.data_out)
         self._handle(conn.command_done(event.task_id, result))
 
-    def _done_off_loop(self, task_id: int, fut: asyncio.Future[ScsiResult]) -> None:
+    def run_off_loop(self, lu: LogicalUnit, event: ExecuteCommand) -> asyncio.Future[ScsiResult]:
+        """Start ``event`` on the server's pool (the server's lanes decided it may start)."""
+        fut = self._loop.run_in_executor(
+            self._server.executor, lu.execute, event.nexus, event.cdb, event.data_out
+        )
+        self._pending.add(fut)
+        return fut
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def done_off_loop(self, task_id: int, fut: asyncio.Future[ScsiResult]) -> None:
         try:
             self._pending.discard(fut)
             conn = self.conn
@@ -509,6 +488,10 @@ class IscsiServer:
         self._starved: set[_IscsiProtocol] = set()
         self._starved_timer: asyncio.TimerHandle | None = None
         self._tsihs = itertools.cycle(range(1, MAX_TSIH + 1))
+        #: Commands on (or waiting for) the pool, per logical unit.
+        self._lanes: VolumeLanes[LogicalUnit, tuple[_IscsiProtocol, ExecuteCommand]] = VolumeLanes(
+            self.settings.volume_workers_max
+        )
         self._server: asyncio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -616,6 +599,44 @@ class IscsiServer:
             return sum(self._sessions.values())
         return self._sessions.get(target_name, 0)
 
+    # -- the thread pool, shared fairly between volumes --
+
+    def offload(self, proto: _IscsiProtocol, lu: LogicalUnit, event: ExecuteCommand) -> None:
+        """Run ``event`` on the pool now, or once fewer of its volume's commands run there."""
+        if self._lanes.submit(lu, (proto, event)):
+            self._start_offloaded(proto, lu, event)
+
+    def _start_offloaded(
+        self, proto: _IscsiProtocol, lu: LogicalUnit, event: ExecuteCommand
+    ) -> None:
+        while True:
+            if not proto.closing and self._executor is not None:
+                fut = proto.run_off_loop(lu, event)
+                fut.add_done_callback(
+                    functools.partial(self._offloaded_done, proto, lu, event.task_id)
+                )
+                return
+            # Its connection is gone (its answer would be dropped) or the pool is shut down:
+            # skip it, and give its place to the next one of the volume.
+            nxt = self._lanes.finished(lu)
+            if nxt is None:
+                return
+            proto, event = nxt
+
+    def _offloaded_done(
+        self,
+        proto: _IscsiProtocol,
+        lu: LogicalUnit,
+        task_id: int,
+        fut: asyncio.Future[ScsiResult],
+    ) -> None:
+        try:
+            proto.done_off_loop(task_id, fut)
+        finally:
+            nxt = self._lanes.finished(lu)
+            if nxt is not None:
+                self._start_offloaded(nxt[0], lu, nxt[1])
+
     # -- the server-wide output budget --
 
     def starve(self, proto: _IscsiProtocol) -> None:
@@ -645,7 +666,7 @@ class IscsiServer:
         if self.clock is None:
             self.clock = self._loop.time
         self._executor = ThreadPoolExecutor(
-            max_workers=self.settings.flush_workers, thread_name_prefix="iscsi-flush"
+            max_workers=self.settings.flush_workers, thread_name_prefix="iscsi-io"
         )
         try:
             self._server = await self._loop.create_server(
