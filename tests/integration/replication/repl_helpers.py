@@ -18,7 +18,6 @@ assertions are exact.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import random
@@ -28,7 +27,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -191,47 +190,6 @@ class VolumeModel:
         return digest.hexdigest()
 
 
-#: A FUA write never overlaps another write of the same workload while this is set: the target
-#: holds the LU's write lock across a FUA write's replication commit, and a plain write that
-#: meets that lock on the event loop stalls the server for 25 s (see
-#: test_bug_fua_write_blocks_event_loop.py, which fails until that is fixed). Flushes still
-#: overlap everything. Set it to False once the bug is fixed.
-FUA_EXCLUSIVE = True
-
-
-class _FuaGate:
-    """Plain writes share, a FUA write goes alone (see :data:`FUA_EXCLUSIVE`)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._writers = 0
-        self._fua = False
-
-    @contextlib.contextmanager
-    def hold(self, fua: bool) -> Iterator[None]:
-        if not FUA_EXCLUSIVE:
-            yield
-            return
-        with self._cv:
-            free = self._cv.wait_for(
-                lambda: not self._fua and (not fua or self._writers == 0), JOIN_TIMEOUT_S
-            )
-            assert free, f"no turn for a write within {JOIN_TIMEOUT_S} s"
-            if fua:
-                self._fua = True
-            else:
-                self._writers += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                if fua:
-                    self._fua = False
-                else:
-                    self._writers -= 1
-                self._cv.notify_all()
-
-
 class Workload:
     """Writer threads on one device, recorded in a model (see the module docstring).
 
@@ -270,7 +228,6 @@ class Workload:
         self.pace_s = pace_s
         #: When given, writes go to these blocks only (one block per write).
         self.blocks = None if blocks is None else list(blocks)
-        self._gate = _FuaGate()
         self.stop_flag = threading.Event()
         self.errors: list[BaseException] = []
         self.ops = 0
@@ -335,14 +292,13 @@ class Workload:
         version = next_version()
         images = {b: block_image(b, version) for b in range(start, start + count)}
         data = b"".join(images.values())
-        with self._gate.hold(fua):
-            op_id = self.model.begin(images)
-            ok = False
-            try:
-                self.device.write(start * SECTORS_PER_BLOCK, data, fua=fua)
-                ok = True
-            finally:
-                self.model.end(op_id, images, ok=ok, fua=fua)
+        op_id = self.model.begin(images)
+        ok = False
+        try:
+            self.device.write(start * SECTORS_PER_BLOCK, data, fua=fua)
+            ok = True
+        finally:
+            self.model.end(op_id, images, ok=ok, fua=fua)
 
 
 def fill(device: IscsiBlockDevice, model: VolumeModel, extents: Iterable[tuple[int, int]]) -> int:
@@ -409,8 +365,7 @@ def qemu_job(url: str, rng: random.Random, first_block: int, block_count: int, o
             steps.append(({x: ZERO_BLOCK for x in range(b, b + count)}, False))
             continue
         pattern = rng.randint(1, 255)
-        # A FUA write from qemu-io would overlap the other client's writes (FUA_EXCLUSIVE).
-        fua = r < 0.45 and not FUA_EXCLUSIVE
+        fua = r < 0.45
         commands.append(f"write -q {'-f ' if fua else ''}-P {pattern} {off} {length}")
         steps.append(({x: bytes([pattern]) * BLOCK_BYTES for x in range(b, b + count)}, fua))
     commands.append("flush")

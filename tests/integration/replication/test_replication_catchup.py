@@ -104,12 +104,12 @@ def test_delta_resync_after_the_wal_was_released(
         report = wait_report(cluster, "delta", lambda r: r.connected, "replica reconnected")
         assert report.plan == "delta", show(report)
         assert report.plan_reason.startswith(_DELTA_REASONS), show(report)
-        # Only blocks written while the replica was away are owed (the rest of the WAL's
-        # records are streamed).
-        assert 0 < report.resync_total_blocks <= missed, f"{missed} blocks missed: {show(report)}"
         settle(cluster, device, model, "delta")
+        # The session's resync counters (reported once it ran): only blocks written while the
+        # replica was away were owed (the rest of the WAL's records were streamed).
         report = replica_report(cluster, "delta", 0, 1)
         assert report.plan == "delta"
+        assert 0 < report.resync_total_blocks <= missed, f"{missed} blocks missed: {show(report)}"
         assert report.resync_done_blocks == report.resync_total_blocks, show(report)
         assert report.resync_bytes <= missed * BLOCK_BYTES, (
             f"{missed} blocks missed: {show(report)}"
@@ -136,8 +136,11 @@ def test_delta_resync_after_a_primary_restart_in_between(
         report = wait_report(cluster, "pdelta", lambda r: r.connected, "replica reconnected")
         assert report.plan == "delta", show(report)
         assert report.plan_reason.startswith(_DELTA_REASONS), show(report)
-        assert 0 < report.resync_total_blocks <= missed, f"{missed} blocks missed: {show(report)}"
         settle(cluster, device, model, "pdelta")
+        report = replica_report(cluster, "pdelta", 0, 1)
+        assert report.plan == "delta"
+        assert 0 < report.resync_total_blocks <= missed, f"{missed} blocks missed: {show(report)}"
+        assert report.resync_done_blocks == report.resync_total_blocks, show(report)
 
 
 @pytest.mark.parametrize("layout", ["sparse", "dense"])
@@ -203,6 +206,10 @@ def test_full_rebuild_resumes_after_kill(
         second = wait_report(cluster, name, lambda r: r.connected, "the link back up")
         assert second.plan == "delta", show(second)
         assert second.plan_reason == "a resync was interrupted", show(second)
+        settle(cluster, device, model, name)
+        # The resync counters are the second session's once it ran (read them now).
+        second = replica_report(cluster, name, 0, 1)
+        assert second.resync_done_blocks == second.resync_total_blocks, show(second)
         # Resumed, not restarted: only the blocks the first session had not confirmed.
         if side == "replica":
             assert second.resync_total_blocks == blocks - first.resync_done_blocks, show(
@@ -212,9 +219,6 @@ def test_full_rebuild_resumes_after_kill(
             assert second.resync_total_blocks <= blocks - first.resync_done_blocks, show(
                 first, second
             )
-        settle(cluster, device, model, name)
-        second = replica_report(cluster, name, 0, 1)
-        assert second.resync_done_blocks == second.resync_total_blocks, show(second)
         left = REBUILD_DATA_BLOCKS - first.resync_done_blocks
         assert 0 < second.resync_bytes <= left * BLOCK_BYTES, show(first, second)
         if side == "replica":
