@@ -76,7 +76,10 @@ class History:
         return self.segments[-1] if self.segments else None
 
     def begin(self, epoch: int, generation: int, first_lsn: int, *, close_at: int) -> None:
-        """Start a segment at ``first_lsn``; the open one (if any) ends at ``close_at``."""
+        """Start a segment at ``first_lsn``; the open one (if any) ends at ``close_at``.
+        Segments that would start at or after ``first_lsn`` never held a record of this copy
+        (a power loss took them): they are dropped first."""
+        self.truncate(first_lsn - 1)
         if self.segments and self.segments[-1].open:
             prev = self.segments[-1]
             if close_at < prev.first_lsn:
@@ -86,6 +89,21 @@ class History:
                 self.segments[-1] = Segment(prev.epoch, prev.generation, prev.first_lsn, close_at)
         self.segments.append(Segment(epoch, generation, first_lsn))
         del self.segments[:-MAX_HISTORY_SEGMENTS]
+
+    def truncate(self, last_lsn: int) -> bool:
+        """Forget what lies after ``last_lsn`` (the last record this copy holds): segments that
+        start after it go, and the one holding it is open again. Returns whether anything
+        changed. A replica calls it after recovery: a power loss may have taken records of
+        segments it had learnt durably."""
+        changed = False
+        while self.segments and self.segments[-1].first_lsn > last_lsn:
+            self.segments.pop()
+            changed = True
+        if self.segments and not self.segments[-1].open and self.segments[-1].last_lsn > last_lsn:
+            seg = self.segments[-1]
+            self.segments[-1] = Segment(seg.epoch, seg.generation, seg.first_lsn)
+            changed = True
+        return changed
 
     def note_record(self, epoch: int, generation: int, lsn: int, *, previous_lsn: int) -> bool:
         """A replica applies record ``lsn`` after ``previous_lsn`` (the last it held): returns

@@ -337,6 +337,9 @@ class Volume(
             # handshake and the log is replaced with a new salt.)
             next_lsn = end_lsn
             generation = sb.generation
+            if self._history.truncate(end_lsn - 1):
+                # Segments learnt durably whose records a power loss took.
+                self._history.save(self._fs, self._dir)
         else:
             # Number new records above every LSN still present anywhere in the region, so a
             # stale record from before this crash can never be mistaken for a future one. What
