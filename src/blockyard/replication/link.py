@@ -119,6 +119,15 @@ class ReplicaLink:
         self._barrier = (barrier_id, lsn)
         self._wake.set()
 
+    def marked_out_of_sync(self) -> None:
+        """The tracker dropped this replica while its session may still be up: the session
+        watches for it to catch up again."""
+        session = self._session_core
+        if session is not None:
+            session.rearm()
+            self.status.phase = "catching_up"
+            self._wake.set()
+
     def notify(self) -> None:
         """New records (called on the loop; the feed's callback schedules it)."""
         self._wake.set()

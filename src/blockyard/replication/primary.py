@@ -257,6 +257,9 @@ class VolumeReplication:
                     continue
                 self.state = state
                 self._run(self.tracker.marked(address, True, time.monotonic()))
+                link = self.links.get(address)
+                if link is not None:
+                    link.marked_out_of_sync()
                 return
         finally:
             self._marking.discard(address)

@@ -373,6 +373,15 @@ class PrimarySession:
     def in_sync(self) -> bool:
         return self._in_sync
 
+    def rearm(self) -> None:
+        """The replica was marked out of sync while connected (a barrier timed out): report
+        once more when it has caught up again (it is acknowledged up to the primary's LSN at
+        the next idle point)."""
+        if self.resync_id and self._done_lsn is None:
+            return  # the resync's end reports it
+        self._in_sync = False
+        self._caught_up_lsn = None
+
     def close(self) -> None:
         if self.feed is not None:
             self.feed.close()
