@@ -6,6 +6,7 @@ streaming across a primary's crash."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import pytest
@@ -26,7 +27,8 @@ from repl_model_support import (
     write,
 )
 
-from blockyard.engine import Volume
+from blockyard.engine import Role, Volume
+from blockyard.engine.limits import RETENTION_MAX_S
 from blockyard.engine.superblock import WAL_OFFSET
 from blockyard.engine.wal import HEADER_BYTES
 from blockyard.errors import StaleEpochError
@@ -414,3 +416,37 @@ def test_a_replica_that_lost_records_of_several_segments_in_a_power_loss_recover
     assert firsts == sorted(set(firsts)), pair.replica.history
     pair.restart_replica(power_loss=False)  # opens again
     assert pair.replica.last_lsn == pair.primary.last_lsn
+
+
+def valid_history(vol: Volume) -> bool:
+    segs = vol.history.segments
+    return all(a.key() != b.key() and a.last_lsn < b.first_lsn for a, b in itertools.pairwise(segs))
+
+
+def test_a_delta_that_starts_inside_an_older_segment_keeps_the_history_valid() -> None:
+    """A delta resync whose stream starts at a record of the primary's older segment (the WAL
+    still holds its tail, the primary has since moved to a new epoch): the replica takes the
+    primary's history at the reset and must not end up with the same segment twice, or it can
+    never answer a Hello again."""
+    pair = make_pair()
+    now = [1000.0]
+    pair.primary._clock = lambda: now[0]
+    write(pair.primary, 0, 1)
+    pair.sync()
+    pair.lk.cut()
+    write(pair.primary, 1, 2)
+    pair.primary.checkpoint()
+    now[0] += RETENTION_MAX_S + 1
+    pair.primary.unmap(0, 8)  # newer than the time bound: still held
+    pair.primary.checkpoint()
+    oldest = pair.primary.oldest_available_lsn()
+    assert pair.replica.last_lsn + 1 < oldest <= pair.primary.last_lsn
+    pair.replica.set_role(Role.REPLICA, epoch=2)  # SetReplication: replica first,
+    pair.primary.set_role(Role.PRIMARY, epoch=2)  # then the primary
+    pair.sync()
+    assert pair.plan().kind is PlanKind.DELTA and pair.plan().start_lsn == oldest
+    assert valid_history(pair.replica), pair.replica.history
+    write(pair.primary, 2, 3)
+    pair.lk.cut()
+    pair.sync()  # a later connection still works
+    assert read_all(pair.primary) == read_all(pair.replica)
