@@ -213,7 +213,6 @@ class Workload:
         flush_p: float = 0.1,
         fua_p: float = 0.1,
         pace_s: float = 0.0,
-        blocks: Sequence[int] | None = None,
     ) -> None:
         count = model.block_count - first_block if block_count is None else block_count
         self.device = device
@@ -226,12 +225,10 @@ class Workload:
         self.flush_p = flush_p
         self.fua_p = fua_p
         self.pace_s = pace_s
-        #: When given, writes go to these blocks only (one block per write).
-        self.blocks = None if blocks is None else list(blocks)
         self.stop_flag = threading.Event()
         self.errors: list[BaseException] = []
         self.ops = 0
-        self.flushes_done = 0
+        self._ops_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> Workload:
@@ -262,27 +259,21 @@ class Workload:
 
     def _run(self, t: int) -> None:
         rng = random.Random(f"{self.seed}:{t}")
-        if self.blocks is not None:
-            mine = self.blocks[t :: self.threads_count]
-        else:
-            mine = list(range(t, self.extents, self.threads_count))
+        mine = list(range(t, self.extents, self.threads_count))
         try:
             while not self.stop_flag.is_set() and mine:
                 if rng.random() < self.flush_p:
                     covered = self.model.flush_begin()
                     self.device.flush()
                     self.model.flush_end(covered)
-                    self.flushes_done += 1
                 else:
-                    if self.blocks is not None:
-                        start, count = rng.choice(mine), 1
-                    else:
-                        ext = self.first_block + rng.choice(mine) * self.extent_blocks
-                        offset = rng.randrange(self.extent_blocks)
-                        start = ext + offset
-                        count = rng.randint(1, self.extent_blocks - offset)
+                    ext = self.first_block + rng.choice(mine) * self.extent_blocks
+                    offset = rng.randrange(self.extent_blocks)
+                    start = ext + offset
+                    count = rng.randint(1, self.extent_blocks - offset)
                     self.write(start, count, fua=rng.random() < self.fua_p)
-                self.ops += 1
+                with self._ops_lock:
+                    self.ops += 1
                 if self.pace_s:
                     time.sleep(self.pace_s)
         except BaseException as exc:  # reported by stop()/wait_ops()
