@@ -99,6 +99,9 @@ class MissedBitmap:
         self._bits = bytearray(self._bytes_for(block_count))
         self._dirty_pages: set[int] = set()
         self._header_dirty = True
+        #: During a resync pass: bits marked again after the pass began (their blocks changed
+        #: again and may not reach the replica by the pass): progress must not clear them.
+        self._remarked: bytearray | None = None
         self.active = False
         self.base_lsn = 0
         self._set_count = 0
@@ -228,11 +231,42 @@ class MissedBitmap:
             return
         with self._lock:
             self._set_blocks_locked(block, count)
+            if self._remarked is not None:
+                self._set_remarked_locked(block, count)
+
+    def _set_remarked_locked(self, block: int, count: int) -> None:
+        remarked = self._remarked
+        assert remarked is not None
+        end = min(block + count, self.block_count)
+        for g in range(block // self.grain, (end - 1) // self.grain + 1 if end > block else 0):
+            remarked[g >> 3] |= 1 << (g & 7)
+
+    def begin_pass(self) -> None:
+        """A resync pass starts: from now on a mark also protects its bits from
+        :meth:`clear_pass` (see there)."""
+        with self._lock:
+            self._remarked = bytearray(len(self._bits))
+
+    def end_pass(self) -> None:
+        with self._lock:
+            self._remarked = None
+
+    def clear_pass(self, block: int, count: int) -> int:
+        """Like :meth:`clear` for what a resync pass delivered: bits marked again since the
+        pass began stay set (the replica may not hold those changes yet; the next pass sends
+        them). Returns how many blocks were cleared."""
+        with self._lock:
+            remarked = self._remarked
+            if remarked is None:
+                return self._clear_locked(block, count, None)
+            return self._clear_locked(block, count, remarked)
 
     def mark_all(self) -> None:
         """Every block: a full rebuild."""
         with self._lock:
             self._set_blocks_locked(0, self.block_count)
+            if self._remarked is not None:
+                self._set_remarked_locked(0, self.block_count)
 
     def _set_blocks_locked(self, block: int, count: int) -> None:
         end = min(block + count, self.block_count)
@@ -250,23 +284,22 @@ class MissedBitmap:
     def clear(self, block: int, count: int) -> int:
         """The replica durably holds blocks ``[block, block+count)`` as of now. Only whole bit
         groups inside the range are cleared. Returns how many blocks were cleared."""
-        cleared = 0
         with self._lock:
-            end = min(block + count, self.block_count)
-            g0 = (block + self.grain - 1) // self.grain
-            g1 = (
-                end // self.grain
-                if end < self.block_count
-                else (end + self.grain - 1) // (self.grain)
-            )
-            bits = self._bits
-            for g in range(g0, g1):
-                i, m = g >> 3, 1 << (g & 7)
-                if bits[i] & m:
-                    bits[i] &= ~m
-                    self._set_count -= 1
-                    self._dirty_pages.add(i // PAGE_BYTES)
-                    cleared += self.grain
+            return self._clear_locked(block, count, None)
+
+    def _clear_locked(self, block: int, count: int, keep: bytearray | None) -> int:
+        cleared = 0
+        end = min(block + count, self.block_count)
+        g0 = (block + self.grain - 1) // self.grain
+        g1 = end // self.grain if end < self.block_count else (end + self.grain - 1) // self.grain
+        bits = self._bits
+        for g in range(g0, g1):
+            i, m = g >> 3, 1 << (g & 7)
+            if bits[i] & m and not (keep is not None and keep[i] & m):
+                bits[i] &= ~m
+                self._set_count -= 1
+                self._dirty_pages.add(i // PAGE_BYTES)
+                cleared += self.grain
         return cleared
 
     def deactivate(self) -> None:

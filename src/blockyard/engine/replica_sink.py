@@ -248,6 +248,10 @@ class ReplicaSink:
                     raise InvalidArgumentError("records were logged during a log reset")
                 salt = secrets.randbelow((1 << 32) - 1) + 1
                 sb = self._sb.with_(wal_salt=salt, checkpoint_lsn=next_lsn)
+            # The primary's history as far as this copy will hold it: up to the record before
+            # the stream's first, whose segment (if the stream continues one) stays open.
+            history = History(history.segments)
+            history.truncate(next_lsn - 1)
             self._history = history
             self._save_history()
             self._store_superblock(sb)

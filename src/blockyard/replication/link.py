@@ -96,6 +96,7 @@ class ReplicaLink:
         self._barrier: tuple[int, int] | None = None
         self._channel: Channel | None = None
         self._session_core: PrimarySession | None = None
+        self._reached_data_phase = False
 
     @property
     def volume(self) -> Volume:
@@ -157,12 +158,17 @@ class ReplicaLink:
             finally:
                 self.status.connected = False
                 self.status.phase = "disconnected"
-                self._owner.link_down(self)
+                if not self._stopping:
+                    # Being stopped (the volume closes or leaves replication) says nothing
+                    # about the replica: it keeps its in-sync flag.
+                    self._owner.link_down(self)
                 if self._channel is not None:
                     await self._channel.close()
                     self._channel = None
-            if time.monotonic() - started > 2 * RECONNECT_MAX_S:
+            if self._reached_data_phase or time.monotonic() - started > 2 * RECONNECT_MAX_S:
+                # A session that got as far as shipping: the peer is there, redial quickly.
                 delay = RECONNECT_MIN_S
+                self._reached_data_phase = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
@@ -200,6 +206,7 @@ class ReplicaLink:
                 decision.choice.value,
                 decision.reason,
             )
+            self._report(session)  # this session's counters, not the previous one's
             self.status.plan = decision.choice.value
             self.status.plan_reason = decision.reason
             if session.resync_id:
@@ -214,6 +221,7 @@ class ReplicaLink:
                 elif not isinstance(msg, Keepalive):
                     raise PeerGoneError(f"{self.address} sent {msg!r} before its diverged blocks")
             session.start()
+            self._reached_data_phase = True
             self.status.connected = True
             self.status.phase = "resyncing" if session.resync_id else "catching_up"
             self.status.resync_started_s = time.monotonic()
@@ -232,13 +240,16 @@ class ReplicaLink:
             barrier, self._barrier = self._barrier, None
             if barrier is not None:
                 session.barrier(*barrier)
+            allow = pace.ready()
             try:
-                out = session.outgoing(memory_only=True)
+                out = session.outgoing(memory_only=True, resync=allow)
                 if out.needs_io:
                     sent = out.messages
                     if sent:
                         await ch.send(*sent)
-                    out = await self._sync(functools.partial(session.outgoing, memory_only=False))
+                    out = await self._sync(
+                        functools.partial(session.outgoing, memory_only=False, resync=allow)
+                    )
             except FeedLostError as exc:
                 raise PeerGoneError(str(exc)) from exc
             if out.messages:
@@ -246,14 +257,19 @@ class ReplicaLink:
             self._report(session)
             if out.resync_bytes:
                 self._owner.observer.resync_sent(self.volume.name, self.address, out.resync_bytes)
-                await pace.sent(out.resync_bytes)
+                pace.sent(out.resync_bytes)
             if not out.idle:
                 continue
+            # Idle: wait for records, a barrier or progress — or until the bandwidth limit lets
+            # the next resync chunk go (live records never wait for the limit).
+            paced = not allow and session.resync_ready
+            timeout = min(KEEPALIVE_INTERVAL_S, pace.wait_s()) if paced else KEEPALIVE_INTERVAL_S
             try:
-                async with asyncio.timeout(KEEPALIVE_INTERVAL_S):
+                async with asyncio.timeout(timeout):
                     await self._wake.wait()
             except TimeoutError:
-                await ch.send(session.keepalive(self._owner.commit_lsn))
+                if not paced:
+                    await ch.send(session.keepalive(self._owner.commit_lsn))
 
     async def _read(self, ch: Channel, session: PrimarySession) -> None:
         while True:
@@ -296,17 +312,19 @@ def _first_cause(exc: BaseException) -> BaseException:
 
 
 class _Pacer:
-    """Resync bandwidth limit: a send of ``n`` bytes is followed by enough sleep that the
-    average stays at ``limit_bps`` (0: no limit)."""
+    """Resync bandwidth limit: after ``n`` bytes the next chunk may go ``n / limit_bps`` later,
+    so the average stays at the limit (0: no limit). It never delays anything else."""
 
     def __init__(self, limit_bps: int) -> None:
         self._limit = limit_bps
         self._due = time.monotonic()
 
-    async def sent(self, nbytes: int) -> None:
-        if not self._limit:
-            return
-        now = time.monotonic()
-        self._due = max(self._due, now) + nbytes / self._limit
-        if self._due > now:
-            await asyncio.sleep(self._due - now)
+    def ready(self) -> bool:
+        return not self._limit or time.monotonic() >= self._due
+
+    def wait_s(self) -> float:
+        return max(0.001, self._due - time.monotonic())
+
+    def sent(self, nbytes: int) -> None:
+        if self._limit:
+            self._due = max(self._due, time.monotonic()) + nbytes / self._limit

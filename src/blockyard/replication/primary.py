@@ -14,9 +14,9 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from blockyard.blockdev import BytesLike, LbaStatus
 from blockyard.engine.volume import Volume
@@ -104,6 +104,8 @@ class VolumeReplication:
         self._waiters: dict[int, concurrent.futures.Future[None]] = {}
         self._tick: asyncio.Task[None] | None = None
         self._marking: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
         self.commit_lsn = 0
         self.degrade_events = 0
         self.barrier_latencies_s: list[float] = []
@@ -122,13 +124,28 @@ class VolumeReplication:
         self.links[address] = link
         link.start()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A persistence task of this volume's replication; :meth:`stop` cancels what is
+        left, so nothing writes the state of a volume that is gone or closing."""
+        if self._stopped:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
+        self._stopped = True
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
         for link in list(self.links.values()):
             await link.stop()
         self.links.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(
@@ -209,7 +226,7 @@ class VolumeReplication:
             elif isinstance(action, MarkOutOfSync):
                 self._mark_out_of_sync(action.replica, action.reason)
             elif isinstance(action, MarkInSync):
-                asyncio.get_running_loop().create_task(self._persist_in_sync(action.replica))
+                self._spawn(self._persist_in_sync(action.replica))
             elif isinstance(action, Complete):
                 fut = self._waiters.pop(action.token, None)
                 if fut is not None and not fut.done():
@@ -237,7 +254,7 @@ class VolumeReplication:
         )
         self.degrade_events += 1
         self.observer.replica_degraded(self.volume.name, address)
-        asyncio.get_running_loop().create_task(self._persist_mark(address))
+        self._spawn(self._persist_mark(address))
 
     async def _persist_mark(self, address: str) -> None:
         try:

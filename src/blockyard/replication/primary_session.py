@@ -224,6 +224,7 @@ class PrimarySession:
         bitmap = self._bitmap
         assert bitmap is not None
         if self.resync_id:
+            bitmap.begin_pass()
             self._runs = iter(bitmap.runs())
             self.resync_total_blocks = bitmap.set_blocks
 
@@ -236,9 +237,11 @@ class PrimarySession:
     def keepalive(self, commit_lsn: int) -> Keepalive:
         return Keepalive(max(self._store.durable_lsn, 0), commit_lsn)
 
-    def outgoing(self, *, memory_only: bool) -> Outgoing:
-        """What to send next (see :class:`Outgoing`). Raises :class:`FeedLostError` when the
-        replica fell past the retention bound (end the connection; it resyncs next time)."""
+    def outgoing(self, *, memory_only: bool, resync: bool = True) -> Outgoing:
+        """What to send next (see :class:`Outgoing`). With ``resync`` False no resync chunk
+        is read (the bandwidth limit holds it back; live records and barriers still go).
+        Raises :class:`FeedLostError` when the replica fell past the retention bound (end the
+        connection; it resyncs next time)."""
         out = Outgoing()
         if self._barrier is not None:
             barrier_id, lsn = self._barrier
@@ -257,10 +260,19 @@ class PrimarySession:
             # Everything written so far is on its way: a catching-up replica is in sync once
             # it acknowledges this LSN durably.
             self._caught_up_lsn = self._store.last_lsn
-        if self._resync_step(out, memory_only):
+        if resync and self._resync_step(out, memory_only):
             return out
         out.idle = not out.messages
         return out
+
+    @property
+    def resync_ready(self) -> bool:
+        """A resync chunk could go now but for the bandwidth limit."""
+        return (
+            bool(self.resync_id)
+            and not self._pass_done
+            and self._sent_cursor - self._confirmed_cursor < RESYNC_WINDOW_BLOCKS
+        )
 
     def _resync_step(self, out: Outgoing, memory_only: bool) -> bool:
         if not self.resync_id:
@@ -337,7 +349,7 @@ class PrimarySession:
             cursor = min(message.cursor, self._sent_cursor)
             if cursor <= self._confirmed_cursor:
                 return Heard()
-            self.resync_done_blocks += self._bitmap.clear(
+            self.resync_done_blocks += self._bitmap.clear_pass(
                 self._confirmed_cursor, cursor - self._confirmed_cursor
             )
             self._confirmed_cursor = cursor
@@ -355,7 +367,10 @@ class PrimarySession:
             bitmap = self._bitmap
             assert bitmap is not None
             if bitmap.set_blocks:
-                # Bits came back while we finished (cannot while connected; be safe): go on.
+                # Blocks marked again during the pass (the WAL outgrew its retention bound
+                # while records were still in flight): another pass sends them.
+                bitmap.begin_pass()
+                self.resync_total_blocks += bitmap.set_blocks
                 self._runs = iter(bitmap.runs())
                 self._run_pos = None
                 self._sent_cursor = self._confirmed_cursor = 0
@@ -385,6 +400,8 @@ class PrimarySession:
     def close(self) -> None:
         if self.feed is not None:
             self.feed.close()
+        if self._bitmap is not None and self.resync_id:
+            self._bitmap.end_pass()
 
 
 def _batches(records: Sequence[WalRecord]) -> list[Message]:
