@@ -7,7 +7,8 @@ import argparse
 from blockyard.bench.attach import run_attach_bench
 from blockyard.bench.engine import run_engine_bench
 from blockyard.bench.iscsi import run_iscsi_bench
-from blockyard.bench.replication import Options, run_replication_bench
+from blockyard.bench.replication import run_replication_bench
+from blockyard.bench.replication_report import Options
 from blockyard.cli.sizes import parse_size
 
 
@@ -90,5 +91,5 @@ def _replication(args: argparse.Namespace) -> int:
         sync_timeout_s=args.sync_timeout,
         replica_dir=args.replica_dir,
     )
-    print(run_replication_bench(args.dir, options))
+    run_replication_bench(args.dir, options, on_report=lambda r: print(r, flush=True))
     return 0
