@@ -461,11 +461,12 @@ class TrackerMachine(RuleBasedStateMachine):
         self.promoting: set[str] = set()
         self.connected_: set[str] = set()
         self.counted: dict[int, tuple[int, frozenset[str]]] = {}
+        self.since: dict[int, float] = {}
         self.done: set[int] = set()
         self.committed = 0
         self.inflight: dict[str, tuple[int, int]] = {}
 
-    @initialize(mode=st.sampled_from([ALL, QUORUM]), out=st.sets(st.sampled_from(REPLICAS)))
+    @initialize(mode=st.sampled_from([ALL, QUORUM, BEST]), out=st.sets(st.sampled_from(REPLICAS)))
     def start(self, mode: DurabilityMode, out: set[str]) -> None:
         self.mode = mode
         self.t = CommitTracker(
@@ -481,6 +482,9 @@ class TrackerMachine(RuleBasedStateMachine):
                 assert a.replica in self.connected_
                 assert a.replica not in self.inflight, "one barrier in flight per replica"
                 assert self.state[a.replica] in ("in_sync", "joining")
+                # The newest LSN any flush counting the replica waits for (group commit).
+                want = max(lsn for lsn, c in self.counted.values() if a.replica in c)
+                assert a.lsn == want, (a, want)
                 self.inflight[a.replica] = (a.barrier_id, a.lsn)
             elif isinstance(a, MarkOutOfSync):
                 assert self.state[a.replica] in ("in_sync", "joining"), a
@@ -498,7 +502,9 @@ class TrackerMachine(RuleBasedStateMachine):
                     for r in counted
                     if self.durable[r] >= lsn and self.state[r] in ("in_sync", "joining")
                 }
-                if self.mode is ALL:
+                if self.mode is BEST:
+                    pass
+                elif self.mode is ALL:
                     for r in counted - acked:
                         assert self.state[r] == "out", (r, self.state[r], lsn)
                 else:
@@ -529,6 +535,7 @@ class TrackerMachine(RuleBasedStateMachine):
         counted = frozenset(r for r in REPLICAS if self.state[r] != "out")
         token, actions = self.t.request(self.lsn, self.now)
         self.counted[token] = (self.lsn, counted)
+        self.since[token] = self.now
         self._run(actions)
 
     @rule(r=st.sampled_from(REPLICAS))
@@ -543,7 +550,10 @@ class TrackerMachine(RuleBasedStateMachine):
         assert self.t is not None
         self.connected_.discard(r)
         self.inflight.pop(r, None)
+        counted = self.state[r] in ("in_sync", "joining")
         self._run(self.t.disconnected(r, self.now))
+        if counted:
+            assert self.state[r] == "marking", "a counted replica that drops is marked"
 
     @rule(r=st.sampled_from(REPLICAS))
     def needs_resync(self, r: str) -> None:
@@ -623,6 +633,17 @@ class TrackerMachine(RuleBasedStateMachine):
         for r in REPLICAS:
             if self.flag[r]:
                 assert self.durable[r] >= self.committed, (r, self.durable[r], self.committed)
+
+    @invariant()
+    def a_replica_that_misses_the_timeout_is_being_marked(self) -> None:
+        if self.t is None or self.mode is BEST:
+            return
+        for token, (lsn, counted) in self.counted.items():
+            if self.now - self.since[token] < BARRIER_TIMEOUT_S:
+                continue
+            for r in counted:
+                if self.state[r] in ("in_sync", "joining"):
+                    assert self.durable[r] >= lsn, f"{r} missed LSN {lsn} past the timeout"
 
     @invariant()
     def nothing_waits_that_could_be_decided(self) -> None:

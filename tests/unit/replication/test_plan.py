@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockyard.engine.history import OPEN_LSN, History, Segment
@@ -243,6 +243,9 @@ def histories(draw: st.DrawFn) -> Case:
         if ids.get(n) == key:
             break
         replica_ids[n] = key
+    if replica_ids and draw(st.integers(0, 4)) == 0:
+        # A copy of some other history (another volume's primary, a restored image).
+        replica_ids = {n: (1, 9999) for n in replica_ids}
     return Case(
         tuple(segs),
         primary_last,
@@ -283,26 +286,41 @@ def oracle_common(case: Case) -> int | None:
     return common
 
 
+#: Mostly consistent replicas (the cases with most branches), sometimes mid-resync or empty.
+STATES = st.sampled_from(
+    [ReplicaDataState.CONSISTENT] * 4 + [ReplicaDataState.RESYNCING] * 2 + [ReplicaDataState.EMPTY]
+)
+
+
 @given(
     case=histories(),
     oldest_back=st.integers(0, 12),
     dirty=st.booleans(),
-    resyncing=st.booleans(),
+    state=STATES,
+    acked_back=st.integers(-1, 6),
 )
+@settings(max_examples=settings().max_examples * 8)
 def test_generated_histories_get_the_cheapest_sound_plan(
-    case: Case, oldest_back: int, dirty: bool, resyncing: bool
+    case: Case, oldest_back: int, dirty: bool, state: ReplicaDataState, acked_back: int
 ) -> None:
     oldest = max(1, case.primary_last + 1 - oldest_back)
-    state = ReplicaDataState.RESYNCING if resyncing else ReplicaDataState.CONSISTENT
+    # What the replica acknowledged: usually at most what it holds; sometimes more (it lost
+    # acknowledged data).
+    acked = max(0, min(case.replica_last - acked_back, case.primary_last))
     d = choose_plan(
-        facts(case.primary, case.primary_last, oldest=oldest, dirty=dirty),
+        facts(case.primary, case.primary_last, oldest=oldest, dirty=dirty, acked=acked),
         hello(case.replica, case.replica_last, state=state),
     )
     common = oracle_common(case)
-    if common is None:
-        assert d.choice is PlanChoice.FULL
-        assert (d.start_lsn, d.reset_log) == (case.primary_last + 1, True)
+    if state is ReplicaDataState.EMPTY or common is None or common < acked:
+        assert d.choice is PlanChoice.FULL, (d, common)
+        assert (d.start_lsn, d.reset_log, d.diverged_after) == (
+            max(case.primary_last + 1, 1),
+            True,
+            None,
+        )
         return
+    resyncing = state is ReplicaDataState.RESYNCING
     diverged = common < case.replica_last
     assert d.diverged_after == (common if diverged else None), (d, common)
     if common + 1 >= oldest:
