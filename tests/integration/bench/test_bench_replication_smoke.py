@@ -52,6 +52,7 @@ def test_bench_replication_prints_every_row(tmp_path: Path) -> None:
     sync_all_qd32, sync_all_qd1 = rows("RF2 sync_all")[:2]
     for row in (sync_all_qd32, sync_all_qd1):
         assert re.search(r">= 0\.70x RF1 \([0-9.]+x\): (met|NOT MET)$", row), row
+    assert re.search(rf"p50 {NUMBER}x \[{NUMBER}-{NUMBER}\]", sync_all_qd1), sync_all_qd1
     assert re.search(r"link reconnected -> in_sync [0-9.]+ s +goal < 2 s: (met|NOT MET)", out)
     assert re.search(r"READY -> in_sync [0-9.]+ s", out)
     assert re.search(r"replica [0-9,]+ LSNs behind; plan (catch_up|delta|full)", out), out
