@@ -450,3 +450,25 @@ def test_a_delta_that_starts_inside_an_older_segment_keeps_the_history_valid() -
     pair.lk.cut()
     pair.sync()  # a later connection still works
     assert read_all(pair.primary) == read_all(pair.replica)
+
+
+def test_a_full_rebuild_always_takes_the_primarys_history() -> None:
+    """A full rebuild whose stream happens to start right after the replica's last LSN must
+    still replace the replica's history with the primary's: otherwise the rebuilt copy keeps
+    claiming records of a history the primary does not have, and every later connection is
+    another full rebuild."""
+    pair = make_pair()
+    pair.primary.unmap(0, 8)  # LSN 1, never flushed
+    pair.sync()
+    assert pair.replica.last_lsn == 1
+    pair.restart_primary(power_loss=True)  # LSN 1 is lost; the next incarnation reuses it
+    write(pair.primary, 0, 7)
+    assert pair.primary.last_lsn == 1
+    pair.sync()
+    assert pair.plan().kind is PlanKind.FULL and pair.plan().start_lsn == 2
+    assert read_all(pair.primary) == read_all(pair.replica)
+    assert pair.replica.history.last is not None
+    assert pair.replica.history.last.key() == (pair.primary.epoch, pair.primary.generation)
+    pair.lk.cut()
+    pair.sync()
+    assert pair.plan().kind is PlanKind.CATCH_UP, "nothing changed since the rebuild"
