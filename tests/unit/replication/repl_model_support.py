@@ -374,12 +374,23 @@ class Link:
             elif not isinstance(msg, Keepalive):
                 self._fail("primary", ConnectionError(f"{msg!r} before the diverged blocks"))
             return
+        if isinstance(msg, Keepalive):
+            if msg.durable_lsn <= s.acked_lsn:
+                return
+            # A replica's keepalive carries its durable LSN: an acknowledgement like any.
+            msg = Ack(0, msg.durable_lsn, msg.durable_lsn)
         if isinstance(msg, Ack):
             self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id)
         if isinstance(msg, Ack | Progress):
             heard = s.heard(msg)
             if heard.in_sync:
                 self._owner.link_caught_up(self)
+
+    def marked_out_of_sync(self) -> None:
+        """The tracker dropped this replica while its session may still be up: the session
+        watches for it to catch up again (``ReplicaLink.marked_out_of_sync``)."""
+        if self.attempt is not None:
+            self.attempt.p_session.rearm()
 
     def _start(self, a: _Attempt) -> None:
         a.p_session.start()
