@@ -48,15 +48,19 @@ _BLOCK_SHIFT: Final = 12
 _LBA_SHIFT: Final = 9
 _MAX_IO_BYTES: Final = MAX_TRANSFER_BLOCKS * LOGICAL_BLOCK_SIZE
 _WRITE: Final = wal.Kind.WRITE
-#: A WAL append (one pwritev into the page cache) slower than this marks the volume's appends
-#: slow: the device, the kernel's dirty-page throttling or another write to the file holding
-#: its inode lock is pushing back. A page-cache write of the largest record (1 MiB) takes well
-#: under a millisecond here.
-SLOW_APPEND_NS: Final = 2_000_000
-#: After a slow append, :meth:`WritePath.try_write` declines for this long (every later slow
-#: append, made off the loop, extends it), so a stalling disk costs the event loop at most one
-#: stalled append per period instead of one per write.
-SLOW_APPEND_HOLD_NS: Final = 1_000_000_000
+#: A WAL append (one pwritev into the page cache) slower than this is slow: the device, the
+#: kernel's dirty-page throttling or another write to the file holding its inode lock pushes
+#: back. A page-cache write of the largest record (1 MiB) takes well under a millisecond.
+SLOW_APPEND_NS: Final = 5_000_000
+#: This many slow appends in a row mark the volume's appends slow. One alone is no sign: a
+#: thread preempted on a busy machine or paused by the garbage collector makes one now and then
+#: (measured here under load: about 1 in 10,000 page-cache writes of 4 KiB over 5 ms), a
+#: stalling disk makes every one.
+SLOW_APPENDS_IN_A_ROW: Final = 2
+#: Once marked, :meth:`WritePath.try_write` declines for this long (every later slow append,
+#: made off the loop, extends it), so a disk that stalls costs the event loop a couple of
+#: stalled appends per period instead of one per write.
+SLOW_APPEND_HOLD_NS: Final = 100_000_000
 #: A range record's block count is a u32 on disk.
 _RANGE_RECORD_MAX_BLOCKS: Final = 1 << 30
 _Entry = tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]
@@ -65,8 +69,10 @@ _Entry = tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]
 class WritePath:
     """Writes, unmaps and the WAL append; uses the volume's state (declared below)."""
 
-    #: Until when (monotonic ns) try_write declines because an append was slow; 0: it does not.
+    #: Until when (monotonic ns) try_write declines because appends were slow; 0: it does not.
     _slow_until_ns: int = 0
+    #: Slow appends in a row, up to the last one.
+    _slow_appends: int = 0
 
     if TYPE_CHECKING:
         _lock: threading.RLock
@@ -193,7 +199,7 @@ class WritePath:
                 return None
             self._slow_until_ns = 0
         lock = self._lock
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(False):  # blocking=False, positional: this runs per write
             return None
         try:
             if (
@@ -231,7 +237,7 @@ class WritePath:
         the dirty map and the flusher share until the checkpoint. Caller holds ``_lock``."""
         payload = memoryview(bytes(data))
         if len(payload) <= self._max_payload:
-            self._append(_WRITE, block, len(payload) >> _BLOCK_SHIFT, payload)
+            self._append_at(_WRITE, block, len(payload) >> _BLOCK_SHIFT, payload, None, 0, 0)
         else:
             self._append_blocks(block, payload)
 
@@ -320,7 +326,11 @@ class WritePath:
             self._file.pwritev([hdr, payload], off)
         done = _now_ns()
         if done - started > SLOW_APPEND_NS:
-            self._slow_until_ns = done + SLOW_APPEND_HOLD_NS
+            self._slow_appends += 1
+            if self._slow_appends >= SLOW_APPENDS_IN_A_ROW:
+                self._slow_until_ns = done + SLOW_APPEND_HOLD_NS
+        elif self._slow_appends:
+            self._slow_appends = 0
         consumed = length + self._gap
         self._gap = 0
         self._log.append((lsn, kind, block, block_count, payload, epoch, consumed, generation, pos))

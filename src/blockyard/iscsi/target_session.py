@@ -161,6 +161,30 @@ _DATA_IN_OP = int(Opcode.SCSI_DATA_IN)
 _FAST_CDB10_OPS = frozenset({int(Op.READ_10), int(Op.WRITE_10)})
 _FAST_CDB16_OPS = frozenset({int(Op.READ_16), int(Op.WRITE_16)})
 _FAST_READ_OPS = frozenset({int(Op.READ_10), int(Op.READ_16)})
+#: Where an outstanding command's blocks are, for the fast path's overlap rule (see
+#: _fast_command): (struct, LBA offset, length offset) of the READ, WRITE, VERIFY and WRITE AND
+#: VERIFY CDBs (SBC-4 §5); 6-byte CDBs are decoded by hand (21-bit LBA, 0 means 256 blocks).
+_SPAN_FIELDS: dict[int, tuple[struct.Struct, struct.Struct]] = {
+    int(op): fields
+    for ops, fields in (
+        (
+            (Op.READ_10, Op.WRITE_10, Op.VERIFY_10, Op.WRITE_AND_VERIFY_10),
+            (struct.Struct(">xxI"), struct.Struct(">7xH")),
+        ),
+        (
+            (Op.READ_12, Op.WRITE_12, Op.VERIFY_12, Op.WRITE_AND_VERIFY_12),
+            (struct.Struct(">xxI"), struct.Struct(">6xI")),
+        ),
+        (
+            (Op.READ_16, Op.WRITE_16, Op.VERIFY_16, Op.WRITE_AND_VERIFY_16),
+            (struct.Struct(">xxQ"), struct.Struct(">10xI")),
+        ),
+    )
+    for op in ops
+}
+_SPAN_CDB6_OPS = frozenset({int(Op.READ_6), int(Op.WRITE_6)})
+#: Outstanding commands that neither read nor change the blocks a fast command touches.
+_TRANSPARENT_OPS = frozenset({int(Op.SYNCHRONIZE_CACHE_10), int(Op.SYNCHRONIZE_CACHE_16)})
 _pack_data_in = DATA_IN_BHS.pack
 _pack_response = SCSI_RESPONSE_BHS.pack
 _unpack_command = SCSI_COMMAND_FIELDS.unpack_from
@@ -319,6 +343,10 @@ class _Task:
     cdb: bytes = b""
     #: Data-In this task may produce once executed (counted against output_room_bytes).
     promised_bytes: int = 0
+    #: Its blocks [start, end) when it is a READ/WRITE-like command; see _fast_command.
+    span: tuple[int, int] | None = None
+    #: While it is outstanding no fast command runs (it may change what they see).
+    fence: bool = False
 
 
 @dataclass(slots=True)
@@ -421,6 +449,9 @@ class TargetConnection:
         self._max_cmd_sn = 0
         self._queued: dict[int, Pdu] = {}
         self._tasks: dict[int, _Task] = {}
+        #: Of those: the blocks of the READ/WRITE-like ones, and how many fence the fast path.
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._fences = 0
         self._by_itt: dict[int, int] = {}
         self._task_ids = itertools.count(1)
         self._ttts: Iterator[int] = (t for t in itertools.cycle(range(1, RESERVED_TAG)))
@@ -588,6 +619,21 @@ class TargetConnection:
             self._respond(task, result)
         self._settle_deferred()
         return self._take_events()
+
+    def clear_to_run(self, task_id: int) -> bool:
+        """Whether the READ/WRITE-like command of :class:`ExecuteCommand` ``task_id`` may run
+        now, before the commands received earlier are done: none of them still outstanding
+        touches its blocks or fences (the rule of the fast path, see _fast_command). False for
+        any other command. A transport that runs some commands at once and others later uses
+        it to keep the order where it matters."""
+        task = self._tasks.get(task_id)
+        if task is None or task.span is None or self._fences:
+            return False
+        start, end = task.span
+        for other_id, (first, stop) in self._spans.items():
+            if other_id < task_id and first < end and start < stop:
+                return False
+        return True
 
     def tick(self) -> list[Event]:
         """Run the timers: login timeout, NOP-In pings and their timeout."""
@@ -974,6 +1020,13 @@ class TargetConnection:
         )
         self._tasks[task.task_id] = task
         self._by_itt[cmd.itt] = task.task_id
+        span = _span_of(cdb)
+        if span is not None:
+            task.span = span
+            self._spans[task.task_id] = span
+        elif opcode not in _TRANSPARENT_OPS:
+            task.fence = True
+            self._fences += 1
         self._buffered_bytes += wanted
         if task.immediate:
             self._immediate_in_flight += 1
@@ -1048,6 +1101,10 @@ class TargetConnection:
     def _forget(self, task: _Task) -> None:
         if self._tasks.pop(task.task_id, None) is None:
             return
+        if task.span is not None:
+            del self._spans[task.task_id]
+        elif task.fence:
+            self._fences -= 1
         if self._by_itt.get(task.cmd.itt) == task.task_id:
             del self._by_itt[task.cmd.itt]
         self._buffered_bytes -= task.buffered_bytes
@@ -1136,8 +1193,15 @@ class TargetConnection:
     # takes the general path, which gives byte-identical answers for the commands taken here
     # (tests/unit/iscsi_target/test_fast_path.py holds the two against each other). So does a
     # command the logical unit cannot run without waiting (WOULD_BLOCK): a read before it is
-    # taken, a write run after (each of its commands becomes a task). Either way the commands
-    # after it see a task outstanding and follow it down the general path until it is done.
+    # taken, a write run after (each of its commands becomes a task).
+    #
+    # Ordering: a fast command never overtakes an earlier command still with the general path
+    # (executing, waiting for Data-Out or for the transport) that touches any of its blocks,
+    # nor one that may change what it sees (anything but READ, WRITE, VERIFY, WRITE AND VERIFY
+    # and SYNCHRONIZE CACHE: a fence). Commands on other blocks may finish first, as SAM-5
+    # allows for SIMPLE tasks; without that, one command that had to wait would send every
+    # later one of a busy connection down the general path for as long as its queue stays
+    # full.
 
     def _fast_command(self, chunk: bytearray) -> bool:
         op, flags, data_length, lun, itt, edtl, cmd_sn, _exp_stat_sn = _unpack_command(chunk)
@@ -1148,10 +1212,7 @@ class TargetConnection:
             or ((self._max_cmd_sn - cmd_sn) & _SN_MASK) >= _SN_HALF
             or self._queued
             or self._deferred
-            # A command still with the general path (executing, waiting for Data-Out or for
-            # the transport) was received first; answering a later one here could let a write
-            # overtake an earlier read of the same blocks.
-            or self._tasks
+            or self._fences  # see "Ordering" above
             or itt == RESERVED_TAG
             or itt in self._by_itt
         ):
@@ -1176,6 +1237,9 @@ class TargetConnection:
             or edtl != blocks * self._fast_block_size
         ):
             return False
+        spans = self._spans
+        if spans and _overlaps(spans, lba, lba + blocks):
+            return False  # an earlier command on these blocks is still with the general path
         if code not in _FAST_READ_OPS:
             if (
                 flags & _FAST_FLAG_MASK != _FAST_WRITE_FLAGS
@@ -1186,13 +1250,13 @@ class TargetConnection:
             ):
                 return False
             # It joins the pending run when it continues it, else the run is written first (and
-            # if the run had to wait, this write follows it down the general path).
+            # if the run had to wait, a write on its blocks follows it down the general path).
             if self._run_replies and (
                 lba != self._run_lba + self._run_blocks
                 or (self._run_blocks + blocks) * self._fast_block_size > WRITE_RUN_BYTES_MAX
             ):
                 self._flush_write_run()
-                if self._tasks:
+                if self._spans and _overlaps(self._spans, lba, lba + blocks):
                     return False
             # Taken: this is now the command with CmdSN cmd_sn (RFC 7143 §4.2.2.1).
             exp_cmd_sn = self._exp_cmd_sn = (cmd_sn + 1) & _SN_MASK
@@ -1213,7 +1277,7 @@ class TargetConnection:
             return False
         if self._run_replies:
             self._flush_write_run()  # the read must see them
-            if self._tasks:
+            if self._spans and _overlaps(self._spans, lba, lba + blocks):
                 return False  # they had to wait: the read goes after them
         data = unit.fast_read(code, lba, blocks)
         if data is WOULD_BLOCK:
@@ -1565,6 +1629,28 @@ _NUMBERED_OPCODES = frozenset(
 )
 #: Commands any LUN may receive: REPORT LUNS (SPC-4 §6.33) and INQUIRY (SPC-4 §6.6.1).
 _ANY_LUN_OPS = frozenset({Op.REPORT_LUNS, Op.INQUIRY})
+
+
+def _overlaps(spans: dict[int, tuple[int, int]], start: int, end: int) -> bool:
+    """Whether any span shares a block with [start, end)."""
+    return any(first < end and start < stop for first, stop in spans.values())
+
+
+def _span_of(cdb: bytes) -> tuple[int, int] | None:
+    """The blocks [start, end) a READ, WRITE, VERIFY or WRITE AND VERIFY CDB touches; None for
+    any other command (or a CDB too short to say)."""
+    opcode = cdb[0] if cdb else -1
+    fields = _SPAN_FIELDS.get(opcode)
+    if fields is not None:
+        lba_field, length_field = fields
+        if len(cdb) < length_field.size:
+            return None
+        lba = int(lba_field.unpack_from(cdb)[0])
+        return lba, lba + int(length_field.unpack_from(cdb)[0])
+    if opcode in _SPAN_CDB6_OPS and len(cdb) >= 6:
+        lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
+        return lba, lba + (cdb[4] or 256)
+    return None
 
 
 def _truncate_write(cdb: bytes, edtl: int, needed: int) -> tuple[bytes, int] | None:

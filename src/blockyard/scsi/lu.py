@@ -124,6 +124,10 @@ class WouldBlock(enum.Enum):
 WOULD_BLOCK: Final = WouldBlock.WOULD_BLOCK
 
 
+class _WouldWait(Exception):
+    """Raised inside :meth:`LogicalUnit.try_execute` when the device would have to wait."""
+
+
 @dataclass(frozen=True, slots=True)
 class FastGate:
     """The verdict of :meth:`LogicalUnit.fast_gate` for one nexus, valid while
@@ -148,6 +152,40 @@ class ResetKind:
     LOGICAL_UNIT: Final[AscPair] = BUS_DEVICE_RESET_OCCURRED
     TARGET_WARM: Final[AscPair] = SCSI_BUS_RESET_OCCURRED
     TARGET_COLD: Final[AscPair] = POWER_ON_OCCURRED
+
+
+def _cdb6_span(cdb: memoryview) -> tuple[int, int]:
+    return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256
+
+
+def _span10(cdb: memoryview) -> tuple[int, int]:
+    lba, blocks = _LBA10.unpack_from(cdb)
+    return lba, blocks
+
+
+def _span12(cdb: memoryview) -> tuple[int, int]:
+    lba, blocks = _LBA12.unpack_from(cdb)
+    return lba, blocks
+
+
+def _span16(cdb: memoryview) -> tuple[int, int]:
+    lba, blocks = _LBA16.unpack_from(cdb)
+    return lba, blocks
+
+
+#: The plain READ and WRITE CDBs (SBC-4 §5): how to find their blocks, whether they write, and
+#: their FUA bit in CDB byte 1 (none in WRITE (6), whose byte 1 holds LBA bits).
+_FUA: Final = 0x08
+_PLAIN_RW: Final[dict[int, tuple[Callable[[memoryview], tuple[int, int]], bool, int]]] = {
+    Op.READ_6: (_cdb6_span, False, 0),
+    Op.WRITE_6: (_cdb6_span, True, 0),
+    Op.READ_10: (_span10, False, 0),
+    Op.WRITE_10: (_span10, True, _FUA),
+    Op.READ_12: (_span12, False, 0),
+    Op.WRITE_12: (_span12, True, _FUA),
+    Op.READ_16: (_span16, False, 0),
+    Op.WRITE_16: (_span16, True, _FUA),
+}
 
 
 def _first_difference(a: memoryview, b: memoryview) -> int:
@@ -226,6 +264,8 @@ class LogicalUnit:
         self.state_generation = 0
         self._zero_block = bytes(device.logical_block_size)
         self._plain_handlers: list[Handler | None] = [None] * 256
+        #: try_execute's: plain READ/WRITE only, each failing with _WouldWait rather than wait.
+        self._try_handlers: list[Handler | None] = [None] * 256
         self._sa_handlers: dict[tuple[int, int | None], Handler] = {}
         self._bind_handlers()
 
@@ -259,6 +299,30 @@ class LogicalUnit:
         to solicit); shorter than required is refused, longer is cut to the required length
         except for COMPARE AND WRITE and WRITE SAME, which need it exact.
         """
+        result = self._execute(nexus, cdb, data_out, self._plain_handlers)
+        assert isinstance(result, ScsiResult), "only try_execute's handlers decline"
+        return result
+
+    def try_execute(
+        self, nexus: Nexus, cdb: bytes | memoryview, data_out: BytesLike | None = None
+    ) -> ScsiResult | WouldBlock:
+        """:meth:`execute` for a plain READ or WRITE (6)/(10)/(12)/(16) that can finish without
+        waiting, on a transport's event loop: the same answer, or :data:`WOULD_BLOCK` having
+        done nothing — for any other command, a FUA write, write-through, a busy write lock,
+        or when the device's ``try_read``/``try_write`` decline. (A pending unit attention is
+        reported, as ``execute`` would: that answer needs no wait.)"""
+        view = cdb if isinstance(cdb, memoryview) else memoryview(cdb)
+        if not len(view) or self._try_handlers[view[0]] is None:
+            return WOULD_BLOCK
+        return self._execute(nexus, view, data_out, self._try_handlers)
+
+    def _execute(
+        self,
+        nexus: Nexus,
+        cdb: bytes | memoryview,
+        data_out: BytesLike | None,
+        plain_handlers: list[Handler | None],
+    ) -> ScsiResult | WouldBlock:
         view = cdb if isinstance(cdb, memoryview) else memoryview(cdb)
         try:
             spec = cmds.lookup(view)
@@ -287,10 +351,12 @@ class LogicalUnit:
             ):
                 return RESERVATION_CONFLICT
             data = self._take_data_out(spec, data_out, out_len)
-            handler = self._plain_handlers[spec.opcode]
+            handler = plain_handlers[spec.opcode]
             if handler is None:
                 handler = self._sa_handlers[(spec.opcode, spec.service_action)]
             result = handler(nexus, view, data)
+        except _WouldWait:
+            return WOULD_BLOCK
         except CommandError as err:
             return err.result
         except BlockyardError as exc:
@@ -349,7 +415,7 @@ class LogicalUnit:
         if self._write_through:
             return WOULD_BLOCK
         lock = self._write_lock
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(False):
             return WOULD_BLOCK
         try:
             try_write = self._try_write
@@ -568,6 +634,9 @@ class LogicalUnit:
             (Op.MAINTENANCE_IN, 0x0C): self._report_supported_opcodes,
             (Op.MAINTENANCE_IN, 0x0D): self._report_supported_tmfs,
         }
+        if self._try_read is not None and self._try_write is not None:
+            for opcode, (decode, writes, fua_bit) in _PLAIN_RW.items():
+                self._try_handlers[opcode] = self._try_handler(decode, writes, fua_bit)
         for spec in cmds.COMMANDS:
             if spec.opcode in by_op:
                 self._plain_handlers[spec.opcode] = by_op[spec.opcode]
@@ -577,6 +646,40 @@ class LogicalUnit:
                 ]
 
     # ---- block commands (SBC-4) ---------------------------------------------------------------
+
+    def _try_handler(
+        self, decode: Callable[[memoryview], tuple[int, int]], writes: bool, fua_bit: int
+    ) -> Handler:
+        if writes:
+            return lambda nexus, cdb, data: self._try_do_write(*decode(cdb), data, cdb[1] & fua_bit)
+        return lambda nexus, cdb, data: self._try_do_read(*decode(cdb))
+
+    def _try_do_read(self, lba: int, blocks: int) -> ScsiResult:
+        self._check_range(lba, blocks)
+        if blocks == 0:
+            return GOOD
+        assert self._try_read is not None
+        data = self._try_read(lba, blocks)
+        if data is None:
+            raise _WouldWait
+        return ScsiResult(Status.GOOD, None, memoryview(data))
+
+    def _try_do_write(self, lba: int, blocks: int, data: memoryview, fua: int) -> ScsiResult:
+        self._check_range(lba, blocks)
+        if blocks == 0:
+            return GOOD
+        if fua or self._write_through:
+            raise _WouldWait  # it would flush
+        assert self._try_write is not None
+        lock = self._write_lock
+        if not lock.acquire(False):
+            raise _WouldWait
+        try:
+            if self._try_write(lba, data) is None:
+                raise _WouldWait
+        finally:
+            lock.release()
+        return GOOD
 
     def _do_read(self, lba: int, blocks: int) -> ScsiResult:
         self._check_range(lba, blocks)

@@ -2,10 +2,10 @@
 thread pool fairly between volumes.
 
 The event loop serves every session and the management API, so it must never wait on storage.
-Plain READ/WRITE are tried on the loop by the connection's fast path, which never waits (see
-:mod:`blockyard.scsi.lu`). Of the commands that reach the server as events, only those that
-read or change the logical unit's state in memory run on the loop (:func:`runs_inline`);
-anything that may touch the device or a file runs on the bounded pool.
+Plain READ/WRITE are tried on the loop (by the connection's fast path, or by the server with
+``LogicalUnit.try_execute``), which never waits: whatever would goes to the pool. Of the other
+commands only those that read or change the logical unit's state in memory run on the loop
+(:func:`runs_inline`); anything that may touch the device or a file runs on the bounded pool.
 
 A pool shared by all volumes could be taken whole by one volume whose commands all wait (its
 WAL full on a stalled disk, its flushes stuck): :class:`VolumeLanes` lets at most
@@ -16,12 +16,17 @@ volumes are stuck.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
+from blockyard.iscsi.target_session import ExecuteCommand
 from blockyard.scsi.constants import SAI_READ_CAPACITY_16, Op
+from blockyard.scsi.lu import LogicalUnit
+from blockyard.scsi.sense import ScsiResult
 
 #: Commands that touch no device data and no file: the logical unit answers them from memory
 #: (identity, mode pages, unit attentions, reservations held in memory, capacity, ALUA state).
@@ -134,3 +139,55 @@ class VolumeLanes(Generic[K, J]):
     def __len__(self) -> int:
         """Keys with running or waiting jobs."""
         return len(self._lanes)
+
+
+class OffloadClient(Protocol):
+    """A connection whose commands the :class:`Offloader` runs on the pool."""
+
+    @property
+    def closing(self) -> bool: ...
+
+    def run_off_loop(self, lu: LogicalUnit, event: ExecuteCommand) -> asyncio.Future[ScsiResult]:
+        """Submit ``event`` to the pool now (its answer comes to :meth:`done_off_loop`)."""
+        ...
+
+    def done_off_loop(self, task_id: int, fut: asyncio.Future[ScsiResult]) -> None: ...
+
+
+C = TypeVar("C", bound=OffloadClient)
+
+
+class Offloader(Generic[C]):
+    """Runs commands on the server's pool through :class:`VolumeLanes`. On the event loop."""
+
+    def __init__(self, per_volume_max: int, pool_open: Callable[[], bool]) -> None:
+        self.lanes: VolumeLanes[LogicalUnit, tuple[C, ExecuteCommand]] = VolumeLanes(per_volume_max)
+        self._pool_open = pool_open
+
+    def offload(self, client: C, lu: LogicalUnit, event: ExecuteCommand) -> None:
+        """Run ``event`` on the pool now, or once fewer of its volume's commands run there."""
+        if self.lanes.submit(lu, (client, event)):
+            self._start(client, lu, event)
+
+    def _start(self, client: C, lu: LogicalUnit, event: ExecuteCommand) -> None:
+        while True:
+            if not client.closing and self._pool_open():
+                fut = client.run_off_loop(lu, event)
+                fut.add_done_callback(functools.partial(self._done, client, lu, event.task_id))
+                return
+            # Its connection is gone (its answer would be dropped) or the pool is shut down:
+            # skip it, and give its place to the next one of the volume.
+            nxt = self.lanes.finished(lu)
+            if nxt is None:
+                return
+            client, event = nxt
+
+    def _done(
+        self, client: C, lu: LogicalUnit, task_id: int, fut: asyncio.Future[ScsiResult]
+    ) -> None:
+        try:
+            client.done_off_loop(task_id, fut)
+        finally:
+            nxt = self.lanes.finished(lu)
+            if nxt is not None:
+                self._start(nxt[0], lu, nxt[1])

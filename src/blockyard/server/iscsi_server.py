@@ -4,10 +4,13 @@
 One :class:`_IscsiProtocol` per TCP connection feeds bytes to its sans-IO connection and runs
 the SCSI commands it emits. The loop never waits on storage: the connection's fast path runs
 plain READ/WRITE on the loop only when they need no wait (page-cache data, room in the WAL; see
-:mod:`blockyard.scsi.lu`), commands answered from the logical unit's memory run on the loop,
-and every other command — anything that may read, write or sync the volume or a file — goes to
-a bounded thread pool, where one volume runs at most ``volume_workers_max`` commands at once
-(:mod:`blockyard.server.iscsi_offload`), so a volume stuck on its disk never stalls the others.
+:mod:`blockyard.scsi.lu`); so does this adapter for the READ/WRITEs the fast path left to it
+(``LogicalUnit.try_execute``, when ``TargetConnection.clear_to_run`` says no earlier command
+on their blocks is still running); commands answered from the logical unit's memory run on the
+loop; and every other command — anything that may read, write or sync the volume or a file —
+goes to a bounded thread pool, where one volume runs at most ``volume_workers_max`` commands
+at once (:mod:`blockyard.server.iscsi_offload`), so a volume stuck on its disk never stalls
+the others.
 
 Output is batched: PDUs produced during one event-loop turn leave in one ``writelines``.
 
@@ -32,7 +35,6 @@ targets at any time and calls :meth:`IscsiServer.drop_sessions` after removing o
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -50,7 +52,7 @@ from blockyard.iscsi.target_session import (
     ResetRequested,
     TargetConnection,
 )
-from blockyard.scsi.lu import LogicalUnit
+from blockyard.scsi.lu import WOULD_BLOCK, LogicalUnit, WouldBlock
 from blockyard.scsi.sense import ScsiResult
 from blockyard.server.iscsi_limits import (
     CONNECTION_OUTPUT_FLOOR_BYTES,
@@ -60,7 +62,7 @@ from blockyard.server.iscsi_limits import (
     release_free_memory,
     unread_bytes,
 )
-from blockyard.server.iscsi_offload import VolumeLanes, runs_inline
+from blockyard.server.iscsi_offload import Offloader, runs_inline
 from blockyard.server.iscsi_registry import (
     DictTargetRegistry,
     RegistryPortal,
@@ -336,10 +338,17 @@ class _IscsiProtocol(asyncio.Protocol):
         assert conn is not None
         if lu is None:
             return
-        if not runs_inline(event.cdb):
-            self._server.offload(self, lu, event)
+        if runs_inline(event.cdb):
+            result: ScsiResult | WouldBlock = lu.execute(event.nexus, event.cdb, event.data_out)
+        elif conn.clear_to_run(event.task_id):
+            # A READ/WRITE the fast path did not take (big, R2T, odd flags, behind a command
+            # that had to wait): at once if nothing would wait, as the fast path would.
+            result = lu.try_execute(event.nexus, event.cdb, event.data_out)
+        else:
+            result = WOULD_BLOCK
+        if result is WOULD_BLOCK:
+            self._server.offloader.offload(self, lu, event)
             return
-        result = lu.execute(event.nexus, event.cdb, event.data_out)
         self._handle(conn.command_done(event.task_id, result))
 
     def run_off_loop(self, lu: LogicalUnit, event: ExecuteCommand) -> asyncio.Future[ScsiResult]:
@@ -488,9 +497,9 @@ class IscsiServer:
         self._starved: set[_IscsiProtocol] = set()
         self._starved_timer: asyncio.TimerHandle | None = None
         self._tsihs = itertools.cycle(range(1, MAX_TSIH + 1))
-        #: Commands on (or waiting for) the pool, per logical unit.
-        self._lanes: VolumeLanes[LogicalUnit, tuple[_IscsiProtocol, ExecuteCommand]] = VolumeLanes(
-            self.settings.volume_workers_max
+        #: Commands on (or waiting for) the pool, at most volume_workers_max per volume.
+        self.offloader: Offloader[_IscsiProtocol] = Offloader(
+            self.settings.volume_workers_max, lambda: self._executor is not None
         )
         self._server: asyncio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -598,44 +607,6 @@ class IscsiServer:
         if target_name is None:
             return sum(self._sessions.values())
         return self._sessions.get(target_name, 0)
-
-    # -- the thread pool, shared fairly between volumes --
-
-    def offload(self, proto: _IscsiProtocol, lu: LogicalUnit, event: ExecuteCommand) -> None:
-        """Run ``event`` on the pool now, or once fewer of its volume's commands run there."""
-        if self._lanes.submit(lu, (proto, event)):
-            self._start_offloaded(proto, lu, event)
-
-    def _start_offloaded(
-        self, proto: _IscsiProtocol, lu: LogicalUnit, event: ExecuteCommand
-    ) -> None:
-        while True:
-            if not proto.closing and self._executor is not None:
-                fut = proto.run_off_loop(lu, event)
-                fut.add_done_callback(
-                    functools.partial(self._offloaded_done, proto, lu, event.task_id)
-                )
-                return
-            # Its connection is gone (its answer would be dropped) or the pool is shut down:
-            # skip it, and give its place to the next one of the volume.
-            nxt = self._lanes.finished(lu)
-            if nxt is None:
-                return
-            proto, event = nxt
-
-    def _offloaded_done(
-        self,
-        proto: _IscsiProtocol,
-        lu: LogicalUnit,
-        task_id: int,
-        fut: asyncio.Future[ScsiResult],
-    ) -> None:
-        try:
-            proto.done_off_loop(task_id, fut)
-        finally:
-            nxt = self._lanes.finished(lu)
-            if nxt is not None:
-                self._start_offloaded(nxt[0], lu, nxt[1])
 
     # -- the server-wide output budget --
 

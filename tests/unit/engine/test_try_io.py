@@ -17,7 +17,7 @@ from engine_helpers import MIB, SECTORS_PER_BLOCK, block_of
 from blockyard.engine import Volume, VolumeStore
 from blockyard.engine.epoch import Role
 from blockyard.engine.fileio import OsFile
-from blockyard.engine.write_path import SLOW_APPEND_HOLD_NS, SLOW_APPEND_NS
+from blockyard.engine.write_path import SLOW_APPEND_HOLD_NS, SLOW_APPEND_NS, SLOW_APPENDS_IN_A_ROW
 from blockyard.errors import OutOfRangeError
 from blockyard.testing.faultfs import FaultFS
 
@@ -123,16 +123,22 @@ def test_a_slow_append_sends_writes_off_the_caller_for_a_while() -> None:
     fs = FaultFS()
     vol = _single_threaded(fs)
     assert vol.try_write(0, block_of(1)) is not None
-    # Every file write now takes longer than the slow-append threshold.
+    # Every file write now takes longer than the slow-append threshold. One slow append is no
+    # sign (a preempted thread makes one); slow ones in a row are.
     fs.on_op = lambda _n: time.sleep(2 * SLOW_APPEND_NS / 1e9)
     vol.write(SECTORS_PER_BLOCK, block_of(2))  # off the loop, where waiting is fine
     fs.on_op = None
-    assert vol.try_write(2 * SECTORS_PER_BLOCK, block_of(3)) is None
-    assert vol.read(2 * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK) == bytes(4096)
+    assert vol.try_write(2 * SECTORS_PER_BLOCK, block_of(3)) is not None
+    fs.on_op = lambda _n: time.sleep(2 * SLOW_APPEND_NS / 1e9)
+    for i in range(SLOW_APPENDS_IN_A_ROW):
+        vol.write((4 + i) * SECTORS_PER_BLOCK, block_of(2))
+    fs.on_op = None
+    assert vol.try_write(10 * SECTORS_PER_BLOCK, block_of(3)) is None
+    assert vol.read(10 * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK) == bytes(4096)
     # Quick appends again, and the hold has passed: inline writes come back.
     vol.write(3 * SECTORS_PER_BLOCK, block_of(4))
     time.sleep(SLOW_APPEND_HOLD_NS / 1e9)
-    assert vol.try_write(2 * SECTORS_PER_BLOCK, block_of(3)) is not None
+    assert vol.try_write(10 * SECTORS_PER_BLOCK, block_of(3)) is not None
 
 
 def test_try_read_serves_dirty_and_cached_data() -> None:

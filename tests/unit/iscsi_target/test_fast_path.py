@@ -577,20 +577,48 @@ def test_a_read_that_flushes_a_run_that_would_block_goes_after_it() -> None:
     assert data == pattern(8 * BLOCK, seed=0x500) + pattern(8 * BLOCK, seed=0x501)
 
 
-def test_a_write_after_a_run_that_would_block_goes_after_it() -> None:
+def test_commands_overtake_waiting_ones_only_on_other_blocks() -> None:
     device = DeclinesFirstWrite(BLOCKS)
     ini = ready(True, new_lu(device))
     _hold(ini)
-    blob = _write_pdu(ini, 0x600, 0, 8) + _write_pdu(ini, 0x601, 8, 8)
-    blob += _write_pdu(ini, 0x602, 100, 8)  # not adjacent: the run is written first, and waits
-    blob += _write_pdu(ini, 0x603, 108, 8)
-    assert ini.send_bytes(blob) == []
-    assert device.read(0, 128) == bytes(128 * BLOCK)  # nothing overtook the waiting run
-    assert [e.task_id for e in ini.held] == sorted(e.task_id for e in ini.held)
+    blob = _write_pdu(ini, 0x600, 0, 8) + _write_pdu(ini, 0x601, 8, 8)  # a run: must wait
+    blob += _write_pdu(ini, 0x602, 100, 8)  # other blocks: written at once
+    blob += _write_pdu(ini, 0x603, 4, 8)  # the waiting run's blocks: waits behind it
+    blob += _read_pdu(ini, 0x604, 100, 8)  # other blocks: read at once
+    blob += _read_pdu(ini, 0x605, 12, 1)  # the run's blocks: waits
+    answers = ini.send_bytes(blob)
+    assert [a.itt for a in answers] == [0x602, 0x604]
+    assert bytes(answers[1].data) == pattern(8 * BLOCK, seed=0x602)  # type: ignore[attr-defined]
+    assert device.read(0, 16) == bytes(16 * BLOCK)  # nothing reached the waiting blocks
     assert len(ini.held) == 4
     answers = ini.finish_held()
-    assert [a.itt for a in answers] == [0x600, 0x601, 0x602, 0x603]
-    assert all(isinstance(a, ScsiResponse) and a.status == 0 for a in answers)
+    assert [a.itt for a in answers] == [0x600, 0x601, 0x603, 0x605]
+    expected = pattern(8 * BLOCK, seed=0x600)[: 4 * BLOCK] + pattern(8 * BLOCK, seed=0x603)
+    expected += pattern(8 * BLOCK, seed=0x601)[4 * BLOCK :]
+    assert device.read(0, 16) == expected
+    assert bytes(answers[3].data) == expected[12 * BLOCK : 13 * BLOCK]  # type: ignore[attr-defined]
+
+
+def test_a_waiting_command_other_than_read_or_write_holds_back_every_fast_command() -> None:
+    ini = ready(True)
+    _hold(ini)
+    params = struct.pack(">HH4xQI4x", 22, 16, 200, 8)  # SBC-4 §5.32: one descriptor
+    unmap = struct.pack(">B6xHx", 0x42, len(params))  # UNMAP (10)
+    held = ScsiCommand(
+        itt=0x800, cdb=unmap, expected_data_transfer_length=len(params),
+        cmd_sn=ini.next_cmd_sn(), write=True, data=params,
+    )  # fmt: skip
+    answers = ini.send_bytes(encode_pdu(held) + _read_pdu(ini, 0x801, 0, 8))
+    assert answers == []  # the read waits for the UNMAP, though on other blocks
+    assert [a.itt for a in ini.finish_held() if isinstance(a, ScsiResponse | DataIn)] == [
+        0x800,
+        0x801,
+    ]
+    # SYNCHRONIZE CACHE changes no block: a write behind a waiting one goes at once.
+    sync = ScsiCommand(itt=0x802, cdb=bytes([0x35]) + bytes(9), cmd_sn=ini.next_cmd_sn())
+    answers = ini.send_bytes(encode_pdu(sync) + _write_pdu(ini, 0x803, 0, 8))
+    assert [a.itt for a in answers] == [0x803]
+    assert [a.itt for a in ini.finish_held()] == [0x802]
 
 
 def test_a_run_that_would_block_leaves_max_cmd_sn_where_the_general_path_has_it() -> None:
@@ -606,3 +634,31 @@ def test_a_run_that_would_block_leaves_max_cmd_sn_where_the_general_path_has_it(
     assert fast.conn.max_cmd_sn == slow.conn.max_cmd_sn
     assert fast.conn.tasks_in_flight == slow.conn.tasks_in_flight == 4
     assert fast.finish_held() == slow.finish_held()
+
+
+def test_clear_to_run_tells_the_transport_which_waiting_commands_may_go_first() -> None:
+    """The fast path's ordering rule, for the READ/WRITEs the transport gets as events."""
+    device = DeclinesFirstWrite(BLOCKS)
+    ini = ready(True, new_lu(device))
+    _hold(ini)
+    blob = _write_pdu(ini, 0x900, 0, 8)  # had to wait
+    blob += _write_pdu(ini, 0x901, 100, 8)  # other blocks: written at once
+    blob += _read_pdu(ini, 0x902, 4, 2)  # the waiting write's blocks: an event too
+    ini.send_bytes(blob)
+    first, behind = ini.held
+    assert ini.conn.clear_to_run(first.task_id)  # nothing before it
+    assert not ini.conn.clear_to_run(behind.task_id)  # the write before it has its blocks
+    ini.finish_held()
+    params = struct.pack(">HH4xQI4x", 22, 16, 200, 8)
+    unmap = ScsiCommand(
+        itt=0x903, cdb=struct.pack(">B6xHx", 0x42, len(params)),
+        expected_data_transfer_length=len(params), cmd_sn=ini.next_cmd_sn(), write=True,
+        data=params,
+    )  # fmt: skip
+    ini.conn.fast_path = False
+    ini.send_bytes(encode_pdu(unmap) + _read_pdu(ini, 0x904, 0, 1))
+    fence, read = ini.held
+    assert not ini.conn.clear_to_run(fence.task_id)  # not a READ or WRITE
+    assert not ini.conn.clear_to_run(read.task_id)  # behind a fence
+    ini.finish_held()
+    assert not ini.conn.clear_to_run(read.task_id)  # no longer outstanding

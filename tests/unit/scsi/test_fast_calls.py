@@ -5,13 +5,23 @@ answers it."""
 
 from __future__ import annotations
 
-from scsi_support import VOLUME_UUID, Harness, data_of, read10, sense_of
+from scsi_support import (
+    I1,
+    VOLUME_UUID,
+    Harness,
+    data_of,
+    read10,
+    read16,
+    sense_of,
+    write10,
+    write16,
+)
 
 from blockyard.blockdev import BytesLike
 from blockyard.errors import StorageIOError
-from blockyard.scsi import LogicalUnit, LuIdentity, MemoryReservationStore, StaticAlua
+from blockyard.scsi import LogicalUnit, LuIdentity, MemoryReservationStore, StaticAlua, Status
 from blockyard.scsi.constants import Op
-from blockyard.scsi.lu import WOULD_BLOCK
+from blockyard.scsi.lu import WOULD_BLOCK, WouldBlock
 from blockyard.testing.memdev import MemoryBlockDevice
 
 BLOCK = 512
@@ -96,3 +106,48 @@ def test_devices_without_try_calls_are_used_directly() -> None:
     assert h.lu.fast_write(Op.WRITE_10, 4, b"\x05" * BLOCK) is None
     assert bytes(h.lu.fast_read(Op.READ_10, 4, 1)) == b"\x05" * BLOCK  # type: ignore[arg-type]
     assert data_of(h.run(read10(4, 1))) == b"\x05" * BLOCK
+
+
+def _lu_ready(device: MemoryBlockDevice) -> LogicalUnit:
+    lu = _lu(device)
+    while lu.execute(I1, bytes(6)).status != Status.GOOD:  # take the power-on unit attention
+        pass
+    return lu
+
+
+def test_try_execute_answers_like_execute_when_nothing_waits() -> None:
+    lu = _lu_ready(TryDevice(64))
+    data = bytes(range(256)) * 4
+    for cdb in (write10(2, 2), write16(4, 2), bytes([0x0A, 0, 0, 6, 2, 0])):  # WRITE 10/16/6
+        assert lu.try_execute(I1, cdb, data) == lu.execute(I1, cdb, data)
+    for cdb in (read10(2, 6), read16(4, 2), bytes([0x08, 0, 0, 6, 2, 0])):  # READ 10/16/6
+        got = lu.try_execute(I1, cdb)
+        assert not isinstance(got, WouldBlock)
+        assert data_of(got) == data_of(lu.execute(I1, cdb))
+    # Errors are answered, not deferred: they need no wait.
+    assert lu.try_execute(I1, read10(63, 2)) == lu.execute(I1, read10(63, 2))
+
+
+def test_try_execute_declines_what_would_wait_having_done_nothing() -> None:
+    device = TryDevice(64)
+    lu = _lu_ready(device)
+    data = b"\x05" * BLOCK
+    assert lu.try_execute(I1, write10(1, 1, flags=0x08), data) is WOULD_BLOCK  # FUA: a flush
+    assert lu.try_execute(I1, bytes([0x35]) + bytes(9)) is WOULD_BLOCK  # not a READ or WRITE
+    with lu._write_lock:
+        assert lu.try_execute(I1, write10(1, 1), data) is WOULD_BLOCK
+    device.room = False
+    assert lu.try_execute(I1, write10(1, 1), data) is WOULD_BLOCK
+    device.cached = False
+    assert lu.try_execute(I1, read10(1, 1)) is WOULD_BLOCK
+    assert device.read(1, 1) == bytes(BLOCK)
+    # WRITE (6) has no FUA bit: byte 1 bit 3 is an LBA bit there.
+    device.room = True
+    assert lu.try_execute(I1, bytes([0x0A, 0x08, 0, 0, 1, 0]), data) == lu.execute(
+        I1, bytes([0x0A, 0x08, 0, 0, 1, 0]), data
+    )
+
+
+def test_try_execute_needs_a_device_that_can_try() -> None:
+    h = Harness().ready()
+    assert h.lu.try_execute(I1, read10(0, 1)) is WOULD_BLOCK
