@@ -166,9 +166,10 @@ class ReplicaSession:
             if extents is None:
                 extents = [(0, store.block_count)]
             out.extend(_need_blocks(extents))
-        if plan.start_lsn != store.last_lsn + 1:
-            # The stream does not continue our records (we diverged, or the primary no longer
-            # holds what follows them): start a new log where the stream starts.
+        if plan.kind is PlanKind.FULL or plan.start_lsn != store.last_lsn + 1:
+            # The stream does not continue our records (we diverged, the primary no longer
+            # holds what follows them, or we share no history at all): start a new log where
+            # the stream starts, under the primary's history.
             store.reset_log(plan.start_lsn, History(segments_from_wire(hello.history)))
         with self._lock:
             self._plan = plan
