@@ -150,6 +150,30 @@ def test_caught_up_is_reported_once_the_replica_is_durable_up_to_the_live_stream
     assert pair.owner.names().count("caught_up") == 1, "reported once per connection"
 
 
+def test_an_acknowledgement_short_of_the_live_stream_does_not_make_the_replica_in_sync(
+    pair: Pair,
+) -> None:
+    write(pair.primary, 9, 9)
+    pair.sync()
+    pair.lk.cut()
+    lsns = [write(pair.primary, b, b + 20) for b in range(5)]
+    lk = pair.connect()
+    lk.deliver_to_replica()
+    lk.deliver_to_primary()
+    lk.pump()
+    assert not lk.pump()  # the live stream is reached at the newest LSN
+    # The Plan only (the records are still in flight); then the replica reports what it has.
+    lk.deliver_to_replica(len(lk.attempt.to_replica[0]))  # type: ignore[union-attr]
+    assert pair.replica.last_lsn == lsns[0] - 1
+    lk.attempt.flush_due = True  # type: ignore[union-attr]  # a keepalive-time flush
+    assert lk.replica_flush()
+    lk.deliver_to_primary()
+    assert ("acked", (lsns[0] - 1, 0)) in pair.owner.events
+    assert "caught_up" not in pair.owner.names()
+    lk.run()
+    assert pair.owner.names().count("caught_up") == 1
+
+
 # ---- delta resync -----------------------------------------------------------------------------
 
 
