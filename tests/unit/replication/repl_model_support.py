@@ -24,7 +24,7 @@ from blockyard.engine import Role, Volume, VolumeStore
 from blockyard.errors import BlockyardError, FeedLostError
 from blockyard.replication.connection import ReplicationConnection, Side
 from blockyard.replication.engine_store import EngineReplicaStore
-from blockyard.replication.errors import RemoteProtocolError
+from blockyard.replication.errors import LocalProtocolError, RemoteProtocolError
 from blockyard.replication.messages import (
     Ack,
     Barrier,
@@ -316,11 +316,13 @@ class Link:
             self.barrier = None
         try:
             out = a.p_session.outgoing(memory_only=False)
-        except FeedLostError as exc:
+            if out.messages:
+                self._send_p(a, *out.messages)
+        except (FeedLostError, LocalProtocolError) as exc:
+            # The link ends the session (a LocalProtocolError here is our own bug: the test
+            # judges it).
             self._fail("primary", exc)
             return False
-        if out.messages:
-            self._send_p(a, *out.messages)
         return bool(out.messages)
 
     def deliver_to_primary(self, max_bytes: int | None = None) -> int:

@@ -4,13 +4,19 @@ durably marked out of sync), when a flush fails, and how barriers are shared."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from blockyard.engine import Role, VolumeStore
+from blockyard.replication import primary as primary_mod
 from blockyard.replication.commit import (
     BARRIER_TIMEOUT_S,
     Action,
@@ -23,6 +29,13 @@ from blockyard.replication.commit import (
     SendBarrier,
     Verdict,
     degrade_or_fail,
+)
+from blockyard.replication.primary import VolumeReplication
+from blockyard.replication.state import (
+    PrimaryState,
+    ReplicaEntry,
+    load_primary_state,
+    save_primary_state,
 )
 
 R1 = "10.0.0.2:7500"
@@ -689,3 +702,56 @@ def test_a_replica_durable_beyond_the_lsn_before_the_timeout_is_not_marked(
     t.acked(R2, 10, 0, 0.1)
     assert marks(t.tick(BARRIER_TIMEOUT_S * 3)) == []
     del token
+
+
+# ---- the durable in-sync flag (VolumeReplication) -----------------------------------------
+
+
+def test_a_slow_in_sync_mark_never_lands_after_the_out_of_sync_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracker asks for the in-sync mark (the replica joined and caught up); before that
+    write is done the replica drops and is marked out of sync. replication.json must end
+    saying out of sync, or after a restart of the primary (or for a master choosing whom to
+    promote) a copy that misses acknowledged writes counts as in sync."""
+    store = VolumeStore(str(tmp_path / "data"), background_flusher=False)
+    vol = store.create("v", 1 << 20)
+    vol.set_role(Role.PRIMARY, epoch=1)
+    state = PrimaryState(ALL, (ReplicaEntry(R1, False),))
+    save_primary_state(vol.directory, state)
+    out_written = threading.Event()
+    real_save = primary_mod.save_primary_state
+
+    def save(directory: str, st: PrimaryState) -> None:
+        entry = st.replica(R1)
+        if entry is not None and entry.in_sync:
+            out_written.wait(2.0)  # a slow fdatasync: lands after the other write
+        real_save(directory, st)
+        if entry is not None and not entry.in_sync:
+            out_written.set()
+
+    monkeypatch.setattr(primary_mod, "save_primary_state", save)
+
+    async def scenario() -> VolumeReplication:
+        with ThreadPoolExecutor(4) as executor:
+            vr = VolumeReplication(vol, state, executor=executor, primary_id="p:1")
+            vr.loop = asyncio.get_running_loop()
+            vr._run(vr.tracker.connected(R1, 0.0))
+            actions = vr.tracker.caught_up(R1, 0.1)
+            assert mark_in_sync(actions) == [R1]
+            vr._run(actions)
+            await asyncio.sleep(0.05)  # the in-sync write is under way
+            vr._run(vr.tracker.disconnected(R1, 0.2))
+            async with asyncio.timeout(30):
+                while vr._tasks:
+                    await asyncio.sleep(0.01)
+            return vr
+
+    vr = asyncio.run(scenario())
+    try:
+        assert vr.tracker.state_of(R1) == "out_of_sync"
+        on_disk = load_primary_state(vol.directory)
+        assert on_disk is not None and on_disk.replica(R1) == ReplicaEntry(R1, False)
+        assert vr.state.replica(R1) == ReplicaEntry(R1, False)
+    finally:
+        vol.close()
