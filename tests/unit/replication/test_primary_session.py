@@ -384,3 +384,33 @@ def test_a_lagging_replica_never_makes_the_wal_overrun_without_a_background_flus
         write(pair.primary, i % 20, i + 1)
         assert pair.primary._used <= wal, f"after write {i}: {pair.primary._used} > {wal}"
     assert pair.primary.replica_bitmap(RID).set_blocks > 0
+
+
+def test_blocks_marked_again_during_a_resync_are_sent_within_the_protocol(pair: Pair) -> None:
+    """A record shipped live during a delta resync ages past the retention bound before the
+    replica acknowledges it: its block is marked in the bitmap again. The resync must cover it
+    without sending Blocks after its ResyncDone (a protocol error that ends the session)."""
+    now = [1000.0]
+    pair.primary._clock = lambda: now[0]
+    write(pair.primary, 0, 1)
+    pair.sync()
+    pair.lk.cut()
+    write(pair.primary, 1, 2)
+    pair.primary.checkpoint()
+    now[0] += RETENTION_MAX_S + 1
+    pair.primary.checkpoint()
+    lk = pair.connect()
+    lk.deliver_to_replica()
+    lk.deliver_to_primary()
+    lk.pump()  # the one resync chunk
+    write(pair.primary, 5, 3)  # shipped live, not yet acknowledged...
+    lk.pump()
+    pair.primary.checkpoint()
+    now[0] += RETENTION_MAX_S + 1
+    pair.primary.checkpoint()  # ...and released into the bitmap by the time bound
+    assert pair.primary.replica_bitmap(RID).set_blocks == 2
+    lk.run()
+    assert lk.errors == []
+    assert pair.plan().kind is PlanKind.DELTA
+    assert "caught_up" in pair.owner.names()
+    assert pair.same_bytes()
