@@ -189,16 +189,28 @@ class VolumeReplication:
         """Whether a durability point must wait for replicas at all."""
         return self.state.mode is not DurabilityMode.BEST_EFFORT and bool(self.state.replicas)
 
+    def commit_start(self, lsn: int) -> concurrent.futures.Future[None] | None:
+        """From a SCSI worker thread: ask the replicas for durability up to ``lsn`` now (the
+        barrier goes out while the caller runs its local fdatasync). None when nothing needs
+        waiting for. Pass the result to :meth:`commit_wait` after the local sync."""
+        loop = self.loop
+        if loop is None or not self.needs_commit:
+            return None
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._request, lsn, fut)
+        return fut
+
     def commit_blocking(self, lsn: int) -> None:
         """From a SCSI worker thread, after the local fdatasync covered ``lsn``: wait until the
         durability mode holds for it. Raises :class:`ReplicationUnavailableError` when it
         cannot (the flush must fail)."""
-        loop = self.loop
-        if loop is None or not self.needs_commit:
+        self.commit_wait(lsn, self.commit_start(lsn))
+
+    def commit_wait(self, lsn: int, fut: concurrent.futures.Future[None] | None) -> None:
+        """Wait (bounded) for the verdict asked for by :meth:`commit_start`."""
+        if fut is None:
             return
-        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         started = time.monotonic()
-        loop.call_soon_threadsafe(self._request, lsn, fut)
         try:
             fut.result(COMMIT_WAIT_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
@@ -417,9 +429,17 @@ class ReplicatedDevice:
         return self.volume.write_same(lba, block_count, pattern)
 
     def flush(self) -> None:
+        """Durable here and on the copies the durability mode requires. The barrier to the
+        replicas goes out before the local fdatasync, so the two overlap."""
         lsn = self.volume.last_lsn
-        self.volume.flush()
-        self._commit(lsn)
+        replication = self.replication
+        pending = replication.commit_start(lsn) if replication is not None and lsn else None
+        try:
+            self.volume.flush()
+        finally:
+            if replication is not None and pending is not None:
+                # Wait even if the local sync failed: the waiter must not be left behind.
+                replication.commit_wait(lsn, pending)
 
     def lba_status(self, lba: int) -> LbaStatus:
         return self.volume.lba_status(lba)
