@@ -7,8 +7,9 @@ most one live connection: a newer one (the primary reconnecting) replaces the ol
 closed first, so two streams never interleave on one copy.
 
 Storage work never runs on the event loop: every session call goes to the replication worker
-pool, one message at a time in stream order (the socket is not read meanwhile, so a slow disk
-pushes back on the primary through TCP). Barrier flushes run beside the appliers, at most one at
+pool, one message at a time in stream order; a bounded queue lets the next few frames arrive
+while one is applied, and the socket is not read while it is full, so a slow disk pushes back
+on the primary through TCP. Barrier flushes run beside the appliers, at most one at
 a time per connection; barriers that arrive meanwhile are answered by the next flush.
 """
 
@@ -62,6 +63,8 @@ HELLO_TIMEOUT_S: Final = 10.0
 #: Resync blocks applied between two durable progress reports (128 MiB): what a crash of the
 #: replica may have to resend, against one fdatasync per report.
 PROGRESS_EVERY_BLOCKS: Final = 32768
+#: Messages received ahead of the one being applied (each at most one frame, 5 MiB).
+APPLY_QUEUE_MESSAGES: Final = 4
 #: Resync progress is reported this long after the last resync blocks arrived.
 PROGRESS_IDLE_S: Final = 0.05
 #: Applied records are acknowledged (after a flush) this long after the last ones arrived;
@@ -215,6 +218,11 @@ class _Receiver:
         self._pending_barrier = 0
         self._progress_timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
+        #: Data-phase messages received and not yet applied (bounded: the socket is not read
+        #: while it is full, so a slow disk pushes back on the primary through TCP).
+        self._queue: asyncio.Queue[Records | Blocks | ResyncDone | Barrier] = asyncio.Queue(
+            APPLY_QUEUE_MESSAGES
+        )
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
@@ -255,26 +263,47 @@ class _Receiver:
             self.done.set()
 
     async def _loop(self) -> None:
+        """Read frames; hand data-phase messages to the applier through a bounded queue, so
+        the next frames arrive while the current one is applied (in order, one at a time)."""
         ch = self._channel
         session = self._session
+        applier = asyncio.create_task(self._apply_queue())
+        try:
+            while True:
+                msg = await ch.recv()
+                if applier.done():
+                    applier.result()  # the applier failed: raise its error here
+                    return
+                if isinstance(msg, Hello):
+                    reply = await self._run_sync(session.hello, msg)
+                    ch.conn.update_local_epoch(self._store.epoch)
+                    await ch.send(reply)
+                elif isinstance(msg, Plan):
+                    log.info(
+                        "replication from %s: %s from LSN %d (resync %d)",
+                        ch.peer,
+                        msg.kind.name.lower(),
+                        msg.start_lsn,
+                        msg.resync_id,
+                    )
+                    replies = await self._run_sync(session.plan, msg)
+                    if replies:
+                        await ch.send(*replies)
+                elif isinstance(msg, Records | Blocks | ResyncDone | Barrier):
+                    # A barrier rides the queue too: its flush must cover what came before it.
+                    await self._queue.put(msg)
+                elif isinstance(msg, Error):
+                    return
+        finally:
+            applier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await applier
+
+    async def _apply_queue(self) -> None:
+        session = self._session
         while True:
-            msg = await ch.recv()
-            if isinstance(msg, Hello):
-                reply = await self._run_sync(session.hello, msg)
-                ch.conn.update_local_epoch(self._store.epoch)
-                await ch.send(reply)
-            elif isinstance(msg, Plan):
-                log.info(
-                    "replication from %s: %s from LSN %d (resync %d)",
-                    ch.peer,
-                    msg.kind.name.lower(),
-                    msg.start_lsn,
-                    msg.resync_id,
-                )
-                replies = await self._run_sync(session.plan, msg)
-                if replies:
-                    await ch.send(*replies)
-            elif isinstance(msg, Records):
+            msg = await self._queue.get()
+            if isinstance(msg, Records):
                 await self._run_sync(session.records, msg)
                 self._ack_soon()
             elif isinstance(msg, Blocks):
@@ -288,10 +317,6 @@ class _Receiver:
                 self._request_flush(0)
             elif isinstance(msg, Barrier):
                 self._request_flush(msg.barrier_id)
-            elif isinstance(msg, Keepalive):
-                continue
-            elif isinstance(msg, Error):
-                return
 
     def _ack_soon(self) -> None:
         """Acknowledge applied records shortly after they stop coming, without waiting for
