@@ -54,9 +54,9 @@ RELEASE_AFTER_DROP_BYTES: Final = 16 << 20
 #: in the kernel, so more threads than cores is the point: uncached reads of a deep queue run
 #: in parallel.
 IO_WORKERS: Final = 8
-#: Of those, one volume may use at most this many at once (its further commands queue in
+#: Of those, one volume may use at most this share at once (its further commands queue in
 #: order), so a volume stuck on a stalled disk leaves the other half to every other volume.
-VOLUME_IO_WORKERS_MAX: Final = IO_WORKERS // 2
+VOLUME_IO_WORKERS_SHARE: Final = 0.5
 
 T = TypeVar("T", bound=Hashable)
 
@@ -191,9 +191,10 @@ class ServerSettings:
     """Server-wide bounds (defaults and their reasons in :mod:`~blockyard.server.iscsi_limits`).
 
     ``flush_workers`` threads run the commands that may wait on storage, at most
-    ``volume_workers_max`` of one volume at a time. At most ``sessions_max`` logged-in
-    sessions in total and ``sessions_per_target_max`` Normal sessions per target are served: a
-    login beyond them is answered "out of resources" (RFC 7143 §11.13.5). Connections that have
+    ``volume_workers_max`` of one volume at a time (None: half of them). At most
+    ``sessions_max`` logged-in sessions in total and ``sessions_per_target_max`` Normal sessions
+    per target are served: a login beyond them is answered "out of resources" (RFC 7143
+    §11.13.5). Connections that have
     not logged in are a separate pool of ``prelogin_max``, ``prelogin_per_peer_max`` per peer
     address, and ``limits.login_timeout_s`` to finish the login. Output in flight is bounded by
     ``connection_output_bytes_max`` per connection and ``server_output_bytes_max`` for all of
@@ -211,7 +212,7 @@ class ServerSettings:
     connection_output_bytes_max: int = CONNECTION_OUTPUT_BYTES_MAX
     server_output_bytes_max: int = SERVER_OUTPUT_BYTES_MAX
     flush_workers: int = IO_WORKERS
-    volume_workers_max: int = VOLUME_IO_WORKERS_MAX
+    volume_workers_max: int | None = None
     advertised_host: str | None = None
     relative_target_port_id: int = 1
     target_port_group_id: int = 1
@@ -219,7 +220,10 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.sessions_max < 1 or self.sessions_per_target_max < 1 or self.flush_workers < 1:
             raise ValueError("sessions_max, sessions_per_target_max and flush_workers must be >= 1")
-        if not 1 <= self.volume_workers_max <= self.flush_workers:
+        if self.volume_workers_max is None:
+            share = max(1, int(self.flush_workers * VOLUME_IO_WORKERS_SHARE))
+            object.__setattr__(self, "volume_workers_max", share)
+        elif not 1 <= self.volume_workers_max <= self.flush_workers:
             raise ValueError("need 1 <= volume_workers_max <= flush_workers")
         if not 1 <= self.prelogin_per_peer_max <= self.prelogin_max:
             raise ValueError("need 1 <= prelogin_per_peer_max <= prelogin_max")

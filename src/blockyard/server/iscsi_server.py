@@ -498,8 +498,10 @@ class IscsiServer:
         self._starved_timer: asyncio.TimerHandle | None = None
         self._tsihs = itertools.cycle(range(1, MAX_TSIH + 1))
         #: Commands on (or waiting for) the pool, at most volume_workers_max per volume.
+        share = self.settings.volume_workers_max
+        assert share is not None, "ServerSettings fills it in"
         self.offloader: Offloader[_IscsiProtocol] = Offloader(
-            self.settings.volume_workers_max, lambda: self._executor is not None
+            share, lambda: self._executor is not None
         )
         self._server: asyncio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
