@@ -33,6 +33,8 @@ from blockyard.fileutil import (
 
 log = logging.getLogger(__name__)
 
+#: preadv2(2) flag (Linux 4.14+): fail with EAGAIN rather than wait for the device.
+_RWF_NOWAIT = os.RWF_NOWAIT
 # linux/falloc.h
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -165,7 +167,7 @@ class OsFile:
         if not self._nowait:
             return None
         try:
-            return os.preadv(self._fd, buffers, offset, os.RWF_NOWAIT)
+            return os.preadv(self._fd, buffers, offset, _RWF_NOWAIT)
         except BlockingIOError:
             return None  # EAGAIN: part of the range is not in the page cache
         except OSError as exc:

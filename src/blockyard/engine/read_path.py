@@ -18,12 +18,18 @@ from typing import TYPE_CHECKING, Final
 
 from blockyard.blockdev import LbaStatus
 from blockyard.engine.fileio import IoFile
-from blockyard.engine.limits import BLOCK_SIZE, LOGICAL_BLOCK_SIZE, SECTORS_PER_BLOCK
+from blockyard.engine.limits import (
+    BLOCK_SIZE,
+    LOGICAL_BLOCK_SIZE,
+    MAX_TRANSFER_BLOCKS,
+    SECTORS_PER_BLOCK,
+)
 from blockyard.errors import MisalignedError
 
 _BLOCK_SHIFT: Final = 12
 _LBA_SHIFT: Final = 9
 _ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
+_MAX_TRANSFER_BLOCKS: Final = MAX_TRANSFER_BLOCKS
 #: Lock-free reads retry this often when a checkpoint runs underneath, then take the lock.
 _READ_RETRIES: Final = 3
 
@@ -81,23 +87,31 @@ class ReadPath:
         """
         if self._closed:
             return None
-        self._check_range(lba, block_count)
+        if (
+            lba < 0
+            or block_count < 0
+            or lba + block_count > self._lba_count
+            or block_count > _MAX_TRANSFER_BLOCKS
+        ):
+            self._check_range(lba, block_count)  # raises, as read() would
         start = lba << _LBA_SHIFT
         length = block_count << _LBA_SHIFT
-        for _ in range(_READ_RETRIES):
-            gen = self._apply_gen
-            if gen & 1:
+        # One attempt: if a checkpoint runs underneath, read() retries (and may wait); so does
+        # the caller, off its loop.
+        gen = self._apply_gen
+        if gen & 1:
+            return None
+        if not self._dmap:
+            buf = bytearray(length)
+            if self._file.preadv_nowait([buf], self._data_offset + start) != length:
                 return None
+            data: bytes | bytearray = buf
+        else:
             try:
-                if not self._dmap:
-                    data: bytes | bytearray = self._pread_cached(length, self._data_offset + start)
-                else:
-                    data = b"".join(self._read_parts(start, length, cached_only=True))
+                data = b"".join(self._read_parts(start, length, cached_only=True))
             except _WouldWait:
                 return None
-            if gen == self._apply_gen:
-                return data
-        return None
+        return data if gen == self._apply_gen else None
 
     def _pread_cached(self, length: int, offset: int) -> bytearray:
         buf = bytearray(length)
