@@ -472,3 +472,40 @@ def test_a_full_rebuild_always_takes_the_primarys_history() -> None:
     pair.lk.cut()
     pair.sync()
     assert pair.plan().kind is PlanKind.CATCH_UP, "nothing changed since the rebuild"
+
+
+def test_a_diverged_replica_takes_the_primarys_history_even_when_the_stream_follows_on() -> None:
+    """The replica holds LSN 4 of a segment the primary lost in a power loss; the primary's
+    LSN 4 (its next incarnation) was released from its WAL, so the delta's stream starts at
+    5, right after the replica's last LSN. The replica must still drop its diverged history:
+    otherwise it keeps claiming the lost record, and every later connection diverges again
+    (and, once it acknowledged past 3, is rebuilt in full)."""
+    pair = make_pair()
+    now = [1000.0]
+    for b in range(3):
+        write(pair.primary, b + 10, b + 1)
+    pair.primary.flush()
+    pair.sync()
+    pair.restart_primary(power_loss=False)
+    pair.primary._clock = lambda: now[0]
+    write(pair.primary, 0, 4)  # LSN 4: shipped, durable on the replica, never flushed here
+    pair.sync()
+    assert pair.replica.durable_lsn == 4
+    pair.restart_primary(power_loss=True)
+    pair.primary._clock = lambda: now[0]
+    assert write(pair.primary, 1, 5) == 4  # the new incarnation's LSN 4
+    pair.primary.checkpoint()
+    now[0] += RETENTION_MAX_S + 1
+    pair.primary.checkpoint()  # released into the replica's bitmap
+    write(pair.primary, 2, 6)
+    assert pair.primary.oldest_available_lsn() == 5
+    pair.sync()
+    plan = pair.plan()
+    assert (plan.kind, plan.start_lsn, plan.diverged_after_lsn) == (PlanKind.DELTA, 5, 3)
+    assert read_all(pair.primary) == read_all(pair.replica)
+    p4 = pair.primary.history.segment_for(4)
+    r4 = pair.replica.history.segment_for(4)
+    assert p4 is not None and r4 is not None and r4.key() == p4.key(), pair.replica.history
+    pair.lk.cut()
+    pair.sync()
+    assert pair.plan().kind is PlanKind.CATCH_UP
