@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -586,6 +587,10 @@ TestReplicationModel.settings = settings(
     stateful_step_count=60,
     deadline=None,
 )
+# A passing run takes about 10 s (default profile) or 35-60 s (ci) on one core; shrinking a
+# failure of this many rules can take several minutes, which must not end in a timeout that
+# hides the falsifying example.
+TestReplicationModel.pytestmark = [pytest.mark.timeout(900)]
 
 
 def test_a_scripted_run_reaches_what_the_invariants_are_about() -> None:
