@@ -509,3 +509,23 @@ def test_a_diverged_replica_takes_the_primarys_history_even_when_the_stream_foll
     pair.lk.cut()
     pair.sync()
     assert pair.plan().kind is PlanKind.CATCH_UP
+
+
+def test_a_large_unmap_reads_as_zeros_on_the_replica() -> None:
+    """Unmaps of more than WAL_UNMAP_MAX_BLOCKS blocks are range records: the primary punches
+    the data region when it logs one. The replica must apply it too — at once (a promoted
+    replica must read zeros, LBPRZ), and for good once its checkpoint passes the record."""
+    pair = make_pair(size=2 * MIB)
+    for b in (5, 300, 399, 450):
+        write(pair.primary, b, b)
+    pair.sync()
+    pair.primary.unmap(0, 400 * 8)  # blocks 0..399: a range record
+    pair.sync()
+    assert read_all(pair.primary) == read_all(pair.replica)
+    for i in range(6):
+        write(pair.primary, 450 + i, i + 1)
+    pair.sync()
+    pair.replica.checkpoint()
+    pair.restart_replica(power_loss=False)
+    assert read_all(pair.primary) == read_all(pair.replica)
+    assert block(pair.replica, 300) == bytes(BLOCK)
