@@ -12,6 +12,7 @@ import uuid
 import pytest
 from repl_model_support import (
     BLOCK,
+    MIB,
     RID,
     ROOT,
     SIZE,
