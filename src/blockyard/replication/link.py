@@ -284,7 +284,10 @@ class ReplicaLink:
                 # The commit point first, on the loop: a flush waits on it.
                 self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id)
             if isinstance(msg, Ack | Progress):
-                heard = await self._sync(session.heard, msg)
+                try:
+                    heard = await self._sync(session.heard, msg)
+                except FeedLostError as exc:
+                    raise PeerGoneError(str(exc)) from exc
                 self._report(session)
                 if heard.progressed:
                     self._wake.set()

@@ -149,6 +149,10 @@ class PrimarySession:
         self._bitmap: MissedBitmap | None = None
         self._runs: Iterator[tuple[int, int]] | None = None
         self._run_pos: tuple[int, int] | None = None
+        # Resync cursors as on the wire: they only grow within a resync, so a later pass
+        # (blocks marked again) counts on from where the last one ended (``_pass_base`` is
+        # block 0 of the current pass); the replica reports the highest it holds.
+        self._pass_base = 0
         self._sent_cursor = 0
         self._confirmed_cursor = 0
         self._pass_done = True
@@ -279,6 +283,14 @@ class PrimarySession:
             return False
         if self._pass_done:
             if self._done_lsn is None and self._confirmed_cursor >= self._sent_cursor:
+                bitmap = self._bitmap
+                assert bitmap is not None
+                if bitmap.set_blocks:
+                    # Blocks marked again during the pass (a live record released by the
+                    # retention bound before the replica acknowledged it): another pass sends
+                    # them, before ResyncDone, which must be the resync's last word.
+                    self._new_pass(bitmap)
+                    return self._resync_step(out, memory_only)
                 self._done_lsn = self._store.last_lsn
                 out.messages.append(ResyncDone(self.resync_id, self._done_lsn))
             return False
@@ -294,7 +306,7 @@ class PrimarySession:
         block, count = chunk
         read_lsn = self._store.last_lsn
         runs = self._store.resync_read(block, count)
-        self._sent_cursor = block + count
+        self._sent_cursor = self._pass_base + block + count
         if runs:
             out.messages.append(
                 Blocks(
@@ -314,6 +326,14 @@ class PrimarySession:
         self.resync_bytes += nbytes
         return True
 
+    def _new_pass(self, bitmap: MissedBitmap) -> None:
+        bitmap.begin_pass()
+        self.resync_total_blocks += bitmap.set_blocks
+        self._runs = iter(bitmap.runs())
+        self._run_pos = None
+        self._pass_base = self._confirmed_cursor = self._sent_cursor
+        self._pass_done = False
+
     def _next_chunk(self) -> tuple[int, int] | None:
         while True:
             if self._run_pos is None:
@@ -332,7 +352,9 @@ class PrimarySession:
     # ---- receiving ------------------------------------------------------------------------
 
     def heard(self, message: Message) -> Heard:
-        """Act on a message from the replica (may do storage I/O: bitmap persistence)."""
+        """Act on a message from the replica (may do storage I/O: bitmap persistence).
+        Raises :class:`FeedLostError` when blocks were marked again after the resync ended
+        (end the connection; the next one resyncs them)."""
         feed = self.feed
         assert feed is not None
         if isinstance(message, Ack):
@@ -350,7 +372,7 @@ class PrimarySession:
             if cursor <= self._confirmed_cursor:
                 return Heard()
             self.resync_done_blocks += self._bitmap.clear_pass(
-                self._confirmed_cursor, cursor - self._confirmed_cursor
+                self._confirmed_cursor - self._pass_base, cursor - self._confirmed_cursor
             )
             self._confirmed_cursor = cursor
             self._bitmap.persist()
@@ -367,16 +389,12 @@ class PrimarySession:
             bitmap = self._bitmap
             assert bitmap is not None
             if bitmap.set_blocks:
-                # Blocks marked again during the pass (the WAL outgrew its retention bound
-                # while records were still in flight): another pass sends them.
-                bitmap.begin_pass()
-                self.resync_total_blocks += bitmap.set_blocks
-                self._runs = iter(bitmap.runs())
-                self._run_pos = None
-                self._sent_cursor = self._confirmed_cursor = 0
-                self._pass_done = False
-                self._done_lsn = None
-                return False
+                # Marked again after ResyncDone went (released before acknowledged): no
+                # Blocks may follow it on this connection. The next one resyncs them.
+                raise FeedLostError(
+                    f"blocks of {self._store.name} were marked for replica "
+                    f"{self.replica_id} after the resync ended; resyncing on a new connection"
+                )
             bitmap.deactivate()
             bitmap.persist()
         elif self._caught_up_lsn is None or acked < self._caught_up_lsn:
