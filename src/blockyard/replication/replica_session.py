@@ -161,15 +161,17 @@ class ReplicaSession:
         if resync:
             # Before any resync byte lands: this copy is not consistent until it finishes.
             store.save_data_state(ReplicaState(ReplicaDataState.RESYNCING, plan.resync_id, 0))
-        if plan.diverged_after_lsn != OPEN_LSN:
+        diverged = plan.diverged_after_lsn != OPEN_LSN
+        if diverged:
             extents = store.divergent_extents(plan.diverged_after_lsn)
             if extents is None:
                 extents = [(0, store.block_count)]
             out.extend(_need_blocks(extents))
-        if plan.kind is PlanKind.FULL or plan.start_lsn != store.last_lsn + 1:
-            # The stream does not continue our records (we diverged, the primary no longer
-            # holds what follows them, or we share no history at all): start a new log where
-            # the stream starts, under the primary's history.
+        if diverged or plan.kind is PlanKind.FULL or plan.start_lsn != store.last_lsn + 1:
+            # The stream does not continue our records (we diverged — even when its first LSN
+            # happens to follow our last, which belongs to a lost history —, the primary no
+            # longer holds what follows them, or we share no history at all): start a new log
+            # where the stream starts, under the primary's history.
             store.reset_log(plan.start_lsn, History(segments_from_wire(hello.history)))
         with self._lock:
             self._plan = plan
@@ -186,8 +188,7 @@ class ReplicaSession:
         touched = self._touched
         if touched is not None:
             for rec in message.records:
-                for b in range(rec.block, min(rec.block + rec.block_count, len(touched) * 8)):
-                    touched[b >> 3] |= 1 << (b & 7)
+                _set_bits(touched, rec.block, min(rec.block + rec.block_count, len(touched) * 8))
         return self._store.apply_records(message.records)
 
     def blocks(self, message: Blocks) -> None:
@@ -266,6 +267,22 @@ class ReplicaSession:
                 self._touched = None
         out.append(Ack(barrier_id, durable, max(applied, durable)))
         return FlushResult(durable, tuple(out))
+
+
+def _set_bits(bits: bytearray, first: int, end: int) -> None:
+    """Set bits [first, end): whole bytes at once (a range unmap may cover the volume)."""
+    b = first
+    while b < end and b & 7:
+        bits[b >> 3] |= 1 << (b & 7)
+        b += 1
+    whole = (end - b) >> 3
+    if whole:
+        i = b >> 3
+        bits[i : i + whole] = b"\xff" * whole
+        b += whole << 3
+    while b < end:
+        bits[b >> 3] |= 1 << (b & 7)
+        b += 1
 
 
 def _need_blocks(extents: Sequence[tuple[int, int]]) -> list[Message]:
