@@ -27,8 +27,9 @@ from blockyard.engine import superblock as sbmod
 from blockyard.engine import wal
 from blockyard.engine.epoch import Role
 from blockyard.engine.history import History
-from blockyard.engine.limits import BLOCK_SIZE
+from blockyard.engine.limits import BLOCK_SIZE, WAL_UNMAP_MAX_BLOCKS
 from blockyard.errors import (
+    BlockyardError,
     FencedError,
     InvalidArgumentError,
     ReplicationGapError,
@@ -61,6 +62,10 @@ class ReplicatedRecord(Protocol):
     def block_count(self) -> int: ...
     @property
     def data(self) -> BytesLike: ...
+
+
+def _is_range(rec: ReplicatedRecord) -> bool:
+    return rec.kind == wal.Kind.ZERO and rec.block_count > WAL_UNMAP_MAX_BLOCKS
 
 
 class ReplicaSink:
@@ -100,6 +105,9 @@ class ReplicaSink:
         def _checkpoint_locked(self) -> None: ...
         def _release_due_retained_locked(self) -> None: ...
         def _apply_images(self, images: dict[int, memoryview | None]) -> None: ...
+        def _preserve_range(self, first: int, end: int) -> None: ...
+        def _zero_blocks(self, first: int, end: int) -> None: ...
+        def _take_offline(self, exc: BlockyardError, what: str) -> None: ...
         def _store_superblock(self, sb: sbmod.Superblock) -> None: ...
         def _save_history(self) -> None: ...
 
@@ -110,62 +118,106 @@ class ReplicaSink:
         segment. Returns the last LSN held.
 
         Refused unless the volume is a replica or rebuilding copy, and for records of a newer
-        epoch than the volume's (it must be told the new epoch first)."""
+        epoch than the volume's (it must be told the new epoch first).
+
+        A range record (an unmap of more than ``WAL_UNMAP_MAX_BLOCKS`` blocks) is applied as
+        the primary applied it: everything logged before it is checkpointed, the record is
+        logged, and the data region is punched at once (it never enters the block map, and
+        checkpoints skip it; recovery replays it in LSN order)."""
+        i = 0
+        n = len(records)
+        last = self._last_lsn
+        while i < n:
+            j = i
+            while j < n and not _is_range(records[j]):
+                j += 1
+            if j > i:
+                with self._lock:
+                    self._check_replica()
+                    for rec in records[i:j]:
+                        self._log_replicated_locked(rec)
+            if j < n:
+                self._apply_range_record(records[j])
+                j += 1
+            i = j
         with self._lock:
-            self._check_usable()
-            if self._sb.role not in (Role.REPLICA, Role.REBUILDING):
-                raise FencedError(
-                    f"volume {self._name!r} is {self._sb.role.name.lower()}, not a replica; "
-                    "only a replica takes replicated records"
+            if n == 0:
+                self._check_replica()
+            last = self._last_lsn
+        return last
+
+    def _check_replica(self) -> None:
+        self._check_usable()
+        if self._sb.role not in (Role.REPLICA, Role.REBUILDING):
+            raise FencedError(
+                f"volume {self._name!r} is {self._sb.role.name.lower()}, not a replica; "
+                "only a replica takes replicated records"
+            )
+
+    def _log_replicated_locked(self, rec: ReplicatedRecord) -> bool:
+        """Validate and log one record (caller holds ``_lock``). False for a duplicate."""
+        lsn = rec.lsn
+        if lsn <= self._last_lsn:
+            return False
+        volume_epoch = self._sb.epoch
+        if rec.epoch > volume_epoch:
+            raise StaleEpochError(
+                f"volume {self._name!r} is at epoch {volume_epoch} but a replicated "
+                f"record carries epoch {rec.epoch}; assign the new epoch first",
+                volume_epoch=volume_epoch,
+                request_epoch=rec.epoch,
+            )
+        last_seg = self._history.last
+        new_segment = last_seg is None or last_seg.key() != (rec.epoch, rec.generation)
+        if lsn != self._last_lsn + 1 and not new_segment:
+            raise ReplicationGapError(
+                f"volume {self._name!r} holds records up to LSN {self._last_lsn}; "
+                f"record {lsn} of the same history segment does not follow it"
+            )
+        kind = wal.Kind(rec.kind)
+        if kind is wal.Kind.WRITE:
+            data = rec.data
+            if len(data) != rec.block_count << _BLOCK_SHIFT or rec.block_count < 1:
+                raise InvalidArgumentError(
+                    f"replicated record {lsn}: {len(data)} bytes for {rec.block_count} blocks"
                 )
-            volume_epoch = self._sb.epoch
-            for rec in records:
-                lsn = rec.lsn
-                if lsn <= self._last_lsn:
-                    continue
-                if rec.epoch > volume_epoch:
-                    raise StaleEpochError(
-                        f"volume {self._name!r} is at epoch {volume_epoch} but a replicated "
-                        f"record carries epoch {rec.epoch}; assign the new epoch first",
-                        volume_epoch=volume_epoch,
-                        request_epoch=rec.epoch,
-                    )
-                last_seg = self._history.last
-                new_segment = last_seg is None or last_seg.key() != (rec.epoch, rec.generation)
-                if lsn != self._last_lsn + 1 and not new_segment:
-                    raise ReplicationGapError(
-                        f"volume {self._name!r} holds records up to LSN {self._last_lsn}; "
-                        f"record {lsn} of the same history segment does not follow it"
-                    )
-                if new_segment:
-                    # Durable before any record of the segment is: a restart must know which
-                    # history its records belong to.
-                    self._history.note_record(
-                        rec.epoch, rec.generation, lsn, previous_lsn=self._last_lsn
-                    )
-                    self._save_history()
-                kind = wal.Kind(rec.kind)
-                if kind is wal.Kind.WRITE:
-                    data = rec.data
-                    if len(data) != rec.block_count << _BLOCK_SHIFT or rec.block_count < 1:
-                        raise InvalidArgumentError(
-                            f"replicated record {lsn}: {len(data)} bytes for {rec.block_count} "
-                            "blocks"
-                        )
-                    payload: memoryview | None = memoryview(bytes(data))
-                elif kind is wal.Kind.ZERO:
-                    payload = None
-                else:
-                    raise InvalidArgumentError(f"replicated record {lsn} has kind {kind.name}")
-                if rec.block + rec.block_count > self._block_limit:
-                    raise InvalidArgumentError(
-                        f"replicated record {lsn} writes blocks [{rec.block}, "
-                        f"{rec.block + rec.block_count}) past the volume's {self._block_limit}"
-                    )
-                self._append_at(
-                    kind, rec.block, rec.block_count, payload, lsn, rec.epoch, rec.generation
-                )
-            return self._last_lsn
+            payload: memoryview | None = memoryview(bytes(data))
+        elif kind is wal.Kind.ZERO:
+            payload = None
+        else:
+            raise InvalidArgumentError(f"replicated record {lsn} has kind {kind.name}")
+        if rec.block + rec.block_count > self._block_limit or rec.block_count < 1:
+            raise InvalidArgumentError(
+                f"replicated record {lsn} writes blocks [{rec.block}, "
+                f"{rec.block + rec.block_count}) past the volume's {self._block_limit}"
+            )
+        if new_segment:
+            # Durable before any record of the segment is: a restart must know which history
+            # its records belong to.
+            self._history.note_record(rec.epoch, rec.generation, lsn, previous_lsn=self._last_lsn)
+            self._save_history()
+        self._append_at(kind, rec.block, rec.block_count, payload, lsn, rec.epoch, rec.generation)
+        return True
+
+    def _apply_range_record(self, rec: ReplicatedRecord) -> None:
+        """See :meth:`apply_replicated`; the primary's ``_zero_range_direct`` in replica form
+        (same lock order: ``_apply_lock`` → ``_lock``)."""
+        with self._apply_lock:
+            with self._lock:
+                self._check_replica()
+                if rec.lsn <= self._last_lsn:
+                    return
+                self._checkpoint_locked()
+                self._preserve_range(rec.block, rec.block + rec.block_count)
+                self._log_replicated_locked(rec)
+            try:
+                self._zero_blocks(rec.block, rec.block + rec.block_count)
+            except BlockyardError as exc:
+                # Logged but not punched: reads would disagree with what recovery replays.
+                self._take_offline(exc, "punching a replicated unmapped range")
+                raise
+            with self._lock:
+                self._write_seq += 1
 
     def apply_backfill(self, runs: Sequence[tuple[int, int, BytesLike | None]]) -> None:
         """Write resync images ``(block, block_count, data or None for a hole)`` into the data
