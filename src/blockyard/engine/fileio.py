@@ -39,6 +39,23 @@ _RWF_NOWAIT = os.RWF_NOWAIT
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
+#: From this size on, :func:`read_buffer` skips zero-filling (a memset of 128 KiB costs more
+#: than the ctypes call that avoids it; below, ``bytearray(n)`` is cheaper).
+UNINITIALIZED_BUFFER_MIN_BYTES = 64 << 10
+_bytearray_uninitialized = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_bytearray_uninitialized.restype = ctypes.py_object
+_bytearray_uninitialized.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def read_buffer(length: int) -> bytearray:
+    """A bytearray of ``length`` bytes to read into. Large ones are not zero-filled: the
+    caller must overwrite every byte (a whole read) or drop the buffer unseen (a short one)."""
+    if length < UNINITIALIZED_BUFFER_MIN_BYTES:
+        return bytearray(length)
+    buf: bytearray = _bytearray_uninitialized(None, length)
+    return buf
+
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate64
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from blockyard.blockdev import LbaStatus
-from blockyard.engine.fileio import IoFile
+from blockyard.engine.fileio import IoFile, read_buffer
 from blockyard.engine.limits import (
     BLOCK_SIZE,
     LOGICAL_BLOCK_SIZE,
@@ -102,7 +102,7 @@ class ReadPath:
         if gen & 1:
             return None
         if not self._dmap:
-            buf = bytearray(length)
+            buf = read_buffer(length)  # dropped unseen unless the read fills it
             if self._file.preadv_nowait([buf], self._data_offset + start) != length:
                 return None
             data: bytes | bytearray = buf
@@ -114,7 +114,7 @@ class ReadPath:
         return data if gen == self._apply_gen else None
 
     def _pread_cached(self, length: int, offset: int) -> bytearray:
-        buf = bytearray(length)
+        buf = read_buffer(length)
         if self._file.preadv_nowait([buf], offset) != length:
             raise _WouldWait
         return buf

@@ -16,7 +16,7 @@ from engine_helpers import MIB, SECTORS_PER_BLOCK, block_of
 
 from blockyard.engine import Volume, VolumeStore
 from blockyard.engine.epoch import Role
-from blockyard.engine.fileio import OsFile
+from blockyard.engine.fileio import UNINITIALIZED_BUFFER_MIN_BYTES, OsFile, read_buffer
 from blockyard.engine.write_path import SLOW_APPEND_HOLD_NS, SLOW_APPEND_NS, SLOW_APPENDS_IN_A_ROW
 from blockyard.errors import OutOfRangeError
 from blockyard.testing.faultfs import FaultFS
@@ -195,3 +195,11 @@ def test_faultfs_reads_never_wait() -> None:
     f.pwritev([b"abc" * 512], 0)
     buf = bytearray(1536)
     assert f.preadv_nowait([buf], 0) == 1536 and bytes(buf) == b"abc" * 512
+
+
+def test_read_buffers_have_the_length_asked_for() -> None:
+    small = read_buffer(4096)
+    assert isinstance(small, bytearray) and small == bytes(4096)  # zero-filled
+    big = read_buffer(UNINITIALIZED_BUFFER_MIN_BYTES * 2)
+    assert isinstance(big, bytearray) and len(big) == UNINITIALIZED_BUFFER_MIN_BYTES * 2
+    big[:] = b"\x01" * len(big)  # writable, like any bytearray
