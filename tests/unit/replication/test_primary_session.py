@@ -417,3 +417,29 @@ def test_blocks_marked_again_during_a_resync_are_sent_within_the_protocol(pair: 
         pair.sync()
     assert "caught_up" in pair.owner.names()
     assert pair.same_bytes()
+
+
+def test_a_primary_whose_epoch_moves_mid_handshake_does_not_ship_the_new_epochs_data(
+    pair: Pair,
+) -> None:
+    """The primary said Hello at epoch 1, then was given epoch 2 (a replica that was not told
+    yet still answers the old Hello). Whatever it sends on that connection must not put data
+    written at epoch 2 on a replica at epoch 1 — resync blocks carry no epoch, so the session
+    must notice its primary moved on and end — nor leave the replica claiming a history the
+    primary no longer has."""
+    write(pair.primary, 7, 1)
+    lk = pair.connect()  # Hello at epoch 1 on its way
+    pair.primary.set_role(Role.PRIMARY, epoch=2)
+    write(pair.primary, 8, 2)  # written at epoch 2
+    lk.run()
+    assert pair.replica.epoch == 1
+    assert block_of(pair.replica, 8) == bytes(BLOCK), "epoch-2 data on an epoch-1 replica"
+    if pair.store.data_state().data_state is ReplicaDataState.CONSISTENT:
+        assert pair.replica.history.segments[-1].key() == (
+            pair.primary.epoch,
+            pair.primary.generation,
+        ), pair.replica.history
+
+
+def block_of(vol: Volume, b: int) -> bytes:
+    return vol.read(b * 8, 8)

@@ -50,7 +50,7 @@ from repl_model_support import (
 
 from blockyard.engine import Role, Volume
 from blockyard.engine.history import Segment
-from blockyard.engine.limits import RETENTION_MAX_S
+from blockyard.engine.limits import RETENTION_MAX_S, WAL_UNMAP_MAX_BLOCKS
 from blockyard.errors import FeedLostError, StaleEpochError
 from blockyard.replication.commit import (
     BARRIER_TIMEOUT_S,
@@ -67,7 +67,8 @@ from blockyard.replication.errors import ErrorCode, LocalProtocolError, RemotePr
 from blockyard.replication.messages import ReplicaDataState
 from blockyard.testing.faultfs import FaultFS
 
-SIZE = 1 << 20
+#: 2 MiB: room for unmaps past WAL_UNMAP_MAX_BLOCKS (range records).
+SIZE = 2 << 20
 WAL = 64 << 10
 BLOCKS = SIZE // BLOCK
 NAME = "v"
@@ -313,13 +314,27 @@ class ReplicationMachine(RuleBasedStateMachine):
             self._request(lsn)
         self._flusher()
 
-    @rule(block=st.integers(0, BLOCKS - 1), count=st.sampled_from([1, 3, 64]))
+    @rule(
+        block=st.integers(0, BLOCKS - 1),
+        count=st.sampled_from([1, 3, 64, WAL_UNMAP_MAX_BLOCKS + 44]),
+    )
     def unmap(self, block: int, count: int) -> None:
         count = min(count, BLOCKS - block)
         before = self.primary.last_lsn
         lsn = self.primary.unmap(block * 8, count * 8)
         assert lsn == self.primary.last_lsn == before + 1
         self._log(lsn, (block, count, None))
+        self._flusher()
+
+    @rule(block=st.integers(0, BLOCKS - 1), sector=st.integers(0, 7), count=st.integers(1, 7))
+    def write_sectors(self, block: int, sector: int, count: int) -> None:
+        """A write of part of a block: the engine logs the whole block, read-modify-written."""
+        self.tag += 1
+        count = min(count, 8 - sector)
+        before = self.primary.last_lsn
+        lsn = self.primary.write(block * 8 + sector, bytes([self.tag % 251 + 1]) * (512 * count))
+        assert lsn == self.primary.last_lsn == before + 1
+        self._log(lsn, (block, 1, self.primary.read(block * 8, 8)))
         self._flusher()
 
     @rule(wait=st.booleans())
