@@ -14,7 +14,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol, TypeVar
 
@@ -33,7 +33,7 @@ from blockyard.replication.commit import (
 )
 from blockyard.replication.link import LinkStatus, ReplicaLink
 from blockyard.replication.report import ReplicaReport
-from blockyard.replication.state import PrimaryState, save_primary_state
+from blockyard.replication.state import PrimaryState, ReplicaEntry, save_primary_state
 
 log = logging.getLogger("blockyard.replication")
 
@@ -105,6 +105,10 @@ class VolumeReplication:
         self._tick: asyncio.Task[None] | None = None
         self._marking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Every write of replication.json goes through this lock and starts from the state
+        # the last one left: an in-sync mark whose fdatasync is slow can never land after
+        # the out-of-sync mark that followed it, nor a mark undo a new replica set.
+        self._save_lock = asyncio.Lock()
         self._stopped = False
         self.commit_lsn = 0
         self.degrade_events = 0
@@ -156,12 +160,33 @@ class VolumeReplication:
                 )
         self._waiters.clear()
 
-    async def reconfigure(self, state: PrimaryState) -> None:
-        """Apply a new mode or replica set (already persisted by the caller)."""
+    async def _save(self, change: Callable[[PrimaryState], PrimaryState]) -> PrimaryState:
+        """Persist ``change(current state)`` and make it current (see ``_save_lock``).
+        Raises :class:`BlockyardError` when it cannot be written (nothing changes)."""
+        async with self._save_lock:
+            state = change(self.state)
+            await self.run_sync(save_primary_state, self.volume.directory, state)
+            self.state = state
+            return state
+
+    async def reconfigure(
+        self, mode: DurabilityMode, addresses: Sequence[str], resync_limit_bps: int
+    ) -> PrimaryState:
+        """Persist and apply a new mode or replica set. A replica that stays keeps its
+        in-sync flag as this volume last persisted it; a new one starts out of sync."""
+        before = self.state
+
+        def change(current: PrimaryState) -> PrimaryState:
+            entries = []
+            for a in addresses:
+                kept = current.replica(a)
+                entries.append(ReplicaEntry(a, kept is not None and kept.in_sync))
+            return PrimaryState(mode, tuple(entries), resync_limit_bps)
+
+        state = await self._save(change)
         now = time.monotonic()
-        old = {r.address for r in self.state.replicas}
+        old = {r.address for r in before.replicas}
         new = {r.address for r in state.replicas}
-        self.state = state
         for address in old - new:
             link = self.links.pop(address, None)
             if link is not None:
@@ -173,6 +198,7 @@ class VolumeReplication:
             self.tracker.add_replica(address)
             self._start_link(address)
         self._run(self.tracker.set_mode(state.mode, now))
+        return state
 
     async def run_sync(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -271,9 +297,8 @@ class VolumeReplication:
     async def _persist_mark(self, address: str) -> None:
         try:
             while True:
-                state = self.state.with_in_sync(address, False)
                 try:
-                    await self.run_sync(save_primary_state, self.volume.directory, state)
+                    await self._save(lambda st: st.with_in_sync(address, False))
                 except BlockyardError:
                     log.exception(
                         "volume %s: cannot persist that replica %s is out of sync; flushes "
@@ -284,7 +309,6 @@ class VolumeReplication:
                     self._run(self.tracker.marked(address, False, time.monotonic()))
                     await asyncio.sleep(MARK_RETRY_S)
                     continue
-                self.state = state
                 self._run(self.tracker.marked(address, True, time.monotonic()))
                 link = self.links.get(address)
                 if link is not None:
@@ -302,15 +326,15 @@ class VolumeReplication:
     async def _persist_in_sync(self, address: str) -> None:
         ok = False
         if self.state.replica(address) is not None:
-            state = self.state.with_in_sync(address, True)
             try:
-                await self.run_sync(save_primary_state, self.volume.directory, state)
+                await self._save(
+                    lambda st: st.with_in_sync(address, True) if st.replica(address) else st
+                )
             except BlockyardError:
                 log.exception("volume %s: cannot persist that replica %s is in sync",
                               self.volume.name, address)  # fmt: skip
             else:
                 ok = True
-                self.state = state
                 log.info("volume %s: replica %s is in sync", self.volume.name, address)
                 self.observer.replica_in_sync(self.volume.name, address)
         self._run(self.tracker.marked_in_sync(address, ok, time.monotonic()))

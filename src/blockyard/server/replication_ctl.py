@@ -200,18 +200,22 @@ class ReplicationController:
                 await self._sync(self._init_replica_state, volume)
             return
         await self._sync(volume.set_role, role, epoch)
-        old = await self._sync(load_primary_state, volume.directory) or PrimaryState()
-        entries = []
-        for a in addresses:
-            previous = old.replica(a)
-            entries.append(ReplicaEntry(a, previous is not None and previous.in_sync))
-        state = PrimaryState(mode, tuple(entries), resync_limit_bps)
-        await self._sync(save_primary_state, volume.directory, state)
         vr = self._primaries.get(volume.name)
         if vr is not None and vr.volume is volume:
-            await vr.reconfigure(state)
-        elif state.replicas:
-            await self._start_primary(volume, device, state)
+            # Running: it persists the new set itself, in order with its own marks.
+            old = vr.state
+            await vr.reconfigure(mode, addresses, resync_limit_bps)
+        else:
+            loaded: PrimaryState | None = await self._sync(load_primary_state, volume.directory)
+            old = loaded or PrimaryState()
+            entries = []
+            for a in addresses:
+                previous = old.replica(a)
+                entries.append(ReplicaEntry(a, previous is not None and previous.in_sync))
+            state = PrimaryState(mode, tuple(entries), resync_limit_bps)
+            await self._sync(save_primary_state, volume.directory, state)
+            if state.replicas:
+                await self._start_primary(volume, device, state)
         for gone in {r.address for r in old.replicas} - set(addresses):
             log.info("volume %s: replica %s left the replica set", volume.name, gone)
 
