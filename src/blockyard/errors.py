@@ -138,6 +138,12 @@ class FeedLostError(BlockyardError):
     (their blocks are in the replica's missed-write bitmap). The replica must resync."""
 
 
+class EpochMovedError(FeedLostError):
+    """The primary was given a new epoch after it opened a replication session: nothing written
+    since may go out on that session (resync blocks carry no epoch). The session ends like one
+    whose feed was lost; the next handshake starts from the new epoch."""
+
+
 class ReplicationGapError(BlockyardError):
     """A replica was handed a record that does not follow the last one it holds."""
 

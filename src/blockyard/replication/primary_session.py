@@ -24,7 +24,7 @@ from blockyard.engine import wal
 from blockyard.engine.history import History
 from blockyard.engine.missed_bitmap import MissedBitmap
 from blockyard.engine.volume import WalRecord
-from blockyard.errors import FeedLostError
+from blockyard.errors import EpochMovedError, FeedLostError
 from blockyard.replication.messages import (
     Ack,
     Barrier,
@@ -160,6 +160,8 @@ class PrimarySession:
         self._caught_up_lsn: int | None = None
         self._in_sync = False
         self._barrier: tuple[int, int] | None = None
+        #: The epoch this session's Hello announced (see :meth:`_check_epoch`).
+        self._epoch: int | None = None
         # Reported by the management API.
         self.acked_lsn = 0
         self.resync_total_blocks = 0
@@ -170,6 +172,7 @@ class PrimarySession:
 
     def hello(self) -> Hello:
         s = self._store
+        self._epoch = s.epoch
         return Hello(
             protocol_version=1,
             volume_uuid=s.uuid,
@@ -193,6 +196,7 @@ class PrimarySession:
             acked_lsn=s.acked_lsn(self.replica_id),
             bitmap_dirty=bitmap.set_blocks > 0,
         )
+        self._check_epoch()
         decision = choose_plan(facts, reply)
         self.decision = decision
         if decision.choice is PlanChoice.FULL:
@@ -246,6 +250,7 @@ class PrimarySession:
         is read (the bandwidth limit holds it back; live records and barriers still go).
         Raises :class:`FeedLostError` when the replica fell past the retention bound (end the
         connection; it resyncs next time)."""
+        self._check_epoch()
         out = Outgoing()
         if self._barrier is not None:
             barrier_id, lsn = self._barrier
@@ -306,6 +311,9 @@ class PrimarySession:
         block, count = chunk
         read_lsn = self._store.last_lsn
         runs = self._store.resync_read(block, count)
+        # Checked after the read: a write of a newer epoch starts only after the epoch moved,
+        # so an unchanged epoch means nothing read here was written under the new one.
+        self._check_epoch()
         self._sent_cursor = self._pass_base + block + count
         if runs:
             out.messages.append(
@@ -325,6 +333,14 @@ class PrimarySession:
         out.resync_bytes = nbytes
         self.resync_bytes += nbytes
         return True
+
+    def _check_epoch(self) -> None:
+        if self._epoch is not None and self._store.epoch != self._epoch:
+            raise EpochMovedError(
+                f"volume {self._store.name} moved from epoch {self._epoch} to "
+                f"{self._store.epoch} during a session with replica {self.replica_id}; a new "
+                "session starts from the new epoch"
+            )
 
     def _new_pass(self, bitmap: MissedBitmap) -> None:
         bitmap.begin_pass()
