@@ -107,6 +107,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def is_atomic_write_temp(entry: str, base: str) -> bool:
+    """Whether directory entry ``entry`` is a temporary file :func:`atomic_write` left behind
+    while replacing a file named ``base`` (its writer was killed between create and rename)."""
+    return entry.startswith(f".{base}.") and entry.endswith(".tmp")
+
+
 def atomic_write(path: str, data: BytesLike, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new content, never
     a mix: a temporary file in the same directory is written fully, fsynced, renamed over

@@ -55,6 +55,7 @@ from blockyard.attach.state import (
     write_state,
 )
 from blockyard.errors import BlockyardError
+from blockyard.fileutil import is_atomic_write_temp
 
 log = logging.getLogger("blockyard.attach.daemon")
 
@@ -251,8 +252,13 @@ def remove_state_dir(layout: Layout, attachment_id: str) -> None:
         raise AttachError(f"{layout.mountpoint(attachment_id)} is still mounted or not empty")
     remove_quietly(layout.log_file(attachment_id))
     remove_quietly(layout.credentials_file(attachment_id))
+    bases = [
+        os.path.basename(layout.state_file(attachment_id)),
+        os.path.basename(layout.credentials_file(attachment_id)),
+    ]
     for entry in os.listdir(d) if os.path.isdir(d) else []:
-        if entry.startswith("state.json.tmp-"):
+        # A process killed while replacing one of these files leaves its temporary file behind.
+        if any(is_atomic_write_temp(entry, base) for base in bases):
             remove_quietly(os.path.join(d, entry))
     remove_quietly(layout.lock_file(attachment_id))
     rmdir_quietly(d)

@@ -256,11 +256,18 @@ def test_circuit_breaker(nodes: list[NodePlugin]) -> None:
     assert code != Code.UNAVAILABLE and "breaker" not in details, details
     code, details = rpc_code(a.node.NodeStageVolume, request)
     assert "breaker" not in details  # the count restarted after the reset
+    code, details = rpc_code(a.node.NodeStageVolume, request)
+    assert "breaker" not in details, details  # the third failure since the reset opens it
+    code, details = rpc_code(a.node.NodeStageVolume, request)
+    assert code == Code.UNAVAILABLE and "circuit breaker open" in details, details
+    assert (a.root / "state" / "breaker" / f"{vid}.json").exists()
     (a.root / "state" / "breaker" / "reset").touch()  # reset every breaker
+    code, details = rpc_code(a.node.NodeStageVolume, request)
+    assert code != Code.UNAVAILABLE and "breaker" not in details, details
+    assert not (a.root / "state" / "breaker" / "reset").exists()  # the reset was consumed
     code, details = rpc_code(a.node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
         volume_id=vid, staging_target_path=a.staging(vid)))  # fmt: skip
     assert code == Code.OK, details
-    assert not (a.root / "state" / "breaker" / f"{vid}.json").exists() or True
     assert not leftovers(a.root)
 
 

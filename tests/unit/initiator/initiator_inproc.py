@@ -33,7 +33,8 @@ BLOCKS = 8192
 
 
 class GatedDevice(MemoryBlockDevice):
-    """Blocks FUA writes until ``gate`` is set, so a command can be made to hang."""
+    """Blocks FUA writes and flushes until ``gate`` is set, so a command can be made to hang.
+    (The logical unit runs a FUA write as a write then a flush, so the flush is what hangs.)"""
 
     def __init__(self, block_count: int) -> None:
         super().__init__(block_count)
@@ -44,6 +45,10 @@ class GatedDevice(MemoryBlockDevice):
         if fua:
             self.gate.wait(10)
         super().write(lba, data, fua=fua)
+
+    def flush(self) -> None:
+        self.gate.wait(10)
+        super().flush()
 
 
 @dataclass
