@@ -344,7 +344,10 @@ class PrimarySession:
 
     def _new_pass(self, bitmap: MissedBitmap) -> None:
         bitmap.begin_pass()
-        self.resync_total_blocks += bitmap.set_blocks
+        # What is still owed: blocks kept set by the last pass (marked again while it ran)
+        # were counted in the total already and not done, so the total is recomputed, not
+        # summed (summing counted them twice and the report never reached its total).
+        self.resync_total_blocks = self.resync_done_blocks + bitmap.set_blocks
         self._runs = iter(bitmap.runs())
         self._run_pos = None
         self._pass_base = self._confirmed_cursor = self._sent_cursor
