@@ -9,7 +9,7 @@ python="${PYTHON:-$repo/.venv/bin/python}"
 bin_dir="$(dirname "$python")"
 cd "$repo/src"
 
-for proto in blockyard/server/proto/volume_server.proto blockyard/csi/proto/csi.proto; do
+for proto in blockyard/server/proto/volume_server.proto blockyard/master/proto/master.proto blockyard/csi/proto/csi.proto; do
   # -I src makes the generated imports package-qualified (from blockyard.server.proto import ...);
   # grpc_tools adds its bundled include directory for the google/protobuf/*.proto imports.
   "$python" -m grpc_tools.protoc -I . \

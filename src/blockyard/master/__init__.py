@@ -1,0 +1,1 @@
+"""The master: registry, placement, heartbeats, leases, assignments, failover and stores."""

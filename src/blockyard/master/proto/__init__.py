@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code of the master API (scripts/gen_protos.sh)."""
