@@ -213,3 +213,67 @@ class TlsFileError(InvalidArgumentError):
     """A TLS certificate, key or CA file is missing, unreadable or not PEM, or the key does not
     belong to the certificate. An operating error (exit 1): the flags were right, the files
     are not."""
+
+
+# --- master store ----------------------------------------------------------------------------
+
+
+class StoreError(BlockyardError):
+    """The master's store (sqlite:// or etcd://) refused or failed an operation."""
+
+
+class StoreUrlError(InvalidArgumentError):
+    """A ``--store`` URL is not ``sqlite:///ABSOLUTE/PATH`` or ``etcd://HOST:PORT[,HOST:PORT...]``.
+    A usage error (exit 2)."""
+
+
+class StoreConflictError(StoreError):
+    """A put or delete named a version (``expect_version``) the record no longer has: someone
+    wrote it since it was read. Reload the record and decide again."""
+
+    def __init__(
+        self, message: str, *, key: str, expected_version: int, actual_version: int | None
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.expected_version = expected_version
+        #: None when the record does not exist.
+        self.actual_version = actual_version
+
+
+class NotLeaderError(StoreError):
+    """This master is not the leader, so it may not write the store; the leader (when known)
+    serves the request instead."""
+
+    def __init__(self, message: str, *, leader_address: str | None = None) -> None:
+        super().__init__(message)
+        self.leader_address = leader_address
+
+
+class StoreFencedError(NotLeaderError):
+    """This master was the leader and no longer is (etcd: its lease expired or the leader key
+    changed): the write was refused by the store itself, so a deposed leader's late write never
+    lands. The master must stop acting as leader."""
+
+
+class StoreLockedError(StoreError):
+    """Another master holds the store (sqlite: the database's lock file), so this one must not
+    start on it."""
+
+
+class StoreFormatError(StoreError):
+    """The store holds something that is not a blockyard master store, or one written by a newer
+    version."""
+
+
+class StoreClosedError(StoreError):
+    """The store was used after ``close()``."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached or failed an I/O call; the cause is chained. A write that
+    failed this way may or may not have been applied: re-putting the same value is safe."""
+
+
+class StoreTimeoutError(StoreUnavailableError, BlockyardTimeoutError):
+    """A store call did not complete within its timeout; its outcome is unknown."""
