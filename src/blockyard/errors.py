@@ -116,6 +116,13 @@ class NotPrimaryError(FencedError):
     replication stream (and a rebuilding copy none at all)."""
 
 
+class LeaseExpiredError(FencedError):
+    """A primary run by a master holds no lease right now (the master's grant and its
+    replicas' answers both lapsed, or a promoted copy is still waiting out the old primary's
+    lease): it acknowledges no write or flush until a lease comes back (SCSI: NOT READY,
+    asymmetric access state transition, so the initiator retries)."""
+
+
 # --- integrity -------------------------------------------------------------------------------
 
 
