@@ -89,6 +89,8 @@ class PrimaryLease:
         #: Read by any thread: writes are allowed while not_before <= now < deadline.
         self._not_before_ns = 0
         self._deadline_ns = NO_DEADLINE_NS
+        #: A role change is being applied: nothing is acknowledged until it is done.
+        self._suspended = False
 
     # ---- queries (any thread) -------------------------------------------------------------
 
@@ -102,6 +104,10 @@ class PrimaryLease:
         now = self.clock()
         if self._not_before_ns <= now < self._deadline_ns:
             return
+        if self._suspended:
+            raise LeaseExpiredError(
+                f"volume {self.volume!r} is changing role (epoch {self.epoch}); retry"
+            )
         if now < self._not_before_ns:
             raise LeaseExpiredError(
                 f"volume {self.volume!r} was just promoted (epoch {self.epoch}) and waits "
@@ -180,7 +186,24 @@ class PrimaryLease:
         """Acknowledge nothing before ``not_before_ns`` (a promoted replica's promise)."""
         self._not_before_ns = max(self._not_before_ns, not_before_ns)
 
+    def suspend(self) -> None:
+        """Acknowledge nothing until :meth:`resume` (a promotion is being applied: its epoch
+        and the hold it needs are known only once the copy's epoch has moved)."""
+        self._suspended = True
+        self._recompute()
+
+    def resume(self) -> None:
+        self._suspended = False
+        self._recompute()
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
     def _recompute(self) -> None:
+        if self._suspended:
+            self._deadline_ns = 0
+            return
         if not self._replicas:
             self._deadline_ns = NO_DEADLINE_NS
             return

@@ -7,6 +7,15 @@ resync progress) — and reconnects with backoff until stopped.
 Storage work (reading resync blocks, records read back from the WAL, bitmap persistence) runs in
 the replication worker pool, never on the loop; what only touches memory runs inline, so a
 barrier's round trip costs no thread hop on the primary.
+
+**Lease probes** (a volume with a lease, see :mod:`.lease`): every TTL/4 the pump sends a
+barrier whose id comes from a range of its own (:data:`PROBE_ID_BASE` and up, above any id the
+commit tracker hands out) and notes when it went. The replica answers the highest barrier id
+it received before its flush, so an Ack naming probe *p* was sent after *p* arrived: the
+replica was at this epoch after *p*'s send time, which is what the replica lease needs. The
+commit tracker's own barriers are still settled by the Ack's durable LSN when a probe's id
+answers for them. No wire change: a probe is an ordinary Barrier (its LSN is what the replica
+already acknowledged, so its flush costs nothing new).
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from blockyard.replication.channel import (
 )
 from blockyard.replication.connection import ReplicationConnection, Side
 from blockyard.replication.errors import ReplicationProtocolError
+from blockyard.replication.lease import PROBES_PER_TTL
 from blockyard.replication.messages import (
     Ack,
+    Barrier,
     Keepalive,
     NeedBlocks,
     PlanKind,
@@ -59,6 +70,12 @@ RESYNC_CHUNK_BLOCKS: Final = 256
 RESYNC_WINDOW_BLOCKS: Final = 1 << 16
 RECONNECT_MIN_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
+#: Lease probe barrier ids start here (the commit tracker counts up from 1; u64 on the wire).
+PROBE_ID_BASE: Final = 1 << 63
+#: Probes remembered while unanswered (older ones could only grant an expired lease).
+MAX_PROBES_IN_FLIGHT: Final = 16
+#: A probe this close to due goes now (a timer may fire a hair early; no busy loop).
+PROBE_EARLY_S: Final = 0.001
 _PLAN_KIND: Final = {
     PlanChoice.CATCH_UP: PlanKind.CATCH_UP,
     PlanChoice.DELTA: PlanKind.DELTA,
@@ -97,6 +114,10 @@ class ReplicaLink:
         self._channel: Channel | None = None
         self._session_core: PrimarySession | None = None
         self._reached_data_phase = False
+        #: Lease probes sent on this connection and not yet answered: id → send time (ns).
+        self._probes: dict[int, int] = {}
+        self._next_probe_id = PROBE_ID_BASE
+        self._next_probe_ns = 0
 
     @property
     def volume(self) -> Volume:
@@ -221,6 +242,8 @@ class ReplicaLink:
                 elif not isinstance(msg, Keepalive):
                     raise PeerGoneError(f"{self.address} sent {msg!r} before its diverged blocks")
             session.start()
+            self._probes.clear()
+            self._next_probe_ns = 0
             self._reached_data_phase = True
             self.status.connected = True
             self.status.phase = "resyncing" if session.resync_id else "catching_up"
@@ -233,10 +256,43 @@ class ReplicaLink:
             self._session_core = None
             session.close()
 
+    def _probe_wait_s(self) -> float | None:
+        """Seconds until the next lease probe is due (0: now), None without a lease."""
+        lease = self._owner.lease
+        if lease is None or not lease.required:
+            return None
+        return max(0.0, (self._next_probe_ns - lease.clock()) / 1e9)
+
+    async def _probe(self, ch: Channel, session: PrimarySession) -> None:
+        lease = self._owner.lease
+        assert lease is not None
+        probe_id = self._next_probe_id
+        self._next_probe_id += 1
+        sent_ns = lease.clock()
+        self._next_probe_ns = sent_ns + lease.ttl_ns // PROBES_PER_TTL
+        if len(self._probes) >= MAX_PROBES_IN_FLIGHT:
+            del self._probes[min(self._probes)]
+        self._probes[probe_id] = sent_ns
+        await ch.send(Barrier(probe_id, session.acked_lsn))
+
+    def _probe_answered(self, barrier_id: int, epoch: int | None) -> None:
+        sent_ns = self._probes.get(barrier_id)
+        if sent_ns is None or epoch is None:
+            return
+        # The replica received every probe up to this one: none of them can grant more.
+        for probe_id in [p for p in self._probes if p <= barrier_id]:
+            del self._probes[probe_id]
+        lease = self._owner.lease
+        if lease is not None:
+            lease.answered(self.address, epoch, sent_ns)
+
     async def _pump(self, ch: Channel, session: PrimarySession) -> None:
         pace = _Pacer(self._owner.resync_limit_bps)
         while True:
             self._wake.clear()
+            probe_s = self._probe_wait_s()
+            if probe_s is not None and probe_s <= PROBE_EARLY_S:
+                await self._probe(ch, session)
             barrier, self._barrier = self._barrier, None
             if barrier is not None:
                 session.barrier(*barrier)
@@ -264,11 +320,17 @@ class ReplicaLink:
             # the next resync chunk go (live records never wait for the limit).
             paced = not allow and session.resync_ready
             timeout = min(KEEPALIVE_INTERVAL_S, pace.wait_s()) if paced else KEEPALIVE_INTERVAL_S
+            probe_s = self._probe_wait_s()
+            probing = probe_s is not None and probe_s < timeout
+            if probing and probe_s is not None:
+                timeout = probe_s
             try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
             except TimeoutError:
-                if not paced:
+                # A probe due now goes at the top of the loop (it keeps the peer from
+                # thinking us dead as well as a keepalive would).
+                if not paced and not probing:
                     await ch.send(session.keepalive(self._owner.commit_lsn))
 
     async def _read(self, ch: Channel, session: PrimarySession) -> None:
@@ -283,6 +345,8 @@ class ReplicaLink:
             if isinstance(msg, Ack):
                 # The commit point first, on the loop: a flush waits on it.
                 self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id)
+                if msg.barrier_id >= PROBE_ID_BASE:
+                    self._probe_answered(msg.barrier_id, ch.conn.epoch)
             if isinstance(msg, Ack | Progress):
                 try:
                     heard = await self._sync(session.heard, msg)

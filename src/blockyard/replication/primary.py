@@ -31,6 +31,7 @@ from blockyard.replication.commit import (
     MarkOutOfSync,
     SendBarrier,
 )
+from blockyard.replication.lease import PrimaryLease
 from blockyard.replication.link import LinkStatus, ReplicaLink
 from blockyard.replication.report import ReplicaReport
 from blockyard.replication.state import PrimaryState, ReplicaEntry, save_primary_state
@@ -88,10 +89,14 @@ class VolumeReplication:
         executor: ThreadPoolExecutor,
         primary_id: str,
         observer: ReplicationObserver | None = None,
+        lease: PrimaryLease | None = None,
     ) -> None:
         self.volume = volume
         self.state = state
         self.primary_id = primary_id
+        #: The volume's lease (a server run by a master): its replica set follows ours, and
+        #: the links feed it their replicas' answers to lease probes.
+        self.lease = lease
         self._executor = executor
         self.observer: ReplicationObserver = observer or NoObserver()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -118,6 +123,8 @@ class VolumeReplication:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.lease is not None:
+            self.lease.set_replicas(r.address for r in self.state.replicas)
         for r in self.state.replicas:
             await self.run_sync(self.volume.track_replica, r.address)
             self._start_link(r.address)
@@ -187,6 +194,8 @@ class VolumeReplication:
         now = time.monotonic()
         old = {r.address for r in before.replicas}
         new = {r.address for r in state.replicas}
+        if self.lease is not None:
+            self.lease.set_replicas(new)
         for address in old - new:
             link = self.links.pop(address, None)
             if link is not None:
@@ -399,10 +408,16 @@ class VolumeReplication:
 class ReplicatedDevice:
     """The :class:`~blockyard.blockdev.BlockDevice` the SCSI layer writes through: the engine
     volume, plus the replication commit point at flushes and FUA writes. With no replication
-    configured it adds one call per I/O and nothing else."""
+    configured it adds one call per I/O and nothing else.
 
-    def __init__(self, volume: Volume) -> None:
+    With a ``lease`` (a server run by a master) every write, unmap and flush is refused with
+    :class:`~blockyard.errors.LeaseExpiredError` while the lease does not allow it — checked
+    before it starts and again before it is acknowledged (a flush may wait seconds for its
+    replicas). Reads are always served. The check is a clock read and two compares, no lock."""
+
+    def __init__(self, volume: Volume, lease: PrimaryLease | None = None) -> None:
         self.volume = volume
+        self.lease = lease
         self.replication: VolumeReplication | None = None
 
     @property
@@ -431,30 +446,51 @@ class ReplicatedDevice:
         """:meth:`read` if it needs no wait, else None (see ``Volume.try_read``)."""
         return self.volume.try_read(lba, block_count)
 
+    def _check_lease(self) -> None:
+        lease = self.lease
+        if lease is not None:
+            lease.check()
+
     def write(self, lba: int, data: BytesLike, *, fua: bool = False) -> int:
+        self._check_lease()
         lsn = self.volume.write(lba, data, fua=fua)
         if fua:
             self._commit(lsn)
+        self._check_lease()
         return lsn
 
     def try_write(self, lba: int, data: BytesLike) -> int | None:
         """A plain (non-FUA) :meth:`write` if it needs no wait, else None (see
         ``Volume.try_write``). Replication adds no wait here: the record is a local WAL append
-        that the links ship on their own; only flushes and FUA writes wait for replicas."""
+        that the links ship on their own; only flushes and FUA writes wait for replicas.
+        Without a lease it declines too, so that :meth:`write` raises the error."""
+        lease = self.lease
+        if lease is not None and not lease.allows():
+            return None
         return self.volume.try_write(lba, data)
 
     def unmap(self, lba: int, block_count: int) -> int:
-        return self.volume.unmap(lba, block_count)
+        self._check_lease()
+        lsn = self.volume.unmap(lba, block_count)
+        self._check_lease()
+        return lsn
 
     def write_zeroes(self, lba: int, block_count: int) -> int:
-        return self.volume.write_zeroes(lba, block_count)
+        self._check_lease()
+        lsn = self.volume.write_zeroes(lba, block_count)
+        self._check_lease()
+        return lsn
 
     def write_same(self, lba: int, block_count: int, pattern: BytesLike) -> int:
-        return self.volume.write_same(lba, block_count, pattern)
+        self._check_lease()
+        lsn = self.volume.write_same(lba, block_count, pattern)
+        self._check_lease()
+        return lsn
 
     def flush(self) -> None:
         """Durable here and on the copies the durability mode requires. The barrier to the
         replicas goes out before the local fdatasync, so the two overlap."""
+        self._check_lease()
         lsn = self.volume.last_lsn
         replication = self.replication
         pending = replication.commit_start(lsn) if replication is not None and lsn else None
@@ -464,6 +500,8 @@ class ReplicatedDevice:
             if replication is not None and pending is not None:
                 # Wait even if the local sync failed: the waiter must not be left behind.
                 replication.commit_wait(lsn, pending)
+        # The wait may have outlived the lease: a flush is acknowledged only under one.
+        self._check_lease()
 
     def lba_status(self, lba: int) -> LbaStatus:
         return self.volume.lba_status(lba)

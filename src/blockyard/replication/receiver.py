@@ -11,6 +11,11 @@ pool, one message at a time in stream order; a bounded queue lets the next few f
 while one is applied, and the socket is not read while it is full, so a slow disk pushes back
 on the primary through TCP. Barrier flushes run beside the appliers, at most one at
 a time per connection; barriers that arrive meanwhile are answered by the next flush.
+
+Leases (:mod:`.lease`): an answer (Ack, Progress, Keepalive) goes out only while the copy is
+still at the connection's epoch — one that accepted a newer epoch answers nothing more on the
+old connection — and with ``answers`` set (a server run by a master) each answer is noted
+there first, so that a copy promoted later waits out the old primary's replica lease.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ from blockyard.replication.errors import (
     LocalProtocolError,
     ReplicationProtocolError,
 )
+from blockyard.replication.lease import AnswerLog, may_answer
 from blockyard.replication.messages import (
     Barrier,
     Blocks,
     Error,
     Hello,
     Keepalive,
+    Message,
     Plan,
     Records,
     ResyncDone,
@@ -100,6 +107,8 @@ class ReplicationListener:
         self._server: asyncio.Server | None = None
         self._active: dict[str, _Receiver] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: When each volume last answered its primary (set by a server run by a master).
+        self.answers: AnswerLog | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -192,7 +201,9 @@ class ReplicationListener:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TAKEOVER_TIMEOUT_S):
                     await previous.done.wait()
-        receiver = _Receiver(channel, ReplicaSession(store), store, self._executor)
+        receiver = _Receiver(
+            channel, ReplicaSession(store), store, self._executor, name=name, answers=self.answers
+        )
         self._active[name] = receiver
         try:
             await receiver.run()
@@ -208,11 +219,16 @@ class _Receiver:
         session: ReplicaSession,
         store: ReplicaStore,
         executor: ThreadPoolExecutor,
+        *,
+        name: str = "",
+        answers: AnswerLog | None = None,
     ) -> None:
         self._channel = channel
         self._session = session
         self._store = store
         self._executor = executor
+        self._name = name
+        self._answers = answers
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_again = False
         self._pending_barrier = 0
@@ -362,7 +378,8 @@ class _Receiver:
                 self.stop()
                 return
             try:
-                await self._channel.send(*result.messages)
+                if not await self._answer(*result.messages):
+                    return
             except (PeerGoneError, ReplicationProtocolError, OSError):
                 return
             if not self._flush_again:
@@ -380,6 +397,29 @@ class _Receiver:
                 self._request_flush(0)
                 continue
             try:
-                await self._channel.send(Keepalive(self._store.durable_lsn, 0))
+                if not await self._answer(Keepalive(self._store.durable_lsn, 0)):
+                    return
             except (PeerGoneError, ReplicationProtocolError, OSError):
                 return
+
+    async def _answer(self, *messages: Message) -> bool:
+        """Send ``messages`` unless the copy moved past the connection's epoch (then end the
+        connection and return False). The check, the note in the answer log and the send's
+        first step happen without yielding, so a promotion (which reads the log after the
+        epoch moved) sees every answer given at the old epoch."""
+        epoch = self._channel.conn.epoch
+        if epoch is None or not may_answer(self._store.epoch, epoch):
+            log.info(
+                "replication of %s from %s: this copy moved to epoch %d; no more answers at "
+                "epoch %s",
+                self._name,
+                self._channel.peer,
+                self._store.epoch,
+                epoch,
+            )
+            self.stop()
+            return False
+        if self._answers is not None:
+            self._answers.answered(self._name)
+        await self._channel.send(*messages)
+        return True

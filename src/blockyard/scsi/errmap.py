@@ -8,7 +8,8 @@
 |   InvalidArgumentError       |                                                          |
 | NoSpaceError                 | DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT     |
 |                              | (07/27/07), SBC-4 §4.7.3.6                               |
-| FencedError                  | NOT READY / TARGET PORT IN STANDBY STATE (02/04/0B)      |
+| LeaseExpiredError            | NOT READY / ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A)|
+| FencedError, other           | NOT READY / TARGET PORT IN STANDBY STATE (02/04/0B)      |
 | VolumeClosedError            | NOT READY / TARGET PORT IN UNAVAILABLE STATE (02/04/0C)  |
 | CorruptionError              | MEDIUM ERROR / UNRECOVERED READ ERROR (03/11/00)         |
 | StorageIOError on read       | MEDIUM ERROR / UNRECOVERED READ ERROR (03/11/00)         |
@@ -24,6 +25,12 @@ Why these choices:
   standby", which Linux scsi_dh_alua and dm-multipath treat as a path failure: they re-read
   REPORT TARGET PORT GROUPS and move I/O to the active path. 04/0A (transitioning) would make
   the initiator retry the same path instead, which cannot succeed.
+- Lease expired (a primary run by a master that has lost touch with the master and its
+  replicas): the state is in flux — the lease may come back in a moment, or the master moves
+  the volume elsewhere and this port becomes standby. 04/0A (T10 ASC list: LOGICAL UNIT NOT
+  ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION; SPC-4 asymmetric logical unit access,
+  transitioning state) makes the initiator retry and re-read REPORT TARGET PORT GROUPS, which
+  suits both outcomes. Never silence: the initiator learns at once.
 - WAL full: back-pressure. TASK SET FULL makes the initiator retry *and* lower its queue depth
   (Linux scsi_track_queue_full), which is exactly the relief the WAL needs.
 - Flush timeout: a transient stall with nothing to shed. BUSY is retried without changing the
@@ -41,6 +48,7 @@ from blockyard.errors import (
     CorruptionError,
     FencedError,
     InvalidArgumentError,
+    LeaseExpiredError,
     NoSpaceError,
     OutOfRangeError,
     StorageIOError,
@@ -52,6 +60,7 @@ from blockyard.scsi.constants import (
     INVALID_FIELD_IN_CDB,
     LBA_OUT_OF_RANGE,
     LU_NOT_ACCESSIBLE_STANDBY,
+    LU_NOT_ACCESSIBLE_TRANSITION,
     LU_NOT_ACCESSIBLE_UNAVAILABLE,
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
     UNRECOVERED_READ_ERROR,
@@ -82,6 +91,9 @@ def error_to_result(
     if isinstance(exc, NoSpaceError):
         log.error("%s: out of space: %s", where, exc)
         return check_condition(SenseKey.DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+    if isinstance(exc, LeaseExpiredError):
+        log.warning("%s: no lease, answering transitioning: %s", where, exc)
+        return check_condition(SenseKey.NOT_READY, LU_NOT_ACCESSIBLE_TRANSITION)
     if isinstance(exc, FencedError):
         log.warning("%s: fenced, telling the initiator to fail over: %s", where, exc)
         return check_condition(SenseKey.NOT_READY, LU_NOT_ACCESSIBLE_STANDBY)

@@ -46,6 +46,7 @@ from blockyard.errors import (
 )
 from blockyard.iscsi.discovery import iqn_for_volume
 from blockyard.iscsi.login import TargetConfig
+from blockyard.replication.lease import PrimaryLease
 from blockyard.replication.primary import ReplicatedDevice
 from blockyard.scsi.alua import AccessState, StaticAlua, TargetPortGroup
 from blockyard.scsi.identity import LuIdentity
@@ -172,6 +173,7 @@ class VolumeManager(AccessOps, ReplicationOps):
         op_timeout_s: float = DEFAULT_OP_TIMEOUT_S,
         replication_listen: tuple[str, int] | None = None,
         replication_advertise: str | None = None,
+        leases: bool = False,
     ) -> None:
         if not portal_groups:
             raise ValueError("a volume manager needs at least one portal group")
@@ -192,6 +194,8 @@ class VolumeManager(AccessOps, ReplicationOps):
         self._ops: set[_Op] = set()
         self._stopping = False
         self._rechecks: set[asyncio.TimerHandle] = set()
+        #: Run by a master: every primary acknowledges writes only under a lease.
+        self.leases = leases
         self._init_replication(replication_listen, replication_advertise)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -374,7 +378,13 @@ class VolumeManager(AccessOps, ReplicationOps):
         reservations = FileReservationStore(
             os.path.join(vol.directory, RESERVATIONS_FILE), volume=vol.name
         )
-        device = ReplicatedDevice(vol)
+        lease = None
+        if self.leases:
+            lease = PrimaryLease(vol.name, epoch=vol.epoch)
+            if vol.role is Role.PRIMARY:
+                # Until its replication (and so its replica set) is running.
+                lease.suspend()
+        device = ReplicatedDevice(vol, lease)
         lu = LogicalUnit(device, identity, alua, reservations, lun=LUN, volume_name=vol.name)
         iqn = volume_iqn(self.iqn_prefix, vol.name, vol.uuid)
         return _Exported(vol, alua, lu, iqn, identity.naa_id().hex(), auth, device)
@@ -656,6 +666,16 @@ class VolumeManager(AccessOps, ReplicationOps):
             __version__,
             self.replication.address,
         )
+
+    def devices(self) -> list[tuple[Volume, ReplicatedDevice]]:
+        """Every volume served now with the device its LU writes through (a copy, taken on the
+        event loop): for the heartbeat's reports and the leases it feeds."""
+        return [(e.volume, e.device) for e in self._exported.values() if e.device is not None]
+
+    async def offload(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` in the manager's pool (bounded by the operation timeout): for
+        callers outside the manager whose work may touch storage."""
+        return await self._offload(None, what, fn, *args)
 
     def served(self) -> list[tuple[Volume, LogicalUnit]]:
         """Every volume served now with its logical unit: a copy, taken on the event loop. For

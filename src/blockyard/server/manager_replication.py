@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 from blockyard.engine.epoch import Role
 from blockyard.engine.volume import Volume
 from blockyard.replication.commit import DurabilityMode
+from blockyard.replication.lease import PrimaryLease
 from blockyard.replication.primary import ReplicatedDevice
 from blockyard.replication.report import ReplicationInfo
 from blockyard.replication.state import load_primary_state
@@ -80,6 +81,12 @@ class ReplicationOps:
                 await self.replication.volume_opened(exp.volume, exp.device)
             except Exception:  # one volume's replication must not keep the others from serving
                 log.exception("volume %s: replication did not start", exp.volume.name)
+                # A primary's lease stays suspended: without its replica set it cannot know
+                # whether it needs one.
+                return
+            lease = exp.device.lease
+            if lease is not None:
+                lease.resume()
 
     async def _volume_closing(self, name: str) -> None:
         await self.replication.volume_closing(name)
@@ -109,6 +116,12 @@ class ReplicationOps:
             else:
                 replication = (DurabilityMode.SYNC_ALL, (), 0)
         mode, replicas, limit = replication
+        lease = device.lease
+        was_primary = vol.role is Role.PRIMARY
+        promoting = lease is not None and role is Role.PRIMARY and not was_primary
+        if promoting and lease is not None:
+            # Nothing is acknowledged until the epoch has moved and the hold is known.
+            lease.suspend()
         await self.replication.configure(
             vol,
             device,
@@ -118,6 +131,8 @@ class ReplicationOps:
             replicas=replicas,
             resync_limit_bps=limit,
         )
+        if lease is not None:
+            self._update_lease(vol.name, lease, role, epoch, replicas, was_primary=was_primary)
         self._apply_alua(exp, role)
         log.info(
             "volume %s is %s at epoch %d%s",
@@ -126,6 +141,29 @@ class ReplicationOps:
             epoch,
             f" ({mode.value}, replicas {', '.join(replicas)})" if replicas else "",
         )
+
+    def _update_lease(
+        self,
+        name: str,
+        lease: PrimaryLease,
+        role: Role,
+        epoch: int,
+        replicas: Sequence[str],
+        *,
+        was_primary: bool,
+    ) -> None:
+        """After a role change took effect: the lease follows the new epoch and replica set; a
+        copy that just became primary first waits out the old primary's replica lease (the
+        last answer it gave; no answer can follow, its epoch has moved)."""
+        stays = was_primary and role is Role.PRIMARY
+        lease.set_epoch(epoch, stays_primary=stays)
+        lease.set_replicas(replicas if role is Role.PRIMARY else ())
+        listener = self.replication.listener
+        if role is Role.PRIMARY and not stays and listener is not None:
+            answers = listener.answers
+            if answers is not None:
+                lease.hold_until(answers.hold_until(name))
+        lease.resume()
 
     async def set_replication(
         self,

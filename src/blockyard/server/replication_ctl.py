@@ -132,6 +132,7 @@ class ReplicationController:
             executor=self.executor,
             primary_id=self.address or volume.name,
             observer=self.observer,
+            lease=device.lease,
         )
         await vr.start()
         self._primaries[volume.name] = vr

@@ -337,3 +337,18 @@ def test_answer_log_is_bounded_and_stays_safe() -> None:
     clock.advance(10 * S)
     log.answered("e")  # every hold is over: they are pruned
     assert len(log) == 1
+
+
+def test_suspended_refuses_everything_until_resumed() -> None:
+    clock = FakeClock()
+    le = PrimaryLease("vol", clock=clock)
+    assert le.allows()
+    le.suspend()
+    assert not le.allows()
+    with pytest.raises(LeaseExpiredError, match="changing role"):
+        le.check()
+    le.set_replicas(())  # updates while suspended do not lift it
+    le.grant(0, clock(), TTL)
+    assert not le.allows()
+    le.resume()
+    assert le.allows()
