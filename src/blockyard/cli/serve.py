@@ -10,6 +10,11 @@ The management API uses mutual TLS with ``--tls-cert``, ``--tls-key`` and ``--tl
 must present a certificate signed by that CA). Without them it listens only on a loopback
 address, unless ``--insecure`` accepts plaintext elsewhere.
 
+``--master HOST:PORT[,HOST:PORT]`` registers with the master under the server id kept in the
+data directory and heartbeats to it (``--heartbeat-interval``, ``--zone``); the master assigns
+roles and grants leases, and a primary whose lease lapses answers writes and flushes with NOT
+READY until it has one again. Without it the server runs standalone.
+
 ``--metrics-listen`` serves Prometheus metrics over plain HTTP (as ``blockyard csi`` does; the
 READY line then ends with ``metrics=http://HOST:PORT/metrics``). Free space in the data
 directory is checked every few seconds: below ``--space-soft-threshold`` every volume's
@@ -36,6 +41,11 @@ from blockyard.server.daemon import (
     StartError,
     VolumeServerDaemon,
     parse_address,
+)
+from blockyard.server.heartbeat import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    MAX_HEARTBEAT_INTERVAL_S,
+    MIN_HEARTBEAT_INTERVAL_S,
 )
 from blockyard.server.manager import DEFAULT_IQN_PREFIX
 from blockyard.server.space_task import DEFAULT_SOFT_THRESHOLD, SoftThreshold
@@ -99,6 +109,21 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "larger; 0 turns it off (default: 10%%,256MiB)",
     )
     p.add_argument(
+        "--master",
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="register with the master(s) and heartbeat to them; the master then assigns "
+        "roles, and primaries acknowledge writes only under its lease (default: standalone)",
+    )
+    p.add_argument("--zone", default="", help="this server's zone, for placement (with --master)")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=parse_interval,
+        default=DEFAULT_HEARTBEAT_INTERVAL_S,
+        metavar="DURATION",
+        help="how often to heartbeat to the master, e.g. 500ms or 1s (default 500ms; the "
+        "master may ask for another)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -134,6 +159,30 @@ def parse_soft_threshold(text: str) -> SoftThreshold:
     return SoftThreshold(fraction, min_bytes)
 
 
+def parse_interval(text: str) -> float:
+    """``500ms``, ``1s`` or plain seconds (``0.5``), within the heartbeat bounds."""
+    t = text.strip()
+    try:
+        seconds = float(t[:-2]) / 1000 if t.endswith("ms") else float(t.removesuffix("s"))
+    except ValueError:
+        seconds = -1.0
+    if not MIN_HEARTBEAT_INTERVAL_S <= seconds <= MAX_HEARTBEAT_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a duration from {MIN_HEARTBEAT_INTERVAL_S * 1000:g}ms to "
+            f"{MAX_HEARTBEAT_INTERVAL_S:g}s, e.g. 500ms"
+        )
+    return seconds
+
+
+def parse_masters(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    masters = tuple(m.strip() for m in text.split(",") if m.strip())
+    for m in masters:
+        parse_address(m, option="--master")
+    return masters
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = DaemonConfig(
@@ -158,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
             advertise_host=args.advertise_host,
             shutdown_timeout_s=args.shutdown_timeout,
             api_security=tls.from_args(args),
+            masters=parse_masters(args.master),
+            zone=args.zone,
+            heartbeat_interval_s=args.heartbeat_interval,
         )
     except ValueError as exc:  # TlsConfigError is one too
         print(f"blockyard serve: error: {exc}", file=sys.stderr)

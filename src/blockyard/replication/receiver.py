@@ -14,8 +14,8 @@ a time per connection; barriers that arrive meanwhile are answered by the next f
 
 Leases (:mod:`.lease`): an answer (Ack, Progress, Keepalive) goes out only while the copy is
 still at the connection's epoch — one that accepted a newer epoch answers nothing more on the
-old connection — and with ``answers`` set (a server run by a master) each answer is noted
-there first, so that a copy promoted later waits out the old primary's replica lease.
+old connection — and each answer is noted in the listener's ``answers`` first, so that a copy
+promoted later waits out the old primary's replica lease.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ class ReplicationListener:
         self._server: asyncio.Server | None = None
         self._active: dict[str, _Receiver] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        #: When each volume last answered its primary (set by a server run by a master).
-        self.answers: AnswerLog | None = None
+        #: When each volume last answered its primary: always kept (a few bytes per volume),
+        #: so that it is complete from the first connection when a master promotes a copy.
+        self.answers = AnswerLog()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(

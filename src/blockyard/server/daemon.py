@@ -33,6 +33,11 @@ from blockyard import tls
 from blockyard.csi.metrics import MetricsHttpServer
 from blockyard.errors import BlockyardError, TlsConfigError, TlsFileError
 from blockyard.server.api import VolumeServerService, add_to_server
+from blockyard.server.heartbeat import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    HeartbeatClient,
+    ServerIdentity,
+)
 from blockyard.server.iscsi_server import DictTargetRegistry, IscsiServer, ServerSettings
 from blockyard.server.manager import DEFAULT_IQN_PREFIX, PortalGroup, VolumeManager
 from blockyard.server.metrics import (
@@ -42,6 +47,7 @@ from blockyard.server.metrics import (
     ServerMetrics,
     manager_view,
 )
+from blockyard.server.server_id import load_or_create_server_id
 from blockyard.server.space_task import DEFAULT_SOFT_THRESHOLD, SoftThreshold, SpaceTask
 
 log = logging.getLogger("blockyard.server")
@@ -97,6 +103,10 @@ class DaemonConfig:
     #: Prometheus metrics over plain HTTP (like the CSI driver's endpoint: no TLS, any address).
     metrics_listen: Address | None = None
     space_threshold: SoftThreshold = DEFAULT_SOFT_THRESHOLD
+    #: Masters to register and heartbeat with (``--master``); empty: standalone.
+    masters: tuple[str, ...] = ()
+    zone: str = ""
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
 
 
 class VolumeServerDaemon:
@@ -112,6 +122,8 @@ class VolumeServerDaemon:
         self._metrics_http: MetricsHttpServer | None = None
         self.metrics_port = 0
         self._space: SpaceTask | None = None
+        self.heartbeat: HeartbeatClient | None = None
+        self.server_id = ""
 
     @property
     def iscsi_addresses(self) -> list[Address]:
@@ -171,6 +183,7 @@ class VolumeServerDaemon:
                 iqn_prefix=cfg.iqn_prefix,
                 replication_listen=None if rep is None else (rep.host, rep.port),
                 replication_advertise=cfg.replication_advertise,
+                leases=bool(cfg.masters),
             )
         except BlockyardError as exc:
             raise StartError(str(exc)) from exc
@@ -204,6 +217,8 @@ class VolumeServerDaemon:
         await self._start_api(credentials)
         if cfg.metrics_listen is not None:
             await self._start_metrics(cfg.metrics_listen)
+        if cfg.masters:
+            await self._start_heartbeat()
         log.info(
             "volume server ready: %s (management API: %s)",
             self.ready_line(),
@@ -232,6 +247,33 @@ class VolumeServerDaemon:
         await server.start()
         self.api_port = port
 
+    async def _start_heartbeat(self) -> None:
+        assert self.manager is not None
+        cfg = self.config
+        try:
+            self.server_id = await self.manager.offload(
+                "read the server id", load_or_create_server_id, cfg.data_dir
+            )
+        except BlockyardError as exc:
+            raise StartError(str(exc)) from exc
+        api_host = cfg.advertise_host or (
+            socket.gethostname() if _is_wildcard(cfg.api_listen.host) else cfg.api_listen.host
+        )
+        identity = ServerIdentity(
+            server_id=self.server_id,
+            iscsi_portals=tuple(
+                str(Address(g.advertised_host, g.port)) for g in self.manager.portal_groups
+            ),
+            api=str(Address(api_host, self.api_port)),
+            replication=self.manager.replication.address,
+            zone=cfg.zone,
+        )
+        self.heartbeat = HeartbeatClient(
+            self.manager, identity, cfg.masters, interval_s=cfg.heartbeat_interval_s
+        )
+        self.heartbeat.start()
+        log.info("server %s heartbeats to %s", self.server_id, ", ".join(cfg.masters))
+
     async def _start_metrics(self, addr: Address) -> None:
         assert self.manager is not None
         metrics = self.metrics
@@ -253,6 +295,10 @@ class VolumeServerDaemon:
         budget = self.config.shutdown_timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
+        heartbeat, self.heartbeat = self.heartbeat, None
+        if heartbeat is not None:
+            # First: the master must stop granting leases before the volumes go away.
+            await heartbeat.stop()
         http, self._metrics_http = self._metrics_http, None
         if http is not None:
             await asyncio.to_thread(http.stop)

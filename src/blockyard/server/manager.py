@@ -667,6 +667,10 @@ class VolumeManager(AccessOps, ReplicationOps):
             self.replication.address,
         )
 
+    @property
+    def portal_groups(self) -> tuple[PortalGroup, ...]:
+        return self._groups
+
     def devices(self) -> list[tuple[Volume, ReplicatedDevice]]:
         """Every volume served now with the device its LU writes through (a copy, taken on the
         event loop): for the heartbeat's reports and the leases it feeds."""

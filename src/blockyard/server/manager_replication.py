@@ -160,9 +160,7 @@ class ReplicationOps:
         lease.set_replicas(replicas if role is Role.PRIMARY else ())
         listener = self.replication.listener
         if role is Role.PRIMARY and not stays and listener is not None:
-            answers = listener.answers
-            if answers is not None:
-                lease.hold_until(answers.hold_until(name))
+            lease.hold_until(listener.answers.hold_until(name))
         lease.resume()
 
     async def set_replication(
