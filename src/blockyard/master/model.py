@@ -445,3 +445,48 @@ def decode_volume(data: bytes, key: str = "volumes/?") -> VolumeRecord:
         ),
     )
     return validate_volume(rec, doc.what)
+
+
+# ---- heartbeat content (wire-free; the service converts from protobuf) ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    address: str
+    in_sync: bool
+    connected: bool = False
+    phase: str = ""
+    acked_lsn: int = 0
+    resync_total_bytes: int = 0
+    resync_done_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeReport:
+    name: str
+    uuid: str
+    role: Role
+    epoch: int
+    size_bytes: int = 0
+    last_lsn: int = 0
+    durable_lsn: int = 0
+    allocated_bytes: int = 0
+    #: Primary only: its replicas as it sees them.
+    replicas: tuple[ReplicaReport, ...] = ()
+    failed: bool = False
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    server_id: str
+    full: bool
+    addresses: ServerAddresses = ServerAddresses()
+    zone: str = ""
+    capacity_bytes: int = 0
+    free_bytes: int = 0
+    allocated_bytes: int = 0
+    volumes: tuple[VolumeReport, ...] = ()
+    sent_mono_ns: int = 0
+    seq: int = 0
+    stopping: bool = False
