@@ -14,8 +14,8 @@ a time per connection; barriers that arrive meanwhile are answered by the next f
 
 Leases (:mod:`.lease`): an answer (Ack, Progress, Keepalive) goes out only while the copy is
 still at the connection's epoch — one that accepted a newer epoch answers nothing more on the
-old connection — and each answer is noted in the listener's ``answers`` first, so that a copy
-promoted later waits out the old primary's replica lease.
+old connection — and each Ack (the only answer to a lease probe) is noted in the listener's
+``answers`` first, so that a copy promoted later waits out the old primary's replica lease.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from blockyard.replication.errors import (
 )
 from blockyard.replication.lease import AnswerLog, may_answer
 from blockyard.replication.messages import (
+    Ack,
     Barrier,
     Blocks,
     Error,
@@ -420,7 +421,9 @@ class _Receiver:
             )
             self.stop()
             return False
-        if self._answers is not None:
+        if self._answers is not None and any(isinstance(m, Ack) for m in messages):
+            # Only an Ack can answer a lease probe (see link.py); keepalives and progress
+            # grant the primary nothing, so they need not delay a promotion.
             self._answers.answered(self._name)
         await self._channel.send(*messages)
         return True
