@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real components the tests and the demo drive: libiscsi's tools (iscsi-test-cu, iscsi-ls, ...),
-# qemu-img/qemu-io with iscsi://, tgtd as the performance peer, FUSE, filesystems and loop devices.
+# qemu-img/qemu-io with iscsi://, tgtd as the performance peer, FUSE, filesystems and loop devices,
+# etcd for the HA master's store (the tests start their own; the system service is not used).
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   libiscsi-bin qemu-utils qemu-block-extra tgt
   fuse3 e2fsprogs xfsprogs util-linux iproute2 procps fio
+  etcd-server
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
