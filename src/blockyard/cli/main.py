@@ -23,7 +23,7 @@ GRPC_VERBOSITY_DEFAULT = "ERROR"
 def build_parser() -> argparse.ArgumentParser:
     os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)
     # The verb modules import grpc: only after the line above.
-    from blockyard.cli import attach, bench, csi, serve, volume  # noqa: PLC0415
+    from blockyard.cli import attach, bench, csi, master, serve, volume  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="blockyard", description="Replicated block storage for Kubernetes."
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     attach.register(verbs)
     serve.register(verbs)
     csi.register(verbs)
+    master.register(verbs)
     return parser
 
 
