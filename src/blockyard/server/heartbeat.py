@@ -117,6 +117,8 @@ class HeartbeatClient:
         self._applied: dict[str, bytes] = {}
         self._failed_at: dict[str, float] = {}
         self._apply_slots = asyncio.Semaphore(MAX_APPLYING)
+        self._stop_requested = asyncio.Event()
+        self._stop_sent = asyncio.Event()
         self._redirect: str | None = None
         #: The master this client streams to now ("" while disconnected), and counters for
         #: tests and status.
@@ -129,19 +131,19 @@ class HeartbeatClient:
     def start(self) -> None:
         if self._task is None:
             self._stopping = False
+            self._stop_requested.clear()
+            self._stop_sent.clear()
             self._task = asyncio.create_task(self._run(), name="heartbeat")
 
     async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Tell the master this server stops (bounded), then end the stream."""
         self._stopping = True
-        call = self._call
-        if call is not None:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, TimeoutError):
+        self._stop_requested.set()
+        if self._call is not None:
+            # The writer sends it (one writer per stream: gRPC allows no concurrent writes).
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
-                    msg = await self._heartbeat(full=False)
-                    msg.stopping = True
-                    await call.write(msg)
-                    await call.done_writing()
+                    await self._stop_sent.wait()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -212,11 +214,18 @@ class HeartbeatClient:
     async def _writer(
         self, call: grpc.aio.StreamStreamCall[mpb.ServerHeartbeat, mpb.MasterReply]
     ) -> None:
-        while not self._stopping:
+        while True:
             msg = await self._heartbeat(full=self._full)
+            msg.stopping = self._stopping
             self._full = False
             await call.write(msg)
-            await asyncio.sleep(self.interval_s)
+            if msg.stopping:
+                self._stop_sent.set()
+                await call.done_writing()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval_s):
+                    await self._stop_requested.wait()
 
     async def _reader(
         self,

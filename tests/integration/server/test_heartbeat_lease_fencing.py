@@ -153,9 +153,9 @@ def test_lapsed_lease_fences_writes_not_reads(tmp_path: Path) -> None:
     finally:
         if serve is not None:
             assert serve.stop() == 0, serve.stderr()
+            # SIGTERM told the master first.
+            wait_for(lambda: master.heartbeats[-1].stopping, "the stopping heartbeat")
         server.stop(0)
-    # SIGTERM told the master first.
-    assert master.heartbeats[-1].stopping
 
 
 async def exercise(master: ScriptedMaster, portal: Portal, iqn: str) -> None:

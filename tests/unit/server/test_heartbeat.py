@@ -117,7 +117,8 @@ def test_registers_full_then_deltas_and_stops(tmp_path: Path) -> None:
         hb_client = d.heartbeat
         assert hb_client is not None
         await hb_client.stop()
-        assert master.heartbeats[-1].stopping
+        await until(lambda: master.heartbeats[-1].stopping, "the stopping heartbeat")
+        assert [hb.stopping for hb in master.heartbeats].count(True) == 1
 
     run(tmp_path, body)
 
