@@ -42,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
+import grpc
 import grpc.aio
 from etcd3aio import Etcd3Client, EtcdError
 from etcd3aio._protobuf import Compare
@@ -144,13 +145,14 @@ class EtcdStore:
         client = self._client
         if client is None:
             return
+        # Taken before _lose(), which would revoke it in a task that the next lines cancel.
+        lease_id, self._lease_id = self._lease_id, None
         self._lose("the store closed")
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        lease_id, self._lease_id = self._lease_id, None
         if lease_id is not None:
             # Revoking deletes the leader key at once, so a follower need not wait for the TTL.
             await self._revoke(client, lease_id)
@@ -331,7 +333,11 @@ class EtcdStore:
             return
         try:
             await lease_api.revoke(lease_id, timeout=self._op_timeout_s, max_attempts=1)
-        except (TimeoutError, grpc.aio.AioRpcError, EtcdError) as exc:
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return  # already expired or revoked: what we wanted
+            _log.warning("could not revoke etcd lease %x (it expires by itself): %s", lease_id, exc)
+        except (TimeoutError, EtcdError) as exc:
             _log.warning("could not revoke etcd lease %x (it expires by itself): %s", lease_id, exc)
 
     def _leader_text(self) -> str:
