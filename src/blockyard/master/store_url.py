@@ -71,7 +71,8 @@ def _parse_sqlite(url: str, rest: str) -> SqliteUrl:
             f"store URL {url!r}: a sqlite path must be absolute, written with three slashes "
             "(sqlite:///var/lib/blockyard/master.db)"
         )
-    path = PurePosixPath(rest)
+    # sqlite:////abs/path (SQLAlchemy's spelling of an absolute path) means the same.
+    path = PurePosixPath("/" + rest.lstrip("/"))
     if rest.endswith("/") or path.name in ("", ".", ".."):
         raise StoreUrlError(f"store URL {url!r} names a directory; name the database file")
     if "\x00" in rest:
