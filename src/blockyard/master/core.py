@@ -206,7 +206,7 @@ class MasterCore:
         if isinstance(intent, PutServer):
             self._servers_busy.discard(intent.record.server_id)
             if version is not None:
-                self.registry.put_server(intent.record, version)
+                self.applied_server(intent.record, version)
             return
         name = intent.record.name if isinstance(intent, PutVolume) else intent.name
         try:
@@ -243,7 +243,14 @@ class MasterCore:
         self._marks = {k: v for k, v in self._marks.items() if k[0] != name}
 
     def applied_server(self, rec: ServerRecord, version: int) -> None:
+        old = self.registry.servers.get(rec.server_id)
         self.registry.put_server(rec, version)
+        if old is not None and old.addresses.replication != rec.addresses.replication:
+            # A server back on another replication address: every primary replicating to it
+            # needs the new address in its replica set.
+            for name in sorted(self.registry.volumes_on(rec.server_id)):
+                vol = self.registry.volumes[name]
+                self._queue_for(vol, vol)
 
     def applied_server_removal(self, server_id: str) -> None:
         self.registry.remove_server(server_id)

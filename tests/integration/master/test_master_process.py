@@ -43,6 +43,7 @@ class Proc:
     process: subprocess.Popen[str]
     fields: dict[str, str]
     log: Path
+    args: list[str]
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.process.poll() is None:
@@ -71,7 +72,7 @@ def launch(args: list[str], log: Path) -> Proc:
     assert proc.stdout is not None
     stdout = proc.stdout
     threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-    out = Proc(proc, {}, log)
+    out = Proc(proc, {}, log, args)
     try:
         line = lines.get(timeout=START_TIMEOUT_S)
     except queue.Empty as exc:
@@ -154,6 +155,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Proc, list[Proc]]]:
             assert s.fields, s.log.read_text()
             servers.append(s)
         yield master, servers
+        procs += servers[3:]  # restarted ones
     finally:
         for p in reversed(procs):
             p.stop(signal.SIGKILL)
@@ -232,6 +234,22 @@ def test_create_through_the_master_and_fail_over_on_kill_9(
         lambda: server_volume(apis[replica], "vol") == (Role.PRIMARY, 2),
     )
     print(f"promoted {promoted_after_s:.2f} s after kill -9")
+
+    # The killed server returns on the same data directory: it is fenced by the epoch, takes
+    # the replica role at epoch 2, and its copy is caught up until the volume is active again.
+    old = proc_of[primary]
+    args = list(old.args)
+    args[args.index("--api-listen") + 1] = old.fields["api"]
+    back = launch(args, old.log.with_name("serve-back.log"))
+    servers.append(back)
+    assert back.fields, back.log.read_text()
+    wait_for(
+        "the old primary back as a replica at epoch 2",
+        lambda: server_volume(apis[primary], "vol") == (Role.REPLICA, 2),
+    )
+    wait_for("the volume active again", lambda: get_volume(addr, "vol").status == "active")
+    states = {c.server_id: c.state for c in get_volume(addr, "vol").copies}
+    assert states == {replica: "in_sync", primary: "in_sync"}
 
 
 def test_sigterm_is_bounded_and_a_second_master_on_the_store_refuses(tmp_path: Path) -> None:
