@@ -22,7 +22,7 @@ import pytest
 from etcd3aio import Etcd3Client
 from etcd_proc import EtcdServer
 
-from blockyard.errors import StoreFencedError
+from blockyard.errors import NotLeaderError, StoreFencedError, StoreTimeoutError
 from blockyard.master.store_etcd import EtcdStore
 
 T = TypeVar("T")
@@ -294,3 +294,64 @@ def test_close_hands_leadership_over_without_waiting_for_the_ttl(
     print(f"takeover after the leader closed: {took:.3f} s")
     # The lease's TTL is 10 s: a takeover well before it came from close() revoking the lease.
     assert took < 5
+
+
+def test_leadership_lost_when_etcd_stops_answering(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Keepalives that go unanswered end leadership by the leader's own clock, within the TTL,
+    without hearing from etcd; once etcd is back, the old leadership's writes are refused."""
+    prefix = etcd_prefix + "/"
+
+    async def main() -> float:
+        a = EtcdStore([etcd_server.endpoint], prefix=prefix, election_ttl_s=TTL_S)
+        await a.open()
+        try:
+            await a.campaign("a", "a:1", timeout_s=30)
+            etcd_server.process.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                async with asyncio.timeout(TTL_S + 5):
+                    await a.leadership_lost.wait()
+                took = time.monotonic() - stopped
+            finally:
+                etcd_server.process.send_signal(signal.SIGCONT)
+            with pytest.raises(StoreFencedError):
+                await a.put("volumes", "v", b"after the loss", expect_version=None)
+            return took
+        finally:
+            await a.close()
+
+    took = run(main())
+    print(f"leadership_lost after etcd stopped answering: {took:.3f} s")
+    # The local deadline counts from the last answered keepalive's send time: never later
+    # than the lease's TTL after etcd went quiet.
+    assert took <= TTL_S
+
+
+def test_follower_campaign_times_out_while_another_leads(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    prefix = etcd_prefix + "/"
+
+    async def main() -> None:
+        a = EtcdStore([etcd_server.endpoint], prefix=prefix, election_ttl_s=TTL_S)
+        b = EtcdStore([etcd_server.endpoint], prefix=prefix, election_ttl_s=TTL_S)
+        await a.open()
+        await b.open()
+        try:
+            await a.campaign("a", "a:1", timeout_s=30)
+            with pytest.raises(StoreTimeoutError, match="master a at a:1 leads"):
+                await b.campaign("b", "b:1", timeout_s=1.0)
+            assert not b.is_leader
+            leader = b.leader()
+            assert leader is not None and leader.address == "a:1"
+            with pytest.raises(NotLeaderError) as info:
+                await b.put("volumes", "v", b"x", expect_version=0)
+            assert info.value.leader_address == "a:1"
+            assert not isinstance(info.value, StoreFencedError)
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())
