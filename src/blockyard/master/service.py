@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any, Final, Protocol, TypeVar
 
@@ -125,10 +125,14 @@ class MasterService(mpb_grpc.MasterServicer):
             leader_address=where or None,
         )
 
-    async def _rpc(self, context: Context, what: str, fn: Awaitable[T]) -> T:
+    async def _rpc(self, context: Context, what: str, fn: Coroutine[Any, Any, T]) -> T:
         start = time.monotonic()
         try:
-            self._check_leader()
+            try:
+                self._check_leader()
+            except errors.NotLeaderError:
+                fn.close()  # never started: close it, or it is reported as never awaited
+                raise
             result = await fn
         except errors.BlockyardError as exc:
             code = status_of(exc)
