@@ -155,7 +155,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Proc, list[Proc]]]:
             assert s.fields, s.log.read_text()
             servers.append(s)
         yield master, servers
-        procs += servers[3:]  # restarted ones
+        procs += servers[3:]  # restarted ones (servers and masters)
     finally:
         for p in reversed(procs):
             p.stop(signal.SIGKILL)
@@ -271,3 +271,46 @@ def test_sigterm_is_bounded_and_a_second_master_on_the_store_refuses(tmp_path: P
         assert again.fields.get("role") == "leader", again.log.read_text()
     finally:
         assert again.stop(signal.SIGTERM) == 0
+
+
+def test_master_kill_9_and_restart_promotes_nothing(
+    cluster: tuple[Proc, list[Proc]],
+) -> None:
+    """The master is not in the data path: killed for longer than a lease, the primary keeps
+    its role (replica lease), and the restarted master, which cannot see the old grants, holds
+    promotions for TTL + margin and then finds the primary heartbeating: nothing moves."""
+    master, servers = cluster
+    addr = master.fields["master"]
+    wait_for("three alive servers", lambda: len(alive_servers(addr)) == 3)
+    apis = alive_servers(addr)
+    info: mpb.VolumeInfo = master_call(
+        addr,
+        lambda s: s.CreateVolume(
+            mpb.MasterCreateVolumeRequest(name="vol", size_bytes=8 * MIB, replica_count=2)
+        ),
+    )
+    primary = info.primary_server_id
+    wait_for("the volume active", lambda: get_volume(addr, "vol").status == "active")
+    wait_for(
+        "primary role applied", lambda: server_volume(apis[primary], "vol") == (Role.PRIMARY, 1)
+    )
+
+    master.stop(signal.SIGKILL)
+    time.sleep(2 * (LEASE_TTL_S + MARGIN_S))
+    assert server_volume(apis[primary], "vol") == (Role.PRIMARY, 1)
+
+    args = list(master.args)
+    args[args.index("--listen") + 1] = addr
+    again = launch(args, master.log.with_name("master-2.log"))
+    servers.append(again)
+    assert again.fields.get("role") == "leader", again.log.read_text()
+    leader: mpb.LeaderInfo = master_call(addr, lambda s: s.GetLeader(mpb.GetLeaderRequest()))
+    assert leader.is_leader and not leader.promotions_allowed
+    wait_for(
+        "promotions allowed",
+        lambda: master_call(addr, lambda s: s.GetLeader(mpb.GetLeaderRequest())).promotions_allowed,
+    )
+    time.sleep(LEASE_TTL_S + MARGIN_S)
+    after = get_volume(addr, "vol")
+    assert (after.epoch, after.primary_server_id) == (1, primary)
+    assert server_volume(apis[primary], "vol") == (Role.PRIMARY, 1)
