@@ -18,6 +18,7 @@ always works from the servers' whole reported state, never from a single delta.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ SUSPECT_AFTER_INTERVALS: Final = 3
 #: Replica phases (replication.report) in which a copy is being caught up.
 _CATCHING_UP_PHASES: Final = frozenset({"catching_up", "resyncing"})
 _SERVING: Final = (VolumeStatus.ACTIVE, VolumeStatus.DEGRADED)
+_STREAM_IDS: Final = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +146,6 @@ class _Mark:
     sent_mono_ns: int
 
 
-@dataclass(slots=True)
-class _Streams:
-    next_id: int = 1
-    open: set[int] = field(default_factory=set)
-
-
 class MasterCore:
     """Not thread-safe: one event loop drives it."""
 
@@ -164,7 +160,6 @@ class MasterCore:
         self._promoting: set[str] = set()
         self._servers_busy: set[str] = set()
         self._marks: dict[tuple[str, str], _Mark] = {}
-        self._streams = _Streams()
         self._stuck_logged: set[tuple[str, int]] = set()
 
     # ---- loading -----------------------------------------------------------------------
@@ -313,9 +308,9 @@ class MasterCore:
     # ---- heartbeats --------------------------------------------------------------------
 
     def open_stream(self) -> int:
-        stream = self._streams.next_id
-        self._streams.next_id += 1
-        return stream
+        # Ids are unique across cores: a stream opened under the previous leader's core and
+        # still running under this one must never be mistaken for a newer stream.
+        return next(_STREAM_IDS)
 
     def close_stream(self, stream: int, server_id: str | None) -> None:
         """A heartbeat stream ended. Only the server's current stream disconnects it: a late

@@ -47,3 +47,10 @@ def test_late_close_of_an_old_stream_does_not_disconnect_the_new_one() -> None:
     h.core.close_stream(old_stream, "s1")  # the old stream's end is noticed late
     assert h.core.registry.live["s1"].connected
     assert h.tick() == [] and "vol" not in h.core.deferred
+
+
+def test_stream_ids_are_unique_across_cores() -> None:
+    """A new leader builds a new core while old streams keep running: an old stream's id must
+    not equal a new stream's, or the old stream's deltas would pass for the current one's."""
+    old, new = Harness.make(), Harness.make()
+    assert old.core.open_stream() != new.core.open_stream()
