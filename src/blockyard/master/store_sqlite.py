@@ -92,6 +92,8 @@ class SqliteStore:
         self._max_pending = max_pending
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
+        # Bumped when a thread is retired (see _shutdown_thread).
+        self._gen = 0
         # Touched only on the store's thread.
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -113,7 +115,7 @@ class SqliteStore:
         )
         self._slots = asyncio.Semaphore(self._max_pending)
         try:
-            await self._call("open", self._open_sync)
+            await self._call("open", self._open_sync, self._gen)
         except BaseException:
             await self._shutdown_thread()
             raise
@@ -131,9 +133,15 @@ class SqliteStore:
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        # A call that timed out may still run; a last job closes whatever it left open, and the
-        # thread ends after it. Not waited for: it is bounded by sqlite's own busy timeout.
-        executor.submit(self._close_sync)
+        # A call that timed out may still run on the old thread. Its handles are taken from it
+        # here and closed by a last job after it; the generation bump makes an open that is
+        # still running there close what it opens instead of installing it, so nothing of the
+        # old thread touches what a later open() installs. Not waited for: it is bounded by
+        # sqlite's own busy timeout.
+        self._gen += 1
+        conn, self._conn = self._conn, None
+        fd, self._lock_fd = self._lock_fd, None
+        executor.submit(_close_handles, conn, fd)
         executor.shutdown(wait=False)
 
     # --- leadership --------------------------------------------------------------------------
@@ -237,7 +245,7 @@ class SqliteStore:
 
     # --- on the store's thread ---------------------------------------------------------------
 
-    def _open_sync(self) -> None:
+    def _open_sync(self, gen: int) -> None:
         if not self.path.parent.is_dir():
             raise StoreUnavailableError(
                 f"cannot open sqlite store {self.path}: directory {self.path.parent} does not "
@@ -245,11 +253,14 @@ class SqliteStore:
             )
         fd = self._lock_sync()
         try:
-            self._conn = self._connect_sync()
+            conn = self._connect_sync()
         except BaseException:
             os.close(fd)
-            self._lock_fd = None
             raise
+        if gen != self._gen:  # open() gave up on this call (timeout) and retired the thread
+            _close_handles(conn, fd)
+            raise StoreClosedError(f"sqlite store {self.path} was closed while it opened")
+        self._conn, self._lock_fd = conn, fd
 
     def _lock_sync(self) -> int:
         try:
@@ -274,7 +285,6 @@ class SqliteStore:
             raise StoreUnavailableError(
                 f"cannot lock {self.lock_path} of sqlite store {self.path}: {exc.strerror}"
             ) from exc
-        self._lock_fd = fd
         _write_holder(fd, {"pid": os.getpid()})
         return fd
 
@@ -338,11 +348,8 @@ class SqliteStore:
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
         fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)  # releases the flock
+        _close_handles(conn, fd)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -454,6 +461,13 @@ class SqliteStore:
             f"sqlite store {self.path}: {what} failed ({exc}); nothing was written. Check the "
             "disk (space, permissions) under the database"
         )
+
+
+def _close_handles(conn: sqlite3.Connection | None, fd: int | None) -> None:
+    if conn is not None:
+        conn.close()
+    if fd is not None:
+        os.close(fd)  # releases the flock
 
 
 def _version_matches(expect_version: int | None, current: int | None) -> bool:
