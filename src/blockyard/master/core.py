@@ -35,6 +35,7 @@ from blockyard.master import failover
 from blockyard.master.assignments import Assignment, AssignmentQueue
 from blockyard.master.leases import LeasePolicy, LeaseTable
 from blockyard.master.model import (
+    MAX_COPIES,
     MAX_PENDING_MARKS,
     CopyRecord,
     CopyState,
@@ -499,6 +500,8 @@ class MasterCore:
             report = live.reports.get(name)
             if report is None or report.uuid != rec.uuid or report.failed:
                 continue
+            if self._handing_over(rec, now_ns):
+                continue  # drain: the primary lets its lease lapse, then a replica takes over
             holds = report.role is Role.PRIMARY and report.epoch == rec.epoch
             pending = self.assignments.get(sid, name)
             taking = pending is not None and pending.role is Role.PRIMARY
@@ -609,7 +612,11 @@ class MasterCore:
                 continue
             intent: Intent | None = None
             if rec.status in _SERVING:
-                intent = self._failover(rec, now_ns) or self._replace(rec, now_ns)
+                intent = (
+                    self._failover(rec, now_ns)
+                    or self._replace(rec, now_ns)
+                    or self._drain(rec, now_ns)
+                )
             elif rec.status is VolumeStatus.DELETING:
                 gone = [c.server_id for c in rec.copies if c.server_id not in self.registry.servers]
                 if gone:
@@ -620,11 +627,50 @@ class MasterCore:
                 intents.append(intent)
         return intents
 
+    def _heard(self, server_id: str, now_ns: int) -> bool:
+        live = self.registry.live.get(server_id)
+        return (
+            live is not None
+            and live.connected
+            and not live.stopping
+            and now_ns - live.last_heartbeat_ns <= self.config.suspect_after_ns
+        )
+
+    def _draining(self, server_id: str) -> bool:
+        rec = self.registry.servers.get(server_id)
+        return rec is not None and rec.state is ServerState.DRAINING
+
+    def _lsns(self, rec: VolumeRecord) -> dict[str, int]:
+        return {
+            c.server_id: report.durable_lsn
+            for c in rec.copies
+            if (report := self._report(c.server_id, rec.name)) is not None
+        }
+
+    def _successor(self, rec: VolumeRecord, now_ns: int, *, drain: bool) -> CopyRecord | None:
+        """The copy to promote: on a heard server that is not draining; for a failure (not a
+        drain) a heard draining server will do when no other is left."""
+        lsns = self._lsns(rec)
+        heard = {c.server_id for c in rec.copies if self._heard(c.server_id, now_ns)}
+        staying = {s for s in heard if not self._draining(s)}
+        choice = failover.choose_new_primary(
+            rec, staying, lambda c: lsns.get(c.server_id, c.durable_lsn)
+        )
+        if choice is None and not drain:
+            choice = failover.choose_new_primary(
+                rec, heard, lambda c: lsns.get(c.server_id, c.durable_lsn)
+            )
+        return choice
+
+    def _handing_over(self, rec: VolumeRecord, now_ns: int) -> bool:
+        """The primary's server is draining and an in-sync copy elsewhere can take over."""
+        return self._draining(rec.primary) and self._successor(rec, now_ns, drain=True) is not None
+
     def _primary_heard(self, rec: VolumeRecord, now_ns: int) -> bool:
         live = self.registry.live.get(rec.primary)
-        if live is None or not live.connected or live.stopping:
+        if not self._heard(rec.primary, now_ns) or live is None:
             return False
-        if now_ns - live.last_heartbeat_ns > self.config.suspect_after_ns:
+        if self._handing_over(rec, now_ns):
             return False
         report = live.reports.get(rec.name)
         return report is not None and report.uuid == rec.uuid and not report.failed
@@ -638,19 +684,8 @@ class MasterCore:
         self.deferred.defer(rec.name, rec.epoch, now_ns)
         if not self.leases.may_promote(rec.name, rec.epoch, now_ns):
             return None
-        usable = {
-            c.server_id
-            for c in rec.copies
-            if self.server_state(c.server_id, now_ns) in (ServerState.ALIVE, ServerState.DRAINING)
-        }
-        lsns = {
-            c.server_id: report.durable_lsn
-            for c in rec.copies
-            if (report := self._report(c.server_id, rec.name)) is not None
-        }
-        choice = failover.choose_new_primary(
-            rec, usable, lambda c: lsns.get(c.server_id, c.durable_lsn)
-        )
+        lsns = self._lsns(rec)
+        choice = self._successor(rec, now_ns, drain=False)
         if choice is None:
             if (rec.name, rec.epoch) not in self._stuck_logged:
                 self._stuck_logged.add((rec.name, rec.epoch))
@@ -703,6 +738,45 @@ class MasterCore:
             )
             return PutVolume(new, self.registry.volume_versions[rec.name], "replacement")
         return None
+
+    def _drain(self, rec: VolumeRecord, now_ns: int) -> Intent | None:
+        """Move replicas off draining servers: add a copy elsewhere first, drop the draining
+        one once every other copy is in sync (redundancy never drops below what it was). A
+        primary on a draining server is handed over first (see :meth:`_handing_over`)."""
+        leaving = [
+            c for c in rec.copies if c.server_id != rec.primary and self._draining(c.server_id)
+        ]
+        if not leaving or self._draining(rec.primary):
+            return None
+        keep = [c for c in rec.copies if not self._draining(c.server_id)]
+        if len(keep) < rec.replica_count:
+            if len(rec.copies) >= MAX_COPIES:
+                return None
+            zones = [
+                self.registry.servers[c.server_id].zone
+                for c in keep
+                if c.server_id in self.registry.servers
+            ]
+            best = rank(
+                self.candidates(now_ns),
+                rec.size_bytes,
+                exclude=set(rec.server_ids),
+                taken_zones=zones,
+            )
+            if not best:
+                return None
+            new = rec.with_copy(CopyRecord(best[0], Role.REPLICA, CopyState.PENDING))
+            reason = f"drain: new copy on {best[0]}"
+        elif all(c.state is CopyState.IN_SYNC for c in keep):
+            new = rec.without_copy(leaving[0].server_id)
+            reason = f"drain: copy on {leaving[0].server_id} moved"
+        else:
+            return None
+        new = replace(new, copies=_ordered(new, rec))
+        new = replace(new, status=new.settled_status())
+        self._busy.add(rec.name)
+        log.info("volume %s: %s", rec.name, reason)
+        return PutVolume(new, self.registry.volume_versions[rec.name], reason)
 
 
 def _ordered(new: VolumeRecord, old: VolumeRecord) -> tuple[CopyRecord, ...]:

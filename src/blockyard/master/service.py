@@ -505,11 +505,16 @@ class MasterService(mpb_grpc.MasterServicer):
         live = self.core.registry.live.get(sid)
         names = self.core.registry.volumes_on(sid)
         primaries = sum(1 for n in names if self.core.registry.volumes[n].primary == sid)
+        state = self.core.server_state(sid, now).value
+        draining = rec.state is ServerState.DRAINING
+        if draining and not names:
+            state = "drained"
         return mpb.ServerInfo(
             server_id=sid,
             addresses=_addresses_pb(rec.addresses),
             zone=rec.zone,
-            state=self.core.server_state(sid, now).value,
+            state=state,
+            drain_remaining=len(names) if draining else 0,
             capacity_bytes=rec.capacity_bytes if live is None else live.capacity_bytes,
             free_bytes=rec.free_bytes if live is None else live.free_bytes,
             allocated_bytes=rec.allocated_bytes if live is None else live.allocated_bytes,
@@ -521,13 +526,26 @@ class MasterService(mpb_grpc.MasterServicer):
     async def DrainServer(
         self, request: mpb.DrainServerRequest, context: Context
     ) -> mpb.ServerInfo:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "draining a server is not implemented yet: move its volumes by deleting and "
-            "re-creating them, or stop it and use ForgetServer (its copies are then replaced "
-            "elsewhere)",
-        )
-        raise AssertionError("unreachable: abort raises")
+        return await self._rpc(context, f"DrainServer {request.server_id}", self._drain(request))
+
+    async def _drain(self, req: mpb.DrainServerRequest) -> mpb.ServerInfo:
+        """Mark the server draining (persisted): placement skips it, its primaries hand over
+        (their lease lapses, then an in-sync replica is promoted) and its replicas get a new
+        copy elsewhere before theirs is dropped. Progress: ``drain_remaining``."""
+        sid = req.server_id
+        rec = self.core.registry.servers.get(sid)
+        if rec is None:
+            raise errors.NotFoundError(f"no server {sid!r}; list them with ListServers")
+        if rec.state is not ServerState.DRAINING:
+            new = replace(rec, state=ServerState.DRAINING)
+            version = await self.store.put(
+                KIND_SERVERS,
+                sid,
+                model.encode_server(new),
+                expect_version=self.core.registry.server_versions.get(sid, 0),
+            )
+            self.core.applied_server(new, version)
+        return self._server_info(sid)
 
     async def ForgetServer(
         self, request: mpb.ForgetServerRequest, context: Context

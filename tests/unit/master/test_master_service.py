@@ -148,3 +148,20 @@ def test_mark_out_of_sync_is_in_the_store_before_the_answer() -> None:
         assert ctx.code is grpc.StatusCode.FAILED_PRECONDITION and "epoch 1" in ctx.details
 
     run(main)
+
+
+def test_drain_is_persisted_and_reports_progress() -> None:
+    async def main() -> None:
+        store, servers, now = MemStore(), FakeServers(), [10**12]
+        svc = await boot(store, servers, now)
+        await svc.CreateVolume(REQ, Ctx())  # type: ignore[arg-type]
+        info = await svc.DrainServer(mpb.DrainServerRequest(server_id="s2"), Ctx())  # type: ignore[arg-type]
+        assert (info.state, info.drain_remaining) == ("draining", 1)
+        doc = json.loads(store.records["servers"]["s2"].value)
+        assert doc["state"] == "draining"
+        ctx = Ctx()
+        with pytest.raises(grpc.RpcError):
+            await svc.DrainServer(mpb.DrainServerRequest(server_id="nope"), ctx)  # type: ignore[arg-type]
+        assert ctx.code is grpc.StatusCode.NOT_FOUND
+
+    run(main)
