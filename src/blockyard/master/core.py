@@ -33,6 +33,14 @@ from blockyard.errors import (
 )
 from blockyard.master import failover
 from blockyard.master.assignments import Assignment, AssignmentQueue
+from blockyard.master.intents import (
+    Intent,
+    LeaseGrant,
+    PutServer,
+    PutVolume,
+    RemoveVolume,
+    Reply,
+)
 from blockyard.master.leases import LeasePolicy, LeaseTable
 from blockyard.master.model import (
     MAX_COPIES,
@@ -51,6 +59,17 @@ from blockyard.master.placement import Candidate, rank
 from blockyard.master.registry import Registry, ServerLive
 
 log = logging.getLogger("blockyard.master")
+
+__all__ = [
+    "Intent",
+    "LeaseGrant",
+    "MasterConfig",
+    "MasterCore",
+    "PutServer",
+    "PutVolume",
+    "RemoveVolume",
+    "Reply",
+]
 
 _NS_PER_S: Final = 1_000_000_000
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 0.5
@@ -96,47 +115,6 @@ class MasterConfig:
         """After a MarkOutOfSync, how long an in-sync report without a send time that proves
         it newer is distrusted (a heartbeat built before the mark may still be in flight)."""
         return self.suspect_after_ns + self.lease.ttl_ns
-
-
-@dataclass(frozen=True, slots=True)
-class PutVolume:
-    record: VolumeRecord
-    #: The store version the write must find (0: the key must not exist).
-    expect_version: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveVolume:
-    name: str
-    expect_version: int
-
-
-@dataclass(frozen=True, slots=True)
-class PutServer:
-    record: ServerRecord
-    expect_version: int
-
-
-Intent = PutVolume | RemoveVolume | PutServer
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseGrant:
-    volume: str
-    epoch: int
-    ttl_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    seq: int
-    sent_mono_ns: int
-    leases: tuple[LeaseGrant, ...] = ()
-    assignments: tuple[Assignment, ...] = ()
-    send_full: bool = False
-    heartbeat_interval_ms: int = 0
-    master_id: str = ""
 
 
 @dataclass(slots=True)

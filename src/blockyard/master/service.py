@@ -27,7 +27,8 @@ import grpc
 from blockyard import errors
 from blockyard.engine.epoch import Role
 from blockyard.master import model
-from blockyard.master.core import Intent, MasterCore, PutServer, PutVolume, RemoveVolume
+from blockyard.master.core import MasterCore
+from blockyard.master.intents import Intent, PutServer, PutVolume, RemoveVolume, Reply
 from blockyard.master.model import (
     CopyRecord,
     CopyState,
@@ -35,13 +36,12 @@ from blockyard.master.model import (
     VolumeRecord,
     VolumeStatus,
 )
-from blockyard.master.placement import rank
+from blockyard.master.placement import place, rank
 from blockyard.master.proto import master_pb2 as mpb
 from blockyard.master.proto import master_pb2_grpc as mpb_grpc
 from blockyard.master.store import KIND_SERVERS, KIND_VOLUMES, MasterStore
 from blockyard.replication.commit import DurabilityMode
 from blockyard.server import convert
-from blockyard.server.proto import volume_server_pb2 as vpb
 from blockyard.server.status import status_for
 from blockyard.server.validation import check_volume_name
 
@@ -649,8 +649,6 @@ class MasterService(mpb_grpc.MasterServicer):
 
 
 def _place(core: MasterCore, now: int, size: int, count: int, zones: set[str]) -> list[str]:
-    from blockyard.master.placement import place  # noqa: PLC0415 (keeps rank/place together)
-
     return place(core.candidates(now), size, count, zones=zones)
 
 
@@ -709,10 +707,7 @@ def heartbeat_from_pb(msg: mpb.ServerHeartbeat) -> model.Heartbeat:
     )
 
 
-def reply_to_pb(reply: object) -> mpb.MasterReply:
-    from blockyard.master.core import Reply  # noqa: PLC0415
-
-    assert isinstance(reply, Reply)
+def reply_to_pb(reply: Reply) -> mpb.MasterReply:
     return mpb.MasterReply(
         seq=reply.seq,
         sent_mono_ns=reply.sent_mono_ns,
@@ -735,6 +730,3 @@ def reply_to_pb(reply: object) -> mpb.MasterReply:
         heartbeat_interval_ms=reply.heartbeat_interval_ms,
         master_id=reply.master_id,
     )
-
-
-__all__ = ["MasterService", "heartbeat_from_pb", "reply_to_pb", "vpb"]
