@@ -588,7 +588,12 @@ class MasterService(mpb_grpc.MasterServicer):
         self.core.begin(name)
         try:
             new = self.core.mark_out_of_sync(
-                name, req.epoch, req.server_id, req.replica_address, self.clock_ns()
+                name,
+                req.epoch,
+                req.server_id,
+                req.replica_address,
+                self.clock_ns(),
+                sent_mono_ns=req.sent_mono_ns,
             )
             if new is not None:
                 await self._put_volume(new, self._version(name))

@@ -165,3 +165,42 @@ def test_drain_is_persisted_and_reports_progress() -> None:
         assert ctx.code is grpc.StatusCode.NOT_FOUND
 
     run(main)
+
+
+def test_mark_send_time_outlasts_the_hold_window() -> None:
+    """With the primary's send time on the mark, a heartbeat it sent earlier is ignored however
+    late it arrives (the hold window alone would have expired)."""
+
+    async def main() -> None:
+        from master_harness import addresses  # noqa: PLC0415
+
+        from blockyard.engine.epoch import Role  # noqa: PLC0415
+        from blockyard.master.model import Heartbeat, ReplicaReport, VolumeReport  # noqa: PLC0415
+
+        store, servers, now = MemStore(), FakeServers(), [10**12]
+        svc = await boot(store, servers, now)
+        info = await svc.CreateVolume(REQ, Ctx())  # type: ignore[arg-type]
+        req = mpb.MarkOutOfSyncRequest(
+            volume="vol",
+            epoch=1,
+            server_id="s1",
+            replica_address=addresses("s2").replication,
+            sent_mono_ns=5_000,
+        )
+        await svc.MarkOutOfSync(req, Ctx())  # type: ignore[arg-type]
+        now[0] += 3600 * 10**9
+        late = VolumeReport(
+            "vol",
+            info.uuid,
+            Role.PRIMARY,
+            1,
+            replicas=(ReplicaReport(addresses("s2").replication, True, True, "in_sync"),),
+        )
+        stream = svc.core.open_stream()
+        hb = Heartbeat("s1", True, addresses("s1"), volumes=(late,), sent_mono_ns=4_000)
+        _, intents = svc.core.on_heartbeat(stream, hb, now[0])
+        await svc.run_intents(intents)
+        copy = svc.core.registry.volumes["vol"].copy_on("s2")
+        assert copy is not None and copy.state.value == "out_of_sync"
+
+    run(main)

@@ -318,16 +318,18 @@ class ForgetServerResponse(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class MarkOutOfSyncRequest(_message.Message):
-    __slots__ = ("volume", "epoch", "server_id", "replica_address")
+    __slots__ = ("volume", "epoch", "server_id", "replica_address", "sent_mono_ns")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SENT_MONO_NS_FIELD_NUMBER: _ClassVar[int]
     volume: str
     epoch: int
     server_id: str
     replica_address: str
-    def __init__(self, volume: _Optional[str] = ..., epoch: _Optional[int] = ..., server_id: _Optional[str] = ..., replica_address: _Optional[str] = ...) -> None: ...
+    sent_mono_ns: int
+    def __init__(self, volume: _Optional[str] = ..., epoch: _Optional[int] = ..., server_id: _Optional[str] = ..., replica_address: _Optional[str] = ..., sent_mono_ns: _Optional[int] = ...) -> None: ...
 
 class MarkOutOfSyncResponse(_message.Message):
     __slots__ = ()
