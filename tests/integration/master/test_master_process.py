@@ -314,3 +314,26 @@ def test_master_kill_9_and_restart_promotes_nothing(
     after = get_volume(addr, "vol")
     assert (after.epoch, after.primary_server_id) == (1, primary)
     assert server_volume(apis[primary], "vol") == (Role.PRIMARY, 1)
+
+
+def test_failed_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A master that cannot bind its address exits 1 saying so, and releases the store: the
+    next start on the same store works."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        store = f"sqlite:///{tmp_path}/m.db"
+        bad = launch(
+            ["master", "--listen", f"127.0.0.1:{port}", "--store", store], tmp_path / "1.log"
+        )
+        assert bad.process.wait(timeout=STOP_TIMEOUT_S) == 1
+        bad.stop()
+        assert "cannot listen on" in (tmp_path / "1.log").read_text()
+    good = launch(["master", "--listen", "127.0.0.1:0", "--store", store], tmp_path / "2.log")
+    try:
+        assert good.fields.get("role") == "leader", (tmp_path / "2.log").read_text()
+    finally:
+        assert good.stop(signal.SIGTERM) == 0
