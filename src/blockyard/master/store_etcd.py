@@ -26,7 +26,9 @@ says the lease is gone, or when the watch shows the leader key deleted or replac
 
 Fencing: every put and delete is one Txn whose first compare is ``create_revision(leader key)
 == token``. A deposed leader's write therefore fails *in etcd*, whatever this process believes
-(a paused or partitioned master may not know it lost): :class:`StoreFencedError`. Txns go out
+(a paused or partitioned master may not know it lost): :class:`StoreFencedError`. Once
+:attr:`leadership_lost` is set, writes are refused locally too (etcd may still hold the key
+for a moment; nobody else leads until it is gone, but this master has stopped leading). Txns go out
 once (``max_attempts=1``): a retried Txn whose first attempt did land would see its own write as
 a conflict; instead a caller re-puts, which the idempotent re-put rule makes safe.
 """
@@ -414,8 +416,15 @@ class EtcdStore:
                 f"{','.join(self.endpoints)}; {self._leader_text()}",
                 leader_address=self._leader.address if self._leader else None,
             )
-        # Deliberately no local "lost" check: etcd's compare is the one authority, and a
-        # master that lost without knowing it is refused there all the same.
+        if self._lost.is_set():
+            # Known locally (keepalive deadline passed, key gone): refused here, even though etcd
+            # may not have expired the key yet. A master that lost without knowing it is
+            # refused by etcd's compare all the same.
+            raise StoreFencedError(
+                f"cannot write {key}: this master's leadership (token {self._token}) has ended "
+                f"({self._leader_text()}); it must stop acting as leader",
+                leader_address=self._leader.address if self._leader else None,
+            )
         return self._token
 
     def _fence(self, token: int) -> Compare:
