@@ -12,7 +12,8 @@ Terms: TTL (the master's ``--lease-ttl``, default 2 s, learnt from its grants) a
   that, so the server's lease never ends later than the master believes it does. The master
   promotes another copy only TTL + MARGIN after the last grant it sent.
 - **Replica lease.** The primary also holds its lease while *every* replica of its replica set
-  has answered, at the primary's epoch, a probe the primary sent less than TTL ago (the links
+  has answered, at the primary's epoch, a probe the primary sent less than TTL (at most
+  :data:`REPLICA_LEASE_MAX_NS`, the TTL every replica's hold assumes) ago (the links
   probe every TTL/4 with a barrier; the replica's Ack names the highest barrier it received,
   so the answer is causally after the probe's send time). This is what keeps I/O going while
   the master is down or restarting.
@@ -49,6 +50,10 @@ Clock = Callable[[], int]
 
 #: The master's default lease TTL (issue 13: 2 s); servers use what its grants say.
 DEFAULT_LEASE_TTL_NS: Final = 2_000_000_000
+#: Longest a replica lease runs past the probe it follows, whatever TTL the master grants:
+#: the replica's hold (:class:`AnswerLog`) waits at least this long plus the margin, even on a
+#: server that never received a grant and so never learnt the master's TTL.
+REPLICA_LEASE_MAX_NS: Final = DEFAULT_LEASE_TTL_NS
 #: Clock-drift and processing margin (see the module docstring).
 LEASE_MARGIN_NS: Final = 500_000_000
 #: Shortest and longest TTL a grant may carry (a broken master must not give a day).
@@ -208,7 +213,8 @@ class PrimaryLease:
             self._deadline_ns = NO_DEADLINE_NS
             return
         answers = [self._answered_ns.get(r, 0) for r in self._replicas]
-        replica_until = min(answers) + self.ttl_ns if all(answers) else 0
+        replica_ttl = min(self.ttl_ns, REPLICA_LEASE_MAX_NS)
+        replica_until = min(answers) + replica_ttl if all(answers) else 0
         self._deadline_ns = max(self._master_until_ns, replica_until)
 
 

@@ -352,3 +352,16 @@ def test_suspended_refuses_everything_until_resumed() -> None:
     assert not le.allows()
     le.resume()
     assert le.allows()
+
+
+def test_a_long_master_ttl_never_stretches_the_replica_lease() -> None:
+    """A replica server that never got a grant holds a promotion for the default TTL plus the
+    margin only: a primary's replica lease must not outlast that, whatever the master's TTL."""
+    clock = FakeClock()
+    le = lease(clock)
+    le.grant(5, clock() - 60 * S, 10 * S)  # expired; teaches a 10 s TTL
+    le.answered("r1", 5, clock())
+    assert le.deadline_ns == clock() + DEFAULT_LEASE_TTL_NS
+    replica_side = AnswerLog(clock=clock)  # never learnt the 10 s
+    replica_side.answered("vol")
+    assert replica_side.hold_until("vol") - le.deadline_ns >= LEASE_MARGIN_NS
