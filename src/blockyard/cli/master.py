@@ -2,7 +2,8 @@
 
 Serves ``blockyard.v1.Master`` on ``--listen`` and keeps its state in ``--store``
 (``sqlite:///PATH`` for one master, ``etcd://HOST:PORT[,...]`` for several with leader
-election). Prints ``READY master=HOST:PORT id=ID role=leader|follower`` on stdout once serving.
+election). Prints ``READY master=HOST:PORT id=ID role=leader|follower`` on stdout once serving
+(ending with ``metrics=http://HOST:PORT/metrics`` with ``--metrics-listen``).
 SIGTERM or SIGINT stops it within ``--shutdown-timeout``.
 
 Exit codes: 0 after a clean stop, 1 when it cannot start or stop cleanly (the message says
@@ -67,7 +68,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        help="Prometheus metrics (not served by the master yet; refused when given)",
+        help="serve Prometheus metrics over plain HTTP here (port 0 = any free port)",
     )
     p.set_defaults(func=run)
 
@@ -75,7 +76,6 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     try:
         listen = parse_address(args.listen, option="--listen")
-        _check_no_metrics(args.metrics_listen)
         config = MasterProcessConfig(
             listen=listen,
             store_url=args.store,
@@ -85,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
             master_id=args.master_id,
             shutdown_timeout_s=args.shutdown_timeout,
             advertise=args.advertise,
+            metrics_listen=(
+                None
+                if args.metrics_listen is None
+                else parse_address(args.metrics_listen, option="--metrics-listen")
+            ),
         )
         MasterConfig(
             "check",
@@ -97,11 +102,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"blockyard master: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(serve(config))
-
-
-def _check_no_metrics(metrics_listen: str | None) -> None:
-    if metrics_listen:
-        raise ValueError("--metrics-listen: the master serves no metrics yet; leave the flag out")
 
 
 def _check_store_url(url: str) -> None:

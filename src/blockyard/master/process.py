@@ -26,10 +26,12 @@ from typing import Final
 
 import grpc
 
+from blockyard.csi.metrics import MetricsHttpServer
 from blockyard.errors import BlockyardError
 from blockyard.master import model
 from blockyard.master.core import MasterConfig, MasterCore
 from blockyard.master.leases import LeasePolicy
+from blockyard.master.metrics import SAMPLE_INTERVAL_S, MasterMetrics
 from blockyard.master.proto import master_pb2_grpc as mpb_grpc
 from blockyard.master.service import ClientFactory, CopyClient, MasterService
 from blockyard.master.store import MasterStore
@@ -64,6 +66,8 @@ class MasterProcessConfig:
     shutdown_timeout_s: float = 10.0
     #: The address other masters and clients are told to use (default: the listen address).
     advertise: str = ""
+    #: Prometheus metrics over plain HTTP (no secrets in them, like the other daemons').
+    metrics_listen: Address | None = None
 
 
 def _volume_server_client(api: str) -> CopyClient:
@@ -88,6 +92,10 @@ class MasterProcess:
         self._leader_task: asyncio.Task[None] | None = None
         self.leading = asyncio.Event()
         self.port = 0
+        self.metrics: MasterMetrics | None = None
+        self._metrics_http: MetricsHttpServer | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self.metrics_port = 0
         self.core_config = MasterConfig(
             master_id=self.master_id,
             lease=LeasePolicy.from_seconds(config.lease_ttl_s),
@@ -101,7 +109,11 @@ class MasterProcess:
 
     def ready_line(self) -> str:
         role = "leader" if self.leading.is_set() else "follower"
-        return f"READY master={self.address} id={self.master_id} role={role}"
+        line = f"READY master={self.address} id={self.master_id} role={role}"
+        if self._metrics_http is not None and self.config.metrics_listen is not None:
+            metrics = Address(self.config.metrics_listen.host, self.metrics_port)
+            line += f" metrics=http://{metrics}/metrics"
+        return line
 
     async def start(self) -> None:
         try:
@@ -149,10 +161,34 @@ class MasterProcess:
         await server.start()
         self.port = port
         self.service.address = self.address
+        if cfg.metrics_listen is not None:
+            await self._start_metrics(cfg.metrics_listen)
         self._leader_task = asyncio.create_task(self._leader_loop(), name="master leader loop")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_CAMPAIGN_WAIT_S):
                 await self.leading.wait()
+
+    async def _start_metrics(self, addr: Address) -> None:
+        metrics = MasterMetrics()
+        http = MetricsHttpServer(metrics.registry)
+        try:
+            await asyncio.to_thread(http.start, addr.host, addr.port)
+        except OSError as exc:
+            raise MasterStartError(
+                f"cannot serve metrics on {addr} (--metrics-listen): {exc.strerror or exc}; "
+                "stop whatever uses that address or pick another --metrics-listen"
+            ) from exc
+        self.metrics, self._metrics_http, self.metrics_port = metrics, http, http.port
+        assert self.service is not None
+        self.service.on_failover = metrics.failovers.inc
+        self._sampler = asyncio.create_task(self._sample_loop(metrics), name="master metrics")
+
+    async def _sample_loop(self, metrics: MasterMetrics) -> None:
+        service = self.service
+        assert service is not None
+        while True:
+            metrics.sample(service.core, self.leading.is_set(), time.monotonic_ns())
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def _leader_loop(self) -> None:
         store, service = self.store, self.service
@@ -208,6 +244,14 @@ class MasterProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.leading.clear()
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        http, self._metrics_http = self._metrics_http, None
+        if http is not None:
+            await asyncio.to_thread(http.stop)
         server, self._grpc = self._grpc, None
         if server is not None:
             await server.stop(grace=max(0.1, budget * 0.3))

@@ -111,6 +111,8 @@ class MasterService(mpb_grpc.MasterServicer):
         self.clock_ns = clock_ns
         self.wall_ns = wall_ns
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Called after each promotion reached the store (metrics).
+        self.on_failover: Callable[[], None] = lambda: None
 
     # ---- plumbing ----------------------------------------------------------------------
 
@@ -184,6 +186,12 @@ class MasterService(mpb_grpc.MasterServicer):
                 log.warning("store write for %s failed: %s", type(intent).__name__, exc)
             finally:
                 self.core.finished(intent, version)
+            if (
+                version is not None
+                and isinstance(intent, PutVolume)
+                and intent.reason == "failover"
+            ):
+                self.on_failover()
 
     def _spawn(self, intents: list[Intent]) -> None:
         if not intents:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Proc, list[Proc]]]:
                 f"{LEASE_TTL_S}s",
                 "--heartbeat-interval",
                 f"{int(INTERVAL_S * 1000)}ms",
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
             logs / "master.log",
         )
@@ -159,6 +162,17 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Proc, list[Proc]]]:
     finally:
         for p in reversed(procs):
             p.stop(signal.SIGKILL)
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
 
 
 def alive_servers(master: str) -> dict[str, str]:
@@ -234,6 +248,13 @@ def test_create_through_the_master_and_fail_over_on_kill_9(
         lambda: server_volume(apis[replica], "vol") == (Role.PRIMARY, 2),
     )
     print(f"promoted {promoted_after_s:.2f} s after kill -9")
+    wait_for(
+        "the failover counted in the metrics",
+        lambda: scrape(master.fields["metrics"]).get("blockyard_master_failovers_total") == 1.0,
+    )
+    metrics = scrape(master.fields["metrics"])
+    assert metrics["blockyard_master_is_leader"] == 1.0
+    assert metrics['blockyard_master_servers{state="alive"}'] == 2.0
 
     # The killed server returns on the same data directory: it is fenced by the epoch, takes
     # the replica role at epoch 2, and its copy is caught up until the volume is active again.
