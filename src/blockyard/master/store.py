@@ -122,7 +122,8 @@ class MasterStore(Protocol):
         """Return once this master is the leader (sqlite: at once). ``timeout_s=None`` waits
         until leadership comes or the call is cancelled (a follower's wait is legitimately
         open-ended); otherwise :class:`StoreTimeoutError` after ``timeout_s``. Winning again
-        after a loss gives a new :attr:`leadership_lost` event."""
+        after a loss gives a new :attr:`leadership_lost` event; campaigning while leading
+        returns at once and keeps the event (its waiters still hear of a later loss)."""
 
     def leader(self) -> LeaderInfo | None:
         """The current leader as last seen (etcd: kept current by a watch), or None."""

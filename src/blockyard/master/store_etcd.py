@@ -210,14 +210,21 @@ class EtcdStore:
                 pause_s = min(pause_s * 2, RETRY_PAUSE_MAX_S)
                 continue
             pause_s = 0.1
+            kvs = resp.responses[0].response_range.kvs if not won else []
+            if kvs and int(kvs[0].lease) == lease_id:
+                # Already ours (campaign called again while leading): the key's creation
+                # stands, and so does its token.
+                won, token = True, int(kvs[0].create_revision)
+            else:
+                token = int(resp.header.revision)
             if won:
-                self._token = int(resp.header.revision)
+                self._token = token
                 self._leader = LeaderInfo(master_id, address, self._token)
-                self._lost = asyncio.Event()
+                if self._lost.is_set():  # a new leadership; while leading, waiters keep theirs
+                    self._lost = asyncio.Event()
                 self._leading = True
                 _log.info("master %s leads (etcd token %d)", master_id, self._token)
                 return
-            kvs = resp.responses[0].response_range.kvs
             self._set_leader(kvs[0] if kvs else None)
             changed = self._changed
             # The watch says when the key goes; re-trying every TTL covers a stalled watch.

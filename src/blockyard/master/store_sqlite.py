@@ -152,7 +152,8 @@ class SqliteStore:
         del timeout_s  # the lock taken by open() is the leadership: nothing to wait for
         term = await self._call("campaign", self._campaign_sync, master_id, address)
         self._leader = LeaderInfo(master_id=master_id, address=address, token=term)
-        self._lost = asyncio.Event()
+        if self._lost.is_set():  # a new leadership; while leading, waiters keep theirs
+            self._lost = asyncio.Event()
 
     def leader(self) -> LeaderInfo | None:
         return self._leader

@@ -241,3 +241,24 @@ def test_concurrent_creates_of_one_name_one_wins(new_store: StoreFactory) -> Non
         assert all(isinstance(r, StoreConflictError) for r in results if not isinstance(r, int))
 
     with_leader(new_store, body)
+
+
+def test_campaign_again_while_leading_returns_at_once(new_store: StoreFactory) -> None:
+    async def main() -> None:
+        store = await leading(new_store)
+        waiting_on = store.leadership_lost
+        await body(store)
+        await store.close()
+        assert waiting_on.is_set()  # a waiter from before the second campaign hears the loss
+
+    async def body(store: MasterStore) -> None:
+        first = store.leader()
+        await store.campaign("m1", "m1.example:9400", timeout_s=5)
+        again = store.leader()
+        assert store.is_leader
+        assert first is not None and again is not None
+        assert again.token >= first.token
+        assert not store.leadership_lost.is_set()
+        await store.put("volumes", "v", b"x", expect_version=0)
+
+    run(main())
