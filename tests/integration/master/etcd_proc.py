@@ -98,3 +98,57 @@ def start_etcd(base_dir: Path) -> EtcdServer:
         last_error = f"{last_error}\n{server.log_tail()}"
         server.stop()
     pytest.fail(f"etcd did not become healthy within {START_TIMEOUT_S} s: {last_error}")
+
+
+def start_etcd_cluster(base_dir: Path, members: int = 3) -> list[EtcdServer]:
+    """``members`` etcd processes forming one cluster on free loopback ports."""
+    binary = shutil.which("etcd")
+    if binary is None:
+        pytest.fail(
+            "etcd is not installed: run `bash scripts/setup.sh` (apt-get install etcd-server)"
+        )
+    ports = [(_free_port(), _free_port()) for _ in range(members)]
+    initial = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_c, peer) in enumerate(ports))
+    servers: list[EtcdServer] = []
+    for i, (client_port, peer_port) in enumerate(ports):
+        data_dir = base_dir / f"member-{i}"
+        log_path = base_dir / f"member-{i}.log"
+        client_url = f"http://127.0.0.1:{client_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    "--name", f"m{i}",
+                    "--data-dir", str(data_dir),
+                    "--listen-client-urls", client_url,
+                    "--advertise-client-urls", client_url,
+                    "--listen-peer-urls", peer_url,
+                    "--initial-advertise-peer-urls", peer_url,
+                    "--initial-cluster", initial,
+                    "--initial-cluster-state", "new",
+                    "--initial-cluster-token", f"blockyard-test-{ports[0][0]}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        servers.append(EtcdServer(process, client_port, data_dir, log_path))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for server in servers:
+        while True:
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                tails = "\n".join(s.log_tail(10) for s in servers)
+                for s in servers:
+                    s.stop()
+                pytest.fail(f"etcd cluster did not become healthy in {START_TIMEOUT_S} s:\n{tails}")
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{server.client_port}/health", timeout=2
+                ) as resp:
+                    if b'"true"' in resp.read():
+                        break
+            except OSError:
+                pass
+            time.sleep(HEALTH_POLL_S)
+    return servers
