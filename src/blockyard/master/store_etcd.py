@@ -149,7 +149,7 @@ class EtcdStore:
             return
         # Taken before _lose(), which would revoke it in a task that the next lines cancel.
         lease_id, self._lease_id = self._lease_id, None
-        self._lose("the store closed")
+        self._lose("the store closed", expected=True)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -322,12 +322,17 @@ class EtcdStore:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _lose(self, why: str) -> None:
+    def _lose(self, why: str, *, expected: bool = False) -> None:
         if not self._leading:
             return
         self._leading = False
         self._lost.set()
-        _log.warning("leadership lost (etcd token %s): %s", self._token, why)
+        _log.log(
+            logging.INFO if expected else logging.WARNING,
+            "leadership lost (etcd token %s): %s",
+            self._token,
+            why,
+        )
         # Our lease is no use any more; revoking it removes a leader key etcd may still hold,
         # so another master need not wait out the TTL.
         lease_id, self._lease_id = self._lease_id, None
