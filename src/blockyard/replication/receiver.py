@@ -21,13 +21,14 @@ old connection — and each Ack (the only answer to a lease probe) is noted in t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from blockyard.errors import BlockyardError
 from blockyard.replication.channel import (
@@ -108,6 +109,8 @@ class ReplicationListener:
         self._server: asyncio.Server | None = None
         self._active: dict[str, _Receiver] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Volumes whose role is being changed: no connection is taken for them meanwhile.
+        self._held: set[str] = set()
         #: When each volume last answered its primary: always kept (a few bytes per volume),
         #: so that it is complete from the first connection when a master promotes a copy.
         self.answers = AnswerLog()
@@ -145,6 +148,21 @@ class ReplicationListener:
         if receiver is not None:
             receiver.stop()
 
+    async def hold(self, volume_name: str, timeout_s: float = TAKEOVER_TIMEOUT_S) -> None:
+        """End ``volume_name``'s connection and take none for it until :meth:`release`, so a
+        role change (a promotion) never runs beside a session applying records or a Hello
+        to the same copy. Waits (bounded) for the connection to wind down."""
+        self._held.add(volume_name)
+        receiver = self._active.get(volume_name)
+        if receiver is not None:
+            receiver.stop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await receiver.done.wait()
+
+    def release(self, volume_name: str) -> None:
+        self._held.discard(volume_name)
+
     def connected(self, volume_name: str) -> bool:
         return volume_name in self._active
 
@@ -176,7 +194,9 @@ class ReplicationListener:
                 hello = peek_hello(bytes(data))
                 if hello is None and len(data) >= MAX_FRAME_BYTES:
                     return
-        store = self._volumes.replica_store(hello.volume_name, hello.volume_uuid)
+        store = None
+        if hello.volume_name not in self._held:
+            store = self._volumes.replica_store(hello.volume_name, hello.volume_uuid)
         conn = ReplicationConnection(
             Side.REPLICA,
             local_epoch=0 if store is None else store.epoch,
@@ -232,6 +252,7 @@ class _Receiver:
         self._name = name
         self._answers = answers
         self._flush_task: asyncio.Task[None] | None = None
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._flush_again = False
         self._pending_barrier = 0
         self._progress_timer: asyncio.TimerHandle | None = None
@@ -251,8 +272,10 @@ class _Receiver:
             self._task.cancel()
 
     async def _run_sync(self, fn: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        work = self._executor.submit(functools.partial(fn, *args))
+        self._inflight.add(work)
+        work.add_done_callback(self._inflight.discard)
+        return await asyncio.wrap_future(work)
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -277,6 +300,12 @@ class _Receiver:
                 # Let a running flush finish (it is storage work in a thread anyway).
                 with contextlib.suppress(Exception):
                     await asyncio.wait({self._flush_task}, timeout=DEAD_PEER_TIMEOUT_S)
+            # Storage work of this session still running in the pool (its awaiting task was
+            # cancelled, the thread was not) ends before the session counts as done: whoever
+            # waits on ``done`` (a takeover, a promotion) must not run beside it.
+            pending = [asyncio.wrap_future(w) for w in list(self._inflight)]
+            if pending:
+                await asyncio.wait(pending, timeout=DEAD_PEER_TIMEOUT_S)
             await self._channel.close()
             self.done.set()
 

@@ -119,18 +119,27 @@ class ReplicationOps:
         lease = device.lease
         was_primary = vol.role is Role.PRIMARY
         promoting = lease is not None and role is Role.PRIMARY and not was_primary
+        listener = self.replication.listener
         if promoting and lease is not None:
             # Nothing is acknowledged until the epoch has moved and the hold is known.
             lease.suspend()
-        await self.replication.configure(
-            vol,
-            device,
-            role=role,
-            epoch=epoch,
-            mode=mode,
-            replicas=replicas,
-            resync_limit_bps=limit,
-        )
+        if role is Role.PRIMARY and not was_primary and listener is not None:
+            # The old primary's session must not apply records (or a Hello) to this copy
+            # while it becomes primary: both would rewrite its history file.
+            await listener.hold(vol.name)
+        try:
+            await self.replication.configure(
+                vol,
+                device,
+                role=role,
+                epoch=epoch,
+                mode=mode,
+                replicas=replicas,
+                resync_limit_bps=limit,
+            )
+        finally:
+            if listener is not None:
+                listener.release(vol.name)
         if lease is not None:
             self._update_lease(vol.name, lease, role, epoch, replicas, was_primary=was_primary)
         self._apply_alua(exp, role)
