@@ -23,7 +23,15 @@ GRPC_VERBOSITY_DEFAULT = "ERROR"
 def build_parser() -> argparse.ArgumentParser:
     os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)
     # The verb modules import grpc: only after the line above.
-    from blockyard.cli import attach, bench, csi, master, serve, volume  # noqa: PLC0415
+    from blockyard.cli import (  # noqa: PLC0415
+        attach,
+        bench,
+        csi,
+        master,
+        serve,
+        volume,
+        volume_master,
+    )
 
     parser = argparse.ArgumentParser(
         prog="blockyard", description="Replicated block storage for Kubernetes."
@@ -36,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(verbs)
     csi.register(verbs)
     master.register(verbs)
+    volume_master.register(verbs)
     return parser
 
 

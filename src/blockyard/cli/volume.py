@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from blockyard import tls
-from blockyard.cli import replicate
+from blockyard.cli import replicate, volume_master
 from blockyard.cli.sizes import format_size, parse_size
 from blockyard.engine import VolumeInfo, VolumeStore
 from blockyard.errors import InvalidArgumentError, TlsConfigError
@@ -46,9 +46,17 @@ T = TypeVar("T")
 SECRET_FILE_BYTES_MAX: Final = MAX_SECRET_LENGTH + 2
 
 
-def _add_location(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
+def _add_location(
+    sp: argparse.ArgumentParser, *, server: bool = True, master: bool = False
+) -> None:
     where = sp.add_mutually_exclusive_group(required=True)
     where.add_argument("--data-dir", help="directory holding the volumes")
+    if master:
+        where.add_argument(
+            "--master",
+            metavar="HOST:PORT[,HOST:PORT]",
+            help="the master (replicated volumes on every copy; all addresses of an HA group)",
+        )
     if server:
         where.add_argument(
             "--server", metavar="HOST:PORT", help="a volume server's management API address"
@@ -60,31 +68,44 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = verbs.add_parser("volume", help="create, list, delete, grow, snapshot and clone volumes")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def add(name: str, help_: str, func: Any) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, func: Any, *, master: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        _add_location(sp)
+        _add_location(sp, master=master)
         sp.set_defaults(func=func)
         return sp
 
-    sp = add("create", "create a volume (all zeros, thin-provisioned)", _create)
+    sp = add("create", "create a volume (all zeros, thin-provisioned)", _create, master=True)
     sp.add_argument("name")
     sp.add_argument("--size", required=True, help="e.g. 1GiB, 512MiB")
     sp.add_argument("--wal-size", help="WAL size (default: size/16 within 1-64 MiB)")
+    sp.add_argument(
+        "--replicas", type=int, default=0,
+        help="copies, 1-3 (--master only; default: 2 with two servers, else 1)",
+    )  # fmt: skip
+    sp.add_argument(
+        "--durability", choices=sorted(volume_master.DURABILITY_BY_NAME),
+        help="when a flush is acknowledged (--master only; default sync_all)",
+    )  # fmt: skip
     sp.add_argument("--json", action="store_true")
+    volume_master.add_output(sp)
 
-    sp = add("delete", "delete a volume and every file it owns (idempotent)", _delete)
+    sp = add("delete", "delete a volume and every file it owns (idempotent)", _delete, master=True)
     sp.add_argument("name")
 
-    sp = add("list", "list volumes", _list)
+    sp = add("list", "list volumes", _list, master=True)
     sp.add_argument("--json", action="store_true")
+    volume_master.add_output(sp)
 
-    sp = add("info", "show one volume", _info)
-    sp.add_argument("name")
-    sp.add_argument("--json", action="store_true")
+    for verb in ("info", "get"):
+        sp = add(verb, "show one volume", _info, master=True)
+        sp.add_argument("name")
+        sp.add_argument("--json", action="store_true")
+        volume_master.add_output(sp)
 
-    sp = add("grow", "grow a volume (shrinking is refused)", _grow)
-    sp.add_argument("name")
-    sp.add_argument("--size", required=True)
+    for verb in ("grow", "expand"):
+        sp = add(verb, "grow a volume (shrinking is refused)", _grow, master=True)
+        sp.add_argument("name")
+        sp.add_argument("--size", required=True)
 
     sp = add("clone", "create a new volume from a snapshot", _clone)
     sp.add_argument("source")
@@ -226,6 +247,13 @@ def _print_infos(infos: list[VolumeInfo], as_json: bool) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
+    if args.master:
+        return volume_master.create(args)
+    if args.replicas or args.durability:
+        raise InvalidArgumentError(
+            "--replicas and --durability go with --master: the master places the copies"
+        )
+    args.json = args.json or args.output == "json"
     if args.server:
         if args.wal_size:
             raise InvalidArgumentError("--wal-size needs --data-dir; the server picks the WAL size")
@@ -252,6 +280,8 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
+    if args.master:
+        return volume_master.delete(args)
     if args.server:
         existed = _remote(args, lambda c: c.delete_volume(args.name)).existed
     else:
@@ -267,6 +297,9 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.master:
+        return volume_master.list_(args)
+    args.json = args.json or args.output == "json"
     if args.server:
         _print_remote(_remote(args, lambda c: c.list_all_volumes()), args.json)
         return 0
@@ -275,6 +308,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if args.master:
+        return volume_master.get(args)
+    args.json = args.json or args.output == "json"
     if args.server:
         _print_remote([_remote(args, lambda c: c.get_volume(args.name))], args.json)
         return 0
@@ -283,6 +319,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _grow(args: argparse.Namespace) -> int:
+    if args.master:
+        return volume_master.expand(args)
     if args.server:
         size = parse_size(args.size)
         desc = _remote(args, lambda c: c.expand_volume(args.name, size))

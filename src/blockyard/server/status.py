@@ -37,6 +37,13 @@ STATUS_BY_ERROR: Final[dict[type[BaseException], grpc.StatusCode]] = {
     errors.ReplicationUnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.BlockyardTimeoutError: grpc.StatusCode.UNAVAILABLE,
     errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,
+    # The master's store: a lost compare-and-set is retried by the caller; not leading (or
+    # fenced, or a store another master holds) is a precondition; the rest is transient.
+    errors.StoreConflictError: grpc.StatusCode.ABORTED,
+    errors.NotLeaderError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StoreLockedError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StoreFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StoreError: grpc.StatusCode.UNAVAILABLE,
     errors.BlockyardError: grpc.StatusCode.INTERNAL,
 }
 
