@@ -17,7 +17,7 @@ from typing import Any, Final, TypeVar
 from blockyard import tls
 from blockyard.cli.sizes import format_size, parse_size
 from blockyard.errors import InvalidArgumentError
-from blockyard.master.client import MasterClient
+from blockyard.master.client import DEFAULT_TIMEOUT_S, MasterClient
 from blockyard.master.proto import master_pb2 as mpb
 from blockyard.server.proto import volume_server_pb2 as vpb
 
@@ -54,9 +54,10 @@ def output_of(args: argparse.Namespace) -> str:
 
 def call(args: argparse.Namespace, fn: Callable[[MasterClient], Awaitable[T]]) -> T:
     security = tls.from_args(args)
+    timeout_s: float = getattr(args, "timeout", None) or DEFAULT_TIMEOUT_S
 
     async def main() -> T:
-        async with MasterClient(args.master, security=security) as client:
+        async with MasterClient(args.master, security=security, timeout_s=timeout_s) as client:
             return await fn(client)
 
     return asyncio.run(main())
@@ -241,6 +242,8 @@ def expand(args: argparse.Namespace) -> int:
 def _add_master(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--master", required=True, metavar="HOST:PORT[,HOST:PORT]",
                     help="the master (every address of an HA group)")  # fmt: skip
+    sp.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                    help="give up when no master answered within this time")  # fmt: skip
     tls.add_arguments(sp, role="dial")
 
 

@@ -475,6 +475,8 @@ class VolumeReport:
     replicas: tuple[ReplicaReport, ...] = ()
     failed: bool = False
     deleted: bool = False
+    #: The iSCSI target name the server exports the copy as.
+    iqn: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -625,6 +625,7 @@ class MasterService(mpb_grpc.MasterServicer):
 
     def _info(self, rec: VolumeRecord) -> mpb.VolumeInfo:
         copies = []
+        iqn = ""
         now = self.clock_ns()
         ordered = sorted(rec.copies, key=lambda c: c.server_id != rec.primary)
         for c in ordered:
@@ -633,6 +634,8 @@ class MasterService(mpb_grpc.MasterServicer):
             live = self.core.registry.live.get(c.server_id)
             if live is not None:
                 report = live.reports.get(rec.name)
+            if report is not None and report.iqn and (not iqn or c.server_id == rec.primary):
+                iqn = report.iqn  # every copy exports the same name; the primary's first
             state = c.state.value
             if self.core.server_state(c.server_id, now) is ServerState.DEAD:
                 state = "dead"
@@ -657,6 +660,7 @@ class MasterService(mpb_grpc.MasterServicer):
             primary_server_id=rec.primary,
             copies=copies,
             created_ns=rec.created_ns,
+            iqn=iqn,
             parameters=dict(rec.parameters),
         )
 
@@ -687,6 +691,7 @@ def heartbeat_from_pb(msg: mpb.ServerHeartbeat) -> model.Heartbeat:
             last_lsn=v.last_lsn,
             durable_lsn=v.durable_lsn,
             allocated_bytes=v.allocated_bytes,
+            iqn=v.iqn,
             replicas=tuple(
                 model.ReplicaReport(
                     r.address,

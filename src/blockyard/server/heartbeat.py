@@ -47,6 +47,7 @@ from blockyard.master.proto import master_pb2_grpc as mgrpc
 from blockyard.replication.commit import DurabilityMode
 from blockyard.replication.primary import ReplicatedDevice
 from blockyard.server.convert import MODE_FROM_PB, MODE_TO_PB, ROLE_FROM_PB, ROLE_TO_PB
+from blockyard.server.manager import volume_iqn
 
 if TYPE_CHECKING:
     from blockyard.server.manager import VolumeManager
@@ -256,7 +257,8 @@ class HeartbeatClient:
     async def _heartbeat(self, *, full: bool) -> mpb.ServerHeartbeat:
         devices = self._manager.devices()
         # Memory-only parts on the loop (replication status lives there); sizes off it.
-        reports = [_report(vol, dev) for vol, dev in devices]
+        prefix = self._manager.iqn_prefix
+        reports = [_report(vol, dev, prefix) for vol, dev in devices]
         names = [vol.name for vol, _ in devices]
         allocated, capacity = await self._manager.offload(
             "measure volumes for the heartbeat", self._measure, names
@@ -442,10 +444,11 @@ def _holds(vol: Volume | None, a: mpb.Assignment) -> bool:
     return vol is not None and vol.epoch == a.epoch and ROLE_TO_PB[vol.role] == a.role
 
 
-def _report(vol: Volume, device: ReplicatedDevice) -> mpb.VolumeReport:
+def _report(vol: Volume, device: ReplicatedDevice, iqn_prefix: str) -> mpb.VolumeReport:
     report = mpb.VolumeReport(
         name=vol.name,
         uuid=str(vol.uuid),
+        iqn=volume_iqn(iqn_prefix, vol.name, vol.uuid),
         size_bytes=vol.size_bytes,
         role=ROLE_TO_PB[vol.role],
         epoch=vol.epoch,

@@ -36,7 +36,7 @@ class ReplicaReport(_message.Message):
     def __init__(self, address: _Optional[str] = ..., in_sync: _Optional[bool] = ..., connected: _Optional[bool] = ..., phase: _Optional[str] = ..., acked_lsn: _Optional[int] = ..., resync_total_bytes: _Optional[int] = ..., resync_done_bytes: _Optional[int] = ...) -> None: ...
 
 class VolumeReport(_message.Message):
-    __slots__ = ("name", "uuid", "size_bytes", "role", "epoch", "last_lsn", "durable_lsn", "data_state", "allocated_bytes", "replicas", "mode", "failed", "deleted")
+    __slots__ = ("name", "uuid", "size_bytes", "role", "epoch", "last_lsn", "durable_lsn", "data_state", "allocated_bytes", "replicas", "mode", "failed", "deleted", "iqn")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class VolumeReport(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    IQN_FIELD_NUMBER: _ClassVar[int]
     name: str
     uuid: str
     size_bytes: int
@@ -63,7 +64,8 @@ class VolumeReport(_message.Message):
     mode: _volume_server_pb2.DurabilityMode
     failed: bool
     deleted: bool
-    def __init__(self, name: _Optional[str] = ..., uuid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., role: _Optional[_Union[_volume_server_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., last_lsn: _Optional[int] = ..., durable_lsn: _Optional[int] = ..., data_state: _Optional[_Union[_volume_server_pb2.DataState, str]] = ..., allocated_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaReport, _Mapping]]] = ..., mode: _Optional[_Union[_volume_server_pb2.DurabilityMode, str]] = ..., failed: _Optional[bool] = ..., deleted: _Optional[bool] = ...) -> None: ...
+    iqn: str
+    def __init__(self, name: _Optional[str] = ..., uuid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., role: _Optional[_Union[_volume_server_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., last_lsn: _Optional[int] = ..., durable_lsn: _Optional[int] = ..., data_state: _Optional[_Union[_volume_server_pb2.DataState, str]] = ..., allocated_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaReport, _Mapping]]] = ..., mode: _Optional[_Union[_volume_server_pb2.DurabilityMode, str]] = ..., failed: _Optional[bool] = ..., deleted: _Optional[bool] = ..., iqn: _Optional[str] = ...) -> None: ...
 
 class ServerHeartbeat(_message.Message):
     __slots__ = ("server_id", "full", "addresses", "zone", "capacity_bytes", "free_bytes", "allocated_bytes", "volumes", "sent_mono_ns", "seq", "stopping")
