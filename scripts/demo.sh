@@ -1,129 +1,166 @@
 #!/usr/bin/env bash
-# The main job: create a volume, benchmark the engine beside raw file I/O, serve the volume over
-# iSCSI, use it from real initiators (libiscsi's tools and qemu-io), then attach it on this node
-# with blockyard's userspace initiator, make a filesystem, mount it and write to it, run the CSI
-# lifecycle (create → publish → stage → publish → write → verify → tear down), and finally
-# replicate a volume to a second server, kill the replica with SIGKILL during writes, restart
-# it, let it catch up, and compare both copies' checksums.
+# The main job: the failover demo on an all-in-one cluster.
+#
+# `blockyard up` starts a master and three volume servers; a 2-replica sync_all volume is created
+# through the master and attached on this node through blockyard's userspace multipath initiator
+# (every copy's portal, the primary's first); ext4 is made and mounted and files are written with
+# their checksums. Then the primary's volume server is killed with SIGKILL while the filesystem
+# stays mounted: reads and writes go on through the same mount once the master has promoted the
+# replica (after the old primary's lease has certainly expired), and `blockyard status` shows
+# the new primary and epoch. The killed server is restarted on its old data directory, rebuilds
+# from what it missed until it is back in sync, every file is verified (after dropping the page
+# cache, and again after a fresh attach), and both copies' checksums are compared. Ends with
+# PASS, or FAIL and a non-zero exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BY=.venv/bin/blockyard
+PY=.venv/bin/python
 DATA=${BLOCKYARD_DEMO_DIR:-/var/tmp/blockyard-demo}
+CLUSTER="$DATA/cluster"
+MNT="$DATA/mnt"
+STATE="$DATA/attach-state"
+VOL=demo
+WAIT_S=${BLOCKYARD_DEMO_WAIT_S:-120}
+UP=""
+RESULT=FAIL
 
-free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+step() { echo; echo "== $*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+finish() {
+  rc=$?
+  set +e
+  if [ -d "$STATE" ]; then
+    $BY detach "$MNT" --state-dir "$STATE" --force >/dev/null 2>&1
+    $BY detach "$VOL" --state-dir "$STATE" --force >/dev/null 2>&1
+  fi
+  if [ -n "$UP" ]; then
+    $BY down --dir "$CLUSTER" >/dev/null 2>&1 || kill -TERM "$UP" 2>/dev/null
+    wait "$UP" 2>/dev/null
+  fi
+  echo
+  if [ "$rc" = 0 ] && [ "$RESULT" = PASS ]; then
+    echo "PASS: failover demo (logs in $DATA)"
+  else
+    echo "FAIL: failover demo (exit $rc; logs in $DATA: up.log, cluster/logs/)" >&2
+    [ -f "$DATA/up.log" ] && tail -n 20 "$DATA/up.log" >&2
+    [ "$rc" = 0 ] && rc=1
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+
+# json FIELD-EXPRESSION: evaluate a Python expression over `volume get -o json` as `d`.
+vol() { $BY volume get "$VOL" --master "$MASTER" -o json | $PY -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# wait_for SECONDS WHAT COMMAND...: run COMMAND every half second until it succeeds.
+wait_for() {
+  local limit=$1 what=$2; shift 2
+  local start=$SECONDS
+  until "$@"; do
+    [ $((SECONDS - start)) -lt "$limit" ] || fail "timed out after ${limit}s waiting for $what"
+    sleep 0.5
+  done
+}
+in_sync() { [ "$(vol 'd["status"] == "active" and all(r["state"] == "in_sync" for r in d["replicas"])')" = True ]; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 
 rm -rf "$DATA"
 mkdir -p "$DATA"
-echo "== create a volume"
-$BY volume create demo --size 1GiB --data-dir "$DATA"
-$BY volume list --data-dir "$DATA"
 
-echo "== engine benchmark (engine vs raw pwrite/pread, same run)"
-$BY bench engine --dir "$DATA/bench"
-rm -rf "$DATA/bench"
+step "blockyard up --servers 3: a master (SQLite) and three volume servers on this machine"
+$BY up --servers 3 --dir "$CLUSTER" >"$DATA/up.log" 2>&1 &
+UP=$!
+cluster_ready() { [ -f "$CLUSTER/cluster.env" ] || { kill -0 "$UP" 2>/dev/null || fail "blockyard up exited"; false; }; }
+wait_for "$WAIT_S" "the cluster" cluster_ready
+cat "$DATA/up.log"
+# shellcheck disable=SC1091
+. "$CLUSTER/cluster.env"
 
-ISCSI_PORT=$(free_port)
-API_PORT=$(free_port)
-echo "== serve it over iSCSI on 127.0.0.1:$ISCSI_PORT"
-$BY serve --data-dir "$DATA" --iscsi-listen "127.0.0.1:$ISCSI_PORT" \
-  --api-listen "127.0.0.1:$API_PORT" >"$DATA/serve.log" 2>&1 &
-SERVER=$!
-stop_server() {
-  if [ -n "${STATE:-}" ]; then
-    $BY detach "${MNT}" --state-dir "$STATE" --force >/dev/null 2>&1 || true
-  fi
-  kill -TERM "$SERVER" 2>/dev/null || true
-  wait "$SERVER" 2>/dev/null || true
-}
-trap stop_server EXIT
-for _ in $(seq 1 100); do
-  grep -q '^READY' "$DATA/serve.log" && break
-  kill -0 "$SERVER" 2>/dev/null || { cat "$DATA/serve.log"; exit 1; }
-  sleep 0.1
-done
-grep -q '^READY' "$DATA/serve.log" || { echo "server did not start"; cat "$DATA/serve.log"; exit 1; }
+step "create a 2-replica sync_all volume through the master"
+$BY volume create "$VOL" --size 512MiB --replicas 2 --durability sync_all --master "$MASTER"
+wait_for "$WAIT_S" "the replica in sync" in_sync
+$BY volume get "$VOL" --master "$MASTER"
 
-# The target name carries the volume instance's UUID: ask the server for it.
-IQN=$($BY volume info demo --server "127.0.0.1:$API_PORT" --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[0]["iqn"])')
-URL="iscsi://127.0.0.1:$ISCSI_PORT/$IQN/0"
-echo "== discovery (iscsi-ls)"
-iscsi-ls -s "iscsi://127.0.0.1:$ISCSI_PORT"
-echo "== inquiry (iscsi-inq)"
-iscsi-inq "$URL"
-echo "== capacity (iscsi-readcapacity16)"
-iscsi-readcapacity16 "$URL"
-echo "== write a pattern with qemu-io, read it back and verify"
-qemu-io -f raw -c "write -P 0xab 1M 4M" -c "flush" "$URL"
-qemu-io -f raw -c "read -P 0xab 1M 4M" "$URL"
-echo "== attach it on this node through the userspace initiator (FUSE + loop), mkfs, mount, write"
-MNT="$DATA/mnt"
-STATE="$DATA/attach-state"
-$BY attach demo --server "127.0.0.1:$API_PORT" --fs ext4 "$MNT" --state-dir "$STATE"
-dd if=/dev/urandom of="$MNT/hello.bin" bs=1M count=8 conv=fsync status=none
-SUM=$(sha256sum "$MNT/hello.bin" | cut -d' ' -f1)
+step "attach it here through the userspace multipath initiator (every copy's portal), mkfs, mount"
+$BY attach "$VOL" --master "$MASTER" --fs ext4 "$MNT" --state-dir "$STATE"
 $BY attachments --state-dir "$STATE"
-$BY detach "$MNT" --state-dir "$STATE"
-echo "== attach again: the file comes back over iSCSI, byte for byte"
-$BY attach demo --server "127.0.0.1:$API_PORT" --fs ext4 "$MNT" --state-dir "$STATE"
-echo "$SUM  $MNT/hello.bin" | sha256sum -c -
-df -h "$MNT"
-$BY detach "$MNT" --state-dir "$STATE"
-echo "== the CSI lifecycle Kubernetes drives, against the same server (blockyard csi --mode all)"
-.venv/bin/python scripts/csi_lifecycle.py --backend "127.0.0.1:$API_PORT" --dir "$DATA/csi"
 
-echo "== replication: a primary and a replica volume server"
-start_serve() { # NAME DATA ISCSI API REPLICATION
-  $BY serve --data-dir "$2" --iscsi-listen "127.0.0.1:$3" --api-listen "127.0.0.1:$4" \
-    --replication-listen "127.0.0.1:$5" >"$DATA/$1.log" 2>&1 &
-  echo $!
+step "write files and record their checksums"
+write_file() { # NAME
+  dd if=/dev/urandom of="$MNT/$1" bs=1M count=4 conv=fsync status=none
+  (cd "$MNT" && sha256sum "$1") >>"$DATA/sums"
 }
-wait_ready() { # LOG PID
-  for _ in $(seq 1 100); do
-    grep -q '^READY' "$1" && return 0
-    kill -0 "$2" 2>/dev/null || break
-    sleep 0.1
+for i in $(seq 1 8); do write_file "before-$i.bin"; done
+sync -f "$MNT"
+cat "$DATA/sums"
+
+step "kill -9 the primary's volume server"
+OLD_EPOCH=$(vol 'd["epoch"]')
+OLD_PRIMARY=$(vol 'd["primary"]["server_id"]')
+INDEX=""
+for i in $(seq 1 "$SERVERS"); do
+  id_var="SERVER_${i}_ID"
+  [ "${!id_var}" = "$OLD_PRIMARY" ] && INDEX=$i
+done
+[ -n "$INDEX" ] || fail "the primary $OLD_PRIMARY is none of the cluster's servers"
+pid_var="SERVER_${INDEX}_PID"
+echo "primary is server $INDEX (id $OLD_PRIMARY, pid ${!pid_var}), epoch $OLD_EPOCH"
+KILLED_AT=$(date +%s.%N)
+kill -KILL "${!pid_var}"
+
+step "keep writing and reading through the same mount"
+write_file "after-1.bin"
+RESUMED_AT=$(date +%s.%N)
+echo "first write + fsync after the kill completed $($PY -c "print(f'{$RESUMED_AT - $KILLED_AT:.2f}')") s after it"
+for i in $(seq 2 8); do write_file "after-$i.bin"; done
+drop_caches
+(cd "$MNT" && sha256sum -c --quiet "$DATA/sums") || fail "a file read back wrong after the failover"
+echo "all $(wc -l <"$DATA/sums") files read back intact through the same mount"
+
+step "blockyard status: the failover"
+$BY status --master "$MASTER"
+NEW_EPOCH=$(vol 'd["epoch"]')
+NEW_PRIMARY=$(vol 'd["primary"]["server_id"]')
+[ "$NEW_PRIMARY" != "$OLD_PRIMARY" ] || fail "the primary did not move off the killed server"
+[ "$NEW_EPOCH" -gt "$OLD_EPOCH" ] || fail "the epoch did not go up ($OLD_EPOCH -> $NEW_EPOCH)"
+echo "primary moved: $OLD_PRIMARY -> $NEW_PRIMARY, epoch $OLD_EPOCH -> $NEW_EPOCH"
+
+step "restart the killed server (same data directory and ports) and watch it rebuild"
+$BY up --dir "$CLUSTER" --restart-server "$INDEX"
+start=$SECONDS
+until in_sync; do
+  [ $((SECONDS - start)) -lt "$WAIT_S" ] || fail "server $INDEX was not back in sync after ${WAIT_S}s"
+  echo "  $(vol '[(r["server_id"][:8], r["state"], r["resync_done_bytes"], r["resync_total_bytes"]) for r in d["replicas"]]')"
+  sleep 1
+done
+$BY status --master "$MASTER"
+
+step "verify every file (page cache dropped), then again after detaching and attaching anew"
+drop_caches
+(cd "$MNT" && sha256sum -c --quiet "$DATA/sums") || fail "a file read back wrong after the rebuild"
+$BY detach "$MNT" --state-dir "$STATE"
+$BY attach "$VOL" --master "$MASTER" --fs ext4 "$MNT" --state-dir "$STATE"
+(cd "$MNT" && sha256sum -c --quiet "$DATA/sums") || fail "a file read back wrong after re-attaching"
+echo "all $(wc -l <"$DATA/sums") files verified"
+$BY detach "$MNT" --state-dir "$STATE"
+
+step "both copies hold the same bytes"
+api_of() { # SERVER_ID
+  for i in $(seq 1 "$SERVERS"); do
+    id_var="SERVER_${i}_ID"; api_var="SERVER_${i}_API"
+    [ "${!id_var}" = "$1" ] && echo "${!api_var}"
   done
-  echo "server did not start:"; cat "$1"; exit 1
 }
-P_ISCSI=$(free_port); P_API=$(free_port); P_REP=$(free_port)
-R_ISCSI=$(free_port); R_API=$(free_port); R_REP=$(free_port)
-PRIMARY=$(start_serve primary "$DATA/primary" "$P_ISCSI" "$P_API" "$P_REP")
-REPLICA=$(start_serve replica "$DATA/replica" "$R_ISCSI" "$R_API" "$R_REP")
-stop_replication() {
-  kill -TERM "$PRIMARY" "$REPLICA" 2>/dev/null || true
-  wait "$PRIMARY" "$REPLICA" 2>/dev/null || true
-  stop_server
-}
-trap stop_replication EXIT
-wait_ready "$DATA/primary.log" "$PRIMARY"
-wait_ready "$DATA/replica.log" "$REPLICA"
-$BY volume create rdemo --size 256MiB --server "127.0.0.1:$P_API"
-$BY volume replicate rdemo --server "127.0.0.1:$P_API" --replica "127.0.0.1:$R_API" \
-  --durability sync_all --wait-in-sync 60
-RIQN=$($BY volume info rdemo --server "127.0.0.1:$P_API" --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[0]["iqn"])')
-RURL="iscsi://127.0.0.1:$P_ISCSI/$RIQN/0"
-echo "== write 4 MiB chunks with a flush after each; kill -9 the replica in the middle"
-for i in $(seq 0 23); do
-  qemu-io -f raw -c "write -P $((i + 1)) $((i * 4))M 4M" -c "flush" "$RURL" >/dev/null
-  if [ "$i" = 8 ]; then
-    kill -KILL "$REPLICA"; wait "$REPLICA" 2>/dev/null || true
-    echo "   replica killed after chunk $i; writes go on (sync_all marks it out of sync first)"
-  fi
+SUMS=""
+for id in $(vol '" ".join([d["primary"]["server_id"]] + [r["server_id"] for r in d["replicas"]])'); do
+  sum=$($BY volume checksum "$VOL" --server "$(api_of "$id")")
+  echo "$id: $sum"
+  SUMS="$SUMS ${sum%% *}"
 done
-$BY volume replication rdemo --server "127.0.0.1:$P_API"
-echo "== restart the replica on the same addresses: it catches up from what it missed"
-REPLICA=$(start_serve replica2 "$DATA/replica" "$R_ISCSI" "$R_API" "$R_REP")
-wait_ready "$DATA/replica2.log" "$REPLICA"
-$BY volume replication rdemo --server "127.0.0.1:$P_API" --wait-in-sync 60
-echo "== every flushed chunk reads back from the primary"
-for i in $(seq 0 23); do
-  qemu-io -f raw -c "read -P $((i + 1)) $((i * 4))M 4M" "$RURL" | grep -q "^read" \
-    || { echo "chunk $i did not read back"; exit 1; }
-done
-echo "== both copies hold the same bytes"
-P_SUM=$($BY volume checksum rdemo --server "127.0.0.1:$P_API")
-R_SUM=$($BY volume checksum rdemo --server "127.0.0.1:$R_API")
-echo "primary: $P_SUM"
-echo "replica: $R_SUM"
-[ "${P_SUM%% *}" = "${R_SUM%% *}" ] || { echo "the copies differ"; exit 1; }
-echo "== demo finished"
+[ "$(echo "$SUMS" | tr ' ' '\n' | sed '/^$/d' | sort -u | wc -l)" = 1 ] || fail "the copies differ"
+
+step "clean up"
+$BY down --dir "$CLUSTER"
+wait "$UP" || fail "blockyard up exited non-zero"
+UP=""
+RESULT=PASS

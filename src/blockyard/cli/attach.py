@@ -23,7 +23,13 @@ from blockyard.attach.errors import (
     ToolError,
 )
 from blockyard.attach.loop import MKFS_TIMEOUT_S, run_tool
-from blockyard.attach.source import IscsiSource, LocalSource, SourceSpec, check_address
+from blockyard.attach.source import (
+    PORTALS_MAX_COUNT,
+    IscsiSource,
+    LocalSource,
+    SourceSpec,
+    check_address,
+)
 from blockyard.attach.state import DEFAULT_STATE_ROOT
 from blockyard.errors import InvalidArgumentError, TlsConfigError
 
@@ -43,9 +49,15 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Attach a volume and print its device. The attachment is served by its own "
         "daemon process, which outlives this command.",
     )
-    p.add_argument("name", nargs="?", help="volume name (with --server)")
+    p.add_argument("name", nargs="?", help="volume name (with --server or --master)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--server", metavar="HOST:PORT", help="volume server management API")
+    how.add_argument(
+        "--master",
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="resolve the volume through the master and attach every copy's portals "
+        "(primary first): multipath that follows a failover",
+    )
     how.add_argument("--portal", metavar="HOST:PORT", action="append", help="iSCSI portal")
     how.add_argument("--local", metavar="DATA_DIR/NAME", help="engine volume on this machine")
     p.add_argument("--iqn", help="target IQN (with --portal)")
@@ -60,7 +72,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     what.add_argument("--block", action="store_true", help="only attach (the default)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_ROOT, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
-    tls.add_arguments(p, role="dial")  # for --server
+    tls.add_arguments(p, role="dial")  # for --server and --master
     p.set_defaults(func=_attach)
 
     p = verbs.add_parser(
@@ -83,8 +95,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _source(args: argparse.Namespace) -> SourceSpec:
     security = tls.from_args(args)
-    if not args.server and (security.tls is not None or security.insecure):
-        raise TlsConfigError("the --tls-* flags and --insecure go with --server")
+    if not (args.server or args.master) and (security.tls is not None or security.insecure):
+        raise TlsConfigError("the --tls-* flags and --insecure go with --server or --master")
     if args.local:
         if args.name:
             raise InvalidArgumentError("--local takes DATA_DIR/NAME; drop the extra NAME")
@@ -99,8 +111,37 @@ def _source(args: argparse.Namespace) -> SourceSpec:
             portals=tuple(args.portal), iqn=args.iqn, lun=args.lun, volume_name=args.name or ""
         )
     if not args.name:
-        raise InvalidArgumentError("--server needs the volume NAME")
+        raise InvalidArgumentError(
+            f"{'--master' if args.master else '--server'} needs the volume NAME"
+        )
+    if args.master:
+        return _resolve_on_master(args.master, args.name, security)
     return _resolve_on_server(check_address(args.server), args.name, security)
+
+
+def _resolve_on_master(masters: str, name: str, security: tls.TransportSecurity) -> SourceSpec:
+    """Every copy's portals, the primary's first, behind the one target name all copies export:
+    the initiator logs in to each, uses the active/optimized path and moves to the path that
+    turns active/optimized when a replica is promoted (ALUA, SPC-4 §5.15) — what CSI's
+    NodeStage gets from ControllerPublishVolume."""
+    from blockyard.master.client import MasterClient  # noqa: PLC0415  # grpc is heavy
+
+    async def lookup() -> SourceSpec:
+        async with MasterClient(masters, timeout_s=_SERVER_TIMEOUT_S, security=security) as c:
+            info = await c.get_volume(name)
+        copies = sorted(info.copies, key=lambda c: c.server_id != info.primary_server_id)
+        portals = tuple(dict.fromkeys(p for c in copies for p in c.addresses.iscsi_portals))
+        if not info.iqn or not portals:
+            raise AttachError(
+                f"volume {name!r} is not exported yet (status {info.status or 'unknown'}, no "
+                f"{'target name' if not info.iqn else 'portal'} reported); wait until `blockyard "
+                f"volume get {name} --master {masters}` shows its primary, then attach again"
+            )
+        return IscsiSource(
+            portals=portals[:PORTALS_MAX_COUNT], iqn=info.iqn, lun=0, volume_name=name
+        )
+
+    return asyncio.run(lookup())
 
 
 def _resolve_on_server(server: str, name: str, security: tls.TransportSecurity) -> SourceSpec:

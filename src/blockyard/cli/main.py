@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         csi,
         master,
         serve,
+        up,
         volume,
         volume_master,
     )
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     csi.register(verbs)
     master.register(verbs)
     volume_master.register(verbs)
+    up.register(verbs)
     return parser
 
 
