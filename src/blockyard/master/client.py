@@ -224,5 +224,18 @@ class MasterClient:
         )
         return resp.existed
 
+    async def mark_out_of_sync(
+        self, volume: str, epoch: int, server_id: str, replica_address: str, sent_mono_ns: int
+    ) -> None:
+        """The degrade decision: returns once the master recorded the replica out of sync."""
+        request = mpb.MarkOutOfSyncRequest(
+            volume=volume,
+            epoch=epoch,
+            server_id=server_id,
+            replica_address=replica_address,
+            sent_mono_ns=sent_mono_ns,
+        )
+        await self._call(lambda s: s.MarkOutOfSync, request)
+
     async def get_leader(self) -> mpb.LeaderInfo:
         return await self._call(lambda s: s.GetLeader, mpb.GetLeaderRequest())

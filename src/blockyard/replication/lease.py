@@ -11,8 +11,9 @@ Terms: TTL (the master's ``--lease-ttl``, default 2 s, learnt from its grants) a
   server's own monotonic send time of the heartbeat the reply answers: the grant was made after
   that, so the server's lease never ends later than the master believes it does. The master
   promotes another copy only TTL + MARGIN after the last grant it sent.
-- **Replica lease.** The primary also holds its lease while *every* replica of its replica set
-  has answered, at the primary's epoch, a probe the primary sent less than TTL (at most
+- **Replica lease.** The primary also holds its lease while *every* replica the master may
+  promote (its replica set less those the master has recorded out of sync) has answered, at
+  the primary's epoch, a probe the primary sent less than TTL (at most
   :data:`REPLICA_LEASE_MAX_NS`, the TTL every replica's hold assumes) ago (the links
   probe every TTL/4 with a barrier; the replica's Ack names the highest barrier it received,
   so the answer is causally after the probe's send time). This is what keeps I/O going while
@@ -23,11 +24,19 @@ Terms: TTL (the master's ``--lease-ttl``, default 2 s, learnt from its grants) a
   replica lease ends at most that long after the probe that answer followed; its master lease
   is the master's to wait out before promoting). So the old primary and a promoted replica
   never both acknowledge.
-- **No lease needed**: a primary with no replicas has no copy to be failed over to.
+- **No lease needed**: a primary with no replicas, or whose every replica the master has
+  recorded out of sync, has no copy to be failed over to (the master never promotes one).
 
-Why every replica of the set, not only the in-sync ones: a primary marks a replica out of sync
-on its own (``replication.json``); until that decision goes through the master, the master may
-still believe the replica in sync and promote it, so a locally dropped replica must still answer.
+Why a replica the master recorded out of sync need not answer: a primary run by a master drops
+a replica from the copies it waits for only after the master's ``MarkOutOfSync`` answered, and
+the master answers only once the mark is in its store; the master never promotes a copy its
+store holds out of sync (``master/failover.py``), and only the primary's own later heartbeat,
+reporting the replica in sync again, clears the mark. So a promotion can only ever go to a copy
+that still counts here, and a degraded volume keeps its replica lease from the replicas that
+remain through a master outage. Why only *those*: a replica dropped locally whose mark has not
+reached the master (the master unreachable, the call still in flight, or a restart that has not
+re-confirmed it yet) may still be promoted, so it still counts (:meth:`PrimaryLease.set_out_of_sync`
+is told only what the master confirmed at this epoch, and forgets it on any role change).
 
 Why MARGIN = 0.5 s: monotonic clocks drift in *rate* by less than 1e-3 (under 2 ms over a
 TTL); the rest covers the time between a primary's lease check and its status going out and
@@ -88,6 +97,8 @@ class PrimaryLease:
         self.epoch = epoch
         self.ttl_ns = clamp_ttl_ns(ttl_ns)
         self._replicas: frozenset[str] = frozenset()
+        #: Replicas the master confirmed out of sync: they hold nothing up (module docstring).
+        self._out_of_sync: frozenset[str] = frozenset()
         #: End of the master's latest grant at this epoch (0: none).
         self._master_until_ns = 0
         #: Replica → send time of the newest probe it answered at this epoch.
@@ -130,8 +141,15 @@ class PrimaryLease:
 
     @property
     def required(self) -> bool:
-        """Whether this primary needs a lease at all (it has replicas)."""
+        """Whether this primary probes its replicas at all (it has replicas). Replicas the
+        master recorded out of sync are probed too, so that their answers count the moment
+        they are in sync again."""
         return bool(self._replicas)
+
+    @property
+    def counted(self) -> frozenset[str]:
+        """The replicas whose answers the replica lease needs (the master may promote them)."""
+        return self._replicas - self._out_of_sync
 
     @property
     def deadline_ns(self) -> int:
@@ -172,8 +190,16 @@ class PrimaryLease:
     def set_replicas(self, replicas: Iterable[str]) -> None:
         """The replica set changed: a new member must answer before it counts."""
         self._replicas = frozenset(replicas)
+        self._out_of_sync &= self._replicas
         for gone in set(self._answered_ns) - self._replicas:
             del self._answered_ns[gone]
+        self._recompute()
+
+    def set_out_of_sync(self, replicas: Iterable[str]) -> None:
+        """``replicas`` are recorded out of sync *by the master* at this epoch (its
+        ``MarkOutOfSync`` answered): the master promotes none of them, so the replica lease no
+        longer waits for their answers. Never pass a replica dropped only locally."""
+        self._out_of_sync = frozenset(replicas) & self._replicas
         self._recompute()
 
     def set_epoch(self, epoch: int, *, stays_primary: bool) -> None:
@@ -186,6 +212,7 @@ class PrimaryLease:
         if not stays_primary:
             self._master_until_ns = 0
             self._answered_ns.clear()
+            self._out_of_sync = frozenset()
         self._recompute()
 
     def hold_until(self, not_before_ns: int) -> None:
@@ -210,10 +237,11 @@ class PrimaryLease:
         if self._suspended:
             self._deadline_ns = 0
             return
-        if not self._replicas:
+        counted = self._replicas - self._out_of_sync
+        if not counted:
             self._deadline_ns = NO_DEADLINE_NS
             return
-        answers = [self._answered_ns.get(r, 0) for r in self._replicas]
+        answers = [self._answered_ns.get(r, 0) for r in counted]
         replica_ttl = min(self.ttl_ns, REPLICA_LEASE_MAX_NS)
         replica_until = min(answers) + replica_ttl if all(answers) else 0
         self._deadline_ns = max(self._master_until_ns, replica_until)

@@ -1,6 +1,19 @@
 """A primary volume's replication: its replica set, the links that feed it, the commit tracker
 that decides when a flush may be acknowledged, and the device the SCSI layer writes through.
 
+**The degrade decision** (a server run by a master, i.e. with a lease): a replica that must
+stop counting is first marked out of sync *by the master* (:class:`OutOfSyncMarker`, which
+returns once the mark is in the master's store), then in ``replication.json``, and only then
+does the commit tracker stop waiting for it. While the master cannot be reached (or refuses:
+this copy is no longer its primary) the mark is *not* made: the replica stays "unmarkable" and
+the mode's rule in :func:`~blockyard.replication.commit.degrade_or_fail` applies — ``sync_all``
+and ``sync_quorum`` fail the flush (a copy the master may promote lacks it), ``best_effort``
+acknowledges on the local WAL as always (it never promised the replicas anything) and, like
+every primary, only while it holds a lease: the replica it could not drop at the master still
+counts for the replica lease, so without the master it fences itself once that replica stops
+answering. Replicas the master confirmed out of sync stop counting for the lease
+(:meth:`~blockyard.replication.lease.PrimaryLease.set_out_of_sync`).
+
 Threads: everything here runs on the volume server's event loop except
 :meth:`VolumeReplication.commit_blocking`, which the SCSI executor threads call for a flush or a
 FUA write and which waits (bounded) for the loop's verdict. Storage work (bitmap and state
@@ -49,6 +62,19 @@ COMMIT_WAIT_TIMEOUT_S: Final = 25.0
 MARK_RETRY_S: Final = 1.0
 
 
+class OutOfSyncMarker(Protocol):
+    """The master's side of the degrade decision (``server/degrade.py``)."""
+
+    async def mark_out_of_sync(
+        self, volume: str, epoch: int, replica: str, decided_ns: int
+    ) -> None:
+        """Return once the master has durably recorded ``replica`` of ``volume`` out of sync
+        at ``epoch``; ``decided_ns`` is this server's CLOCK_MONOTONIC when the primary decided
+        (a heartbeat sent before it cannot undo the mark). Bounded; raises
+        :class:`~blockyard.errors.BlockyardError` when the master did not record it."""
+        ...
+
+
 class ReplicationObserver(Protocol):
     """Where a primary's replication reports what happens (the volume server's metrics). Every
     method has a no-op default, inherited by subclasses. Implementations are thread-safe, quick
@@ -90,6 +116,7 @@ class VolumeReplication:
         primary_id: str,
         observer: ReplicationObserver | None = None,
         lease: PrimaryLease | None = None,
+        marker: OutOfSyncMarker | None = None,
     ) -> None:
         self.volume = volume
         self.state = state
@@ -97,6 +124,14 @@ class VolumeReplication:
         #: The volume's lease (a server run by a master): its replica set follows ours, and
         #: the links feed it their replicas' answers to lease probes.
         self.lease = lease
+        #: How the master is told (with a lease only; None until the server reaches a master:
+        #: marks fail meanwhile, as with the master unreachable).
+        self.marker = marker
+        #: Replicas the master confirmed out of sync since this primary started, and per
+        #: replica how often it was marked in sync again (an answer that raced an in-sync mark
+        #: must not exclude it from the lease).
+        self._master_marked: set[str] = set()
+        self._in_sync_marks: dict[str, int] = {}
         self._executor = executor
         self.observer: ReplicationObserver = observer or NoObserver()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -128,6 +163,8 @@ class VolumeReplication:
         for r in self.state.replicas:
             await self.run_sync(self.volume.track_replica, r.address)
             self._start_link(r.address)
+            if not r.in_sync:
+                self._spawn(self._confirm_out_of_sync(r.address))
         self._tick = asyncio.create_task(self._ticker(), name=f"commit-{self.volume.name}")
 
     def _start_link(self, address: str) -> None:
@@ -196,6 +233,7 @@ class VolumeReplication:
         new = {r.address for r in state.replicas}
         if self.lease is not None:
             self.lease.set_replicas(new)
+            self._master_marked &= new
         for address in old - new:
             link = self.links.pop(address, None)
             if link is not None:
@@ -206,6 +244,7 @@ class VolumeReplication:
             await self.run_sync(self.volume.track_replica, address)
             self.tracker.add_replica(address)
             self._start_link(address)
+            self._spawn(self._confirm_out_of_sync(address))
         self._run(self.tracker.set_mode(state.mode, now))
         return state
 
@@ -291,8 +330,8 @@ class VolumeReplication:
                     )
 
     def _mark_out_of_sync(self, address: str, reason: str) -> None:
-        """The degrade step: persist the out-of-sync mark, then let the tracker drop the
-        replica (or fail its waiters if the mark cannot be persisted)."""
+        """The degrade step: the master's mark (with a lease), then the local one, then the
+        tracker drops the replica (or fails its waiters while a mark cannot be made)."""
         if address in self._marking:
             return
         self._marking.add(address)
@@ -301,11 +340,30 @@ class VolumeReplication:
         )
         self.degrade_events += 1
         self.observer.replica_degraded(self.volume.name, address)
-        self._spawn(self._persist_mark(address))
+        self._spawn(self._persist_mark(address, time.monotonic_ns()))
 
-    async def _persist_mark(self, address: str) -> None:
+    async def _persist_mark(self, address: str, decided_ns: int) -> None:
         try:
             while True:
+                if self.state.replica(address) is None:
+                    return  # left the replica set meanwhile: nothing to mark
+                if self.lease is not None:
+                    try:
+                        await self._tell_master(address, decided_ns)
+                    except BlockyardError as exc:
+                        log.warning(
+                            "volume %s: the master did not record that replica %s is out of "
+                            "sync (%s); %s until it does",
+                            self.volume.name,
+                            address,
+                            exc,
+                            "flushes are acknowledged on this copy alone"
+                            if self.tracker.mode is DurabilityMode.BEST_EFFORT
+                            else "flushes fail",
+                        )
+                        self._run(self.tracker.marked(address, False, time.monotonic()))
+                        await asyncio.sleep(MARK_RETRY_S)
+                        continue
                 try:
                     await self._save(lambda st: st.with_in_sync(address, False))
                 except BlockyardError:
@@ -326,6 +384,48 @@ class VolumeReplication:
         finally:
             self._marking.discard(address)
 
+    async def _tell_master(self, address: str, decided_ns: int) -> None:
+        """Have the master record ``address`` out of sync; once it answered, the replica no
+        longer counts for the lease. Raises :class:`BlockyardError` when it did not."""
+        marker = self.marker
+        if marker is None:
+            raise ReplicationUnavailableError(
+                f"volume {self.volume.name!r}: this server has not reached its master yet, so "
+                f"replica {address} cannot be marked out of sync there; check --master"
+            )
+        generation = self._in_sync_marks.get(address, 0)
+        await marker.mark_out_of_sync(self.volume.name, self.volume.epoch, address, decided_ns)
+        if self._in_sync_marks.get(address, 0) != generation:
+            return  # marked in sync meanwhile: the master's mark is undone by our report
+        if self.state.replica(address) is not None:
+            self._master_marked.add(address)
+            self._update_lease_marks()
+
+    async def _confirm_out_of_sync(self, address: str) -> None:
+        """A replica out of sync here since this primary started (a restart, a new member):
+        have the master confirm it too, so that it stops counting for the lease. Until then it
+        counts (the master may hold it in sync). Retried while it stays out of sync."""
+        if self.lease is None:
+            return
+        decided_ns = time.monotonic_ns()
+        while self.state.replica(address) is not None and address not in self._master_marked:
+            if self.tracker.state_of(address) != "out_of_sync" or address in self._marking:
+                return  # joining, in sync, or a degrade step of its own is telling the master
+            try:
+                await self._tell_master(address, decided_ns)
+            except BlockyardError as exc:
+                log.info(
+                    "volume %s: replica %s (out of sync) not yet confirmed by the master: %s",
+                    self.volume.name,
+                    address,
+                    exc,
+                )
+                await asyncio.sleep(MARK_RETRY_S)
+
+    def _update_lease_marks(self) -> None:
+        if self.lease is not None:
+            self.lease.set_out_of_sync(self._master_marked)
+
     def link_caught_up(self, link: ReplicaLink) -> None:
         """The replica holds a consistent copy and the live stream: it joins (see
         :mod:`.commit`); the tracker asks for the durable in-sync mark when it may."""
@@ -334,6 +434,11 @@ class VolumeReplication:
 
     async def _persist_in_sync(self, address: str) -> None:
         ok = False
+        # From the moment the mark may reach a heartbeat the master may promote the replica
+        # again: it counts for the lease first.
+        self._in_sync_marks[address] = self._in_sync_marks.get(address, 0) + 1
+        self._master_marked.discard(address)
+        self._update_lease_marks()
         if self.state.replica(address) is not None:
             try:
                 await self._save(
@@ -388,7 +493,9 @@ class VolumeReplication:
                 ReplicaReport(
                     address=r.address,
                     state=self.tracker.state_of(r.address),
-                    in_sync=r.in_sync,
+                    # Not while it is being marked out of sync: a heartbeat sent after the
+                    # decision must not tell the master it is in sync (and undo its mark).
+                    in_sync=r.in_sync and self.tracker.state_of(r.address) == "in_sync",
                     connected=st.connected,
                     phase=st.phase,
                     plan=st.plan,

@@ -47,6 +47,7 @@ from blockyard.master.proto import master_pb2_grpc as mgrpc
 from blockyard.replication.commit import DurabilityMode
 from blockyard.replication.primary import ReplicatedDevice
 from blockyard.server.convert import MODE_FROM_PB, MODE_TO_PB, ROLE_FROM_PB, ROLE_TO_PB
+from blockyard.server.degrade import MasterMarker
 from blockyard.server.manager import volume_iqn
 
 if TYPE_CHECKING:
@@ -126,11 +127,14 @@ class HeartbeatClient:
         self.connected_to = ""
         self.replies = 0
         self.leases_granted = 0
+        #: The degrade decision through the same masters (see :mod:`.degrade`).
+        self.marker = MasterMarker(self._masters, identity.server_id)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
+            self._manager.replication.set_marker(self.marker)
             self._stopping = False
             self._stop_requested.clear()
             self._stop_sent.clear()
@@ -153,6 +157,7 @@ class HeartbeatClient:
             t.cancel()
         if self._applying:
             await asyncio.wait(set(self._applying.values()), timeout=timeout_s)
+        await self.marker.close()
 
     # ---- the stream -----------------------------------------------------------------------
 
@@ -255,6 +260,11 @@ class HeartbeatClient:
     # ---- building heartbeats --------------------------------------------------------------
 
     async def _heartbeat(self, *, full: bool) -> mpb.ServerHeartbeat:
+        # The send time is taken before the reports are built: the master trusts a report
+        # sent after a MarkOutOfSync's decision time to say whether a replica is in sync, so
+        # it must not describe a state older than its stamp. Earlier is also safe for the
+        # lease, which runs from this time.
+        sent = self._clock()
         devices = self._manager.devices()
         # Memory-only parts on the loop (replication status lives there); sizes off it.
         prefix = self._manager.iqn_prefix
@@ -293,7 +303,7 @@ class HeartbeatClient:
         self._pending_deleted.clear()
         self._seq += 1
         msg.seq = self._seq
-        msg.sent_mono_ns = sent = self._clock()
+        msg.sent_mono_ns = sent
         if len(self._sent) >= MAX_SENT_REMEMBERED:
             del self._sent[min(self._sent)]
         self._sent[self._seq] = sent

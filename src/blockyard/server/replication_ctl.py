@@ -25,6 +25,7 @@ from blockyard.replication.engine_store import EngineReplicaStore
 from blockyard.replication.messages import ReplicaDataState
 from blockyard.replication.primary import (
     NoObserver,
+    OutOfSyncMarker,
     ReplicatedDevice,
     ReplicationObserver,
     VolumeReplication,
@@ -73,6 +74,9 @@ class ReplicationController:
         #: Where primaries report replication events (the server's metrics); set before
         #: :meth:`start`, it reaches every primary started after.
         self.observer: ReplicationObserver = NoObserver()
+        #: How primaries have the master record a replica out of sync (``serve --master``);
+        #: see :meth:`set_marker`.
+        self.marker: OutOfSyncMarker | None = None
         self.executor = ThreadPoolExecutor(
             max_workers=REPLICATION_WORKERS, thread_name_prefix="replication"
         )
@@ -108,6 +112,14 @@ class ReplicationController:
         host = f"[{host}]" if ":" in host else host
         return f"{host}:{self.listener.port}"
 
+    def set_marker(self, marker: OutOfSyncMarker | None) -> None:
+        """Primaries running now and started later ask ``marker`` before they drop a replica
+        (until it is set, a primary with a lease cannot drop one: its flushes follow the
+        mode's rule for an unreachable master)."""
+        self.marker = marker
+        for vr in self._primaries.values():
+            vr.marker = marker
+
     async def _sync(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
@@ -133,6 +145,7 @@ class ReplicationController:
             primary_id=self.address or volume.name,
             observer=self.observer,
             lease=device.lease,
+            marker=self.marker,
         )
         await vr.start()
         self._primaries[volume.name] = vr
