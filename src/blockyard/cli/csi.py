@@ -1,6 +1,7 @@
 """``blockyard csi``: run the CSI plugin (driver ``block.blockyard.io``) on a unix socket.
 
-Modes: ``controller`` provisions through a volume server (--backend) and keeps which nodes
+Modes: ``controller`` provisions through a volume server, or through the master with
+``--backend master://HOST:PORT[,HOST:PORT]`` (replicated volumes), and keeps which nodes
 each volume is published to under --state-dir; ``node`` attaches and mounts on this node;
 ``all`` runs both. Prints ``READY endpoint=unix://PATH mode=MODE`` on stdout once serving.
 SIGTERM or SIGINT stops it: no new RPCs, running ones finish within the shutdown timeout,
@@ -11,7 +12,8 @@ errors (bad mode, endpoint, managed prefix or address, or plaintext to a --backe
 loopback without --insecure).
 
 The CSI socket is local and has no TLS; ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` are what
-the plugin presents to, and checks the volume server with, when it dials ``--backend``.
+the plugin presents to, and checks the volume server (or the master and every copy's volume
+server) with, when it dials ``--backend``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--endpoint", required=True, help="unix:///PATH.sock to serve CSI on")
     p.add_argument("--mode", required=True, help="controller, node or all")
     p.add_argument("--node-id", required=True, help="this node's name (NodeGetInfo node_id)")
-    p.add_argument("--backend", metavar="HOST:PORT", help="volume server management API")
+    p.add_argument(
+        "--backend",
+        metavar="HOST:PORT|master://HOST:PORT[,HOST:PORT]",
+        help="a volume server's management API, or the master (replicated volumes)",
+    )
     p.add_argument(
         "--state-dir",
         help=f"controller state: volume records and publications (default {DEFAULT_STATE_DIR})",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -57,7 +57,9 @@ from blockyard.csi.errors import (
 )
 from blockyard.csi.initiators import node_initiator_name
 from blockyard.csi.locks import OperationLocks
+from blockyard.csi.master_backend import MasterBackend, MasterVolumeDescription, parse_durability
 from blockyard.csi.params import (
+    VolumeParameters,
     check_range,
     parse_chap_secrets,
     parse_parameters,
@@ -127,6 +129,14 @@ CONTROLLER_CAPABILITIES: Final = (
     RPC.SINGLE_NODE_MULTI_WRITER,
     RPC.GET_SNAPSHOT,
 )
+#: Not offered through a master, which has no snapshot RPCs yet.
+SNAPSHOT_CAPABILITIES: Final = frozenset(
+    {RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.CLONE_VOLUME, RPC.GET_SNAPSHOT}
+)
+#: Topology key of a volume server's zone (``blockyard serve --zone``): a volume placed by the
+#: master is accessible from the zones of its copies; node plugins in zoned clusters report
+#: ``--topology topology.block.blockyard.io/zone=ZONE``.
+ZONE_TOPOLOGY_KEY: Final = "topology.block.blockyard.io/zone"
 
 #: ALUA states in which a portal serves I/O, best first (SPC-4 §5.16.2).
 _SERVING_STATES: Final = (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED)
@@ -168,6 +178,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         self._runner = runner
         self._topology = topology or TopologySegment()
         self._locks = OperationLocks()
+        self._master = backend if isinstance(backend, MasterBackend) else None
         for volume_id in store.volume_ids():
             runner.metrics.publications_restored(volume_id, self._multi_writer_nodes(volume_id))
 
@@ -183,14 +194,21 @@ class ControllerService(pb_grpc.ControllerServicer):
             except InvalidNameError as exc:
                 raise InvalidNameError(f"name: {exc}") from exc
             caps = parse_capabilities("volume_capabilities", request.volume_capabilities)
-            params = parse_parameters("parameters", request.parameters)
+            params = self._parse_parameters(request.parameters)
             fs_type = resolve_fs_type(caps, params)
+            zones: list[str] = []
             if request.HasField("accessibility_requirements"):
-                self._check_requirements(request.accessibility_requirements)
+                zones = self._check_requirements(request.accessibility_requirements)
             required_bytes = request.capacity_range.required_bytes
             limit_bytes = request.capacity_range.limit_bytes
             check_range("capacity_range", required_bytes, limit_bytes)
             kind, source_id = _content_source(request)
+            if kind and self._master is not None:
+                raise UnsupportedOperationError(
+                    "volume_content_source: volumes from snapshots and clones are not available "
+                    "through the master yet (CLONE_VOLUME is not advertised); leave "
+                    "dataSource out, or provision from a single volume server's StorageClass"
+                )
             volume_context = {CONTEXT_FS_TYPE: fs_type} if fs_type else {}
             with self._locks.claim("CreateVolume", f"volume:{name}"):
                 existing = await self._find_volume(name)
@@ -213,12 +231,25 @@ class ControllerService(pb_grpc.ControllerServicer):
                     desc = await self._clone_volume(name, source_id, required_bytes, limit_bytes)
                 else:
                     size = size_for_range("capacity_range", required_bytes, limit_bytes)
-                    desc = await self._backend.create_volume(name, size)
+                    desc = await self._create(name, size, params, zones)
                 desc = await self._restrict(desc)
                 record = self._store.put_volume(name, volume_context, kind, source_id)
                 return pb.CreateVolumeResponse(volume=self._volume_pb(desc, record))
 
         return await self._runner.run(context, "CreateVolume", request.name or "-", work)
+
+    def _parse_parameters(self, params: Mapping[str, str]) -> VolumeParameters:
+        return parse_parameters("parameters", params, replicated=self._master is not None)
+
+    async def _create(
+        self, name: str, size: int, params: VolumeParameters, zones: Sequence[str]
+    ) -> VolumeDescription:
+        if self._master is None:
+            return await self._backend.create_volume(name, size)
+        durability = parse_durability(params.durability) if params.durability else None
+        return await self._master.create_replicated_volume(
+            name, size, replicas=params.replicas, durability=durability, zones=zones
+        )
 
     async def _restrict(self, desc: VolumeDescription) -> VolumeDescription:
         """A new volume admits no initiator until it is published to a node."""
@@ -226,11 +257,17 @@ class ControllerService(pb_grpc.ControllerServicer):
             return desc
         return await self._backend.set_volume_access(desc.name, ())
 
-    def _check_requirements(self, requirement: pb.TopologyRequirement) -> None:
+    def _check_requirements(self, requirement: pb.TopologyRequirement) -> list[str]:
         """CSI CreateVolume: the volume MUST be accessible from one of the requisite
-        topologies; ours is the only one there is."""
+        topologies. On one server ours is the only one there is; through a master, requisite
+        zones restrict placement (returned; empty: anywhere)."""
+        if self._master is not None:
+            zones = [t.segments[ZONE_TOPOLOGY_KEY] for t in requirement.requisite
+                     if t.segments.get(ZONE_TOPOLOGY_KEY)]  # fmt: skip
+            if zones or not requirement.requisite:
+                return list(dict.fromkeys(zones))
         if not requirement.requisite or any(self._matches(t) for t in requirement.requisite):
-            return
+            return []
         raise TopologyUnsatisfiableError(
             "accessibility_requirements.requisite does not include this driver's topology "
             f"{{{self._topology.key}: {self._topology.value}}}; volumes are only accessible "
@@ -461,7 +498,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             record = self._store.get(volume_id)
             try:
                 caps = parse_capabilities("volume_capabilities", request.volume_capabilities)
-                fs_type = resolve_fs_type(caps, parse_parameters("parameters", request.parameters))
+                fs_type = resolve_fs_type(caps, self._parse_parameters(request.parameters))
             except (UnsupportedCapabilityError, InvalidParameterError) as exc:
                 return pb.ValidateVolumeCapabilitiesResponse(message=str(exc))
             created_fs = record.context.get(CONTEXT_FS_TYPE, "") if record else ""
@@ -553,13 +590,15 @@ class ControllerService(pb_grpc.ControllerServicer):
             try:
                 if request.volume_capabilities:
                     caps = parse_capabilities("volume_capabilities", request.volume_capabilities)
-                    resolve_fs_type(caps, parse_parameters("parameters", request.parameters))
+                    resolve_fs_type(caps, self._parse_parameters(request.parameters))
                 else:
-                    parse_parameters("parameters", request.parameters)
+                    self._parse_parameters(request.parameters)
             except (UnsupportedCapabilityError, InvalidParameterError):
                 return pb.GetCapacityResponse(available_capacity=0)
-            if request.HasField("accessible_topology") and not self._matches(
-                request.accessible_topology
+            if (
+                self._master is None
+                and request.HasField("accessible_topology")
+                and not self._matches(request.accessible_topology)
             ):
                 return pb.GetCapacityResponse(available_capacity=0)
             return answer
@@ -574,6 +613,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 capabilities=[
                     pb.ControllerServiceCapability(rpc=pb.ControllerServiceCapability.RPC(type=t))
                     for t in CONTROLLER_CAPABILITIES
+                    if self._master is None or t not in SNAPSHOT_CAPABILITIES
                 ]
             )
 
@@ -814,10 +854,12 @@ class ControllerService(pb_grpc.ControllerServicer):
         return out
 
     def _volume_pb(self, desc: VolumeDescription, record: VolumeRecord | None) -> pb.Volume:
+        if isinstance(desc, MasterVolumeDescription) and desc.zones:
+            topology = [pb.Topology(segments={ZONE_TOPOLOGY_KEY: z}) for z in desc.zones]
+        else:
+            topology = [pb.Topology(segments={self._topology.key: self._topology.value})]
         volume = pb.Volume(
-            capacity_bytes=desc.size_bytes,
-            volume_id=desc.name,
-            accessible_topology=[pb.Topology(segments={self._topology.key: self._topology.value})],
+            capacity_bytes=desc.size_bytes, volume_id=desc.name, accessible_topology=topology
         )
         if record is not None:
             volume.volume_context.update(record.context)

@@ -5,10 +5,13 @@ silently give a different volume):
 
 - ``fsType``: ``ext4`` or ``xfs``, the file system of ``mount`` volumes whose capability does
   not name one. A capability naming another file system conflicts and is refused.
-- ``replicas``: reserved for replicated volumes. Only ``1`` is accepted in this build.
-- ``durability``: reserved for the replication durability mode. Only ``local`` is accepted in
-  this build: a write is acknowledged once it is durable on the one volume server (see the
-  durability contract in docs/ARCHITECTURE.md).
+- ``replicas``: the number of copies. On one volume server (``--backend HOST:PORT``) only
+  ``1``. Through a master (``--backend master://...``) ``1`` to ``3``; left out, the master's
+  default: 2 when at least two volume servers are alive, else 1.
+- ``durability``: on one volume server only ``local`` (a write is acknowledged once it is
+  durable on that server; see the durability contract in docs/ARCHITECTURE.md). Through a
+  master ``best_effort``, ``sync_all`` or ``sync_quorum`` (docs/replication.md); left out, the
+  master's default (``sync_all``).
 
 Kubernetes' external-provisioner strips its own ``csi.storage.k8s.io/*`` keys before calling,
 so they never reach this check.
@@ -55,6 +58,10 @@ PARAM_DURABILITY: Final = "durability"
 KNOWN_PARAMETERS: Final = (PARAM_FS_TYPE, PARAM_REPLICAS, PARAM_DURABILITY)
 SINGLE_NODE_REPLICAS: Final = "1"
 SINGLE_NODE_DURABILITY: Final = "local"
+#: Copies of a replicated volume: a primary and up to two replicas (docs/ARCHITECTURE.md,
+#: "Replication").
+MAX_REPLICAS: Final = 3
+REPLICATED_DURABILITIES: Final = ("best_effort", "sync_all", "sync_quorum")
 
 #: Size of a volume created without a capacity range (the CSI spec leaves it to the plugin).
 DEFAULT_VOLUME_SIZE_BYTES: Final = 1 << 30
@@ -114,13 +121,18 @@ def parse_chap_secrets(field: str, secrets: Mapping[str, str]) -> ChapSecrets:
 
 @dataclass(frozen=True, slots=True)
 class VolumeParameters:
+    """``replicas`` 0 and ``durability`` "" (replicated only): the master's defaults."""
+
     fs_type: str = ""
     replicas: int = 1
     durability: str = SINGLE_NODE_DURABILITY
 
 
-def parse_parameters(field: str, params: Mapping[str, str]) -> VolumeParameters:
-    """``params`` checked as described in the module docstring."""
+def parse_parameters(
+    field: str, params: Mapping[str, str], *, replicated: bool = False
+) -> VolumeParameters:
+    """``params`` checked as described in the module docstring; ``replicated``: the backend is
+    a master, which takes ``replicas`` and the replicated ``durability`` modes."""
     unknown = sorted(set(params) - set(KNOWN_PARAMETERS))
     if unknown:
         raise InvalidParameterError(
@@ -133,21 +145,49 @@ def parse_parameters(field: str, params: Mapping[str, str]) -> VolumeParameters:
             f"{field}.{PARAM_FS_TYPE} {fs_type!r} is not supported: use one of "
             f"{', '.join(SUPPORTED_FS_TYPES)}"
         )
+    if replicated:
+        return _replicated(field, params, fs_type)
     replicas = params.get(PARAM_REPLICAS, SINGLE_NODE_REPLICAS)
     if replicas != SINGLE_NODE_REPLICAS:
         raise InvalidParameterError(
-            f"{field}.{PARAM_REPLICAS} {replicas!r} is not available in this build: volumes "
-            f"live on one volume server until the master places replicas; use "
-            f"{SINGLE_NODE_REPLICAS!r} or leave it out"
+            f"{field}.{PARAM_REPLICAS} {replicas!r} needs a master: this driver's volumes "
+            f"live on one volume server (--backend HOST:PORT); use {SINGLE_NODE_REPLICAS!r} "
+            "or leave it out, or run the controller with --backend master://HOST:PORT"
         )
     durability = params.get(PARAM_DURABILITY, SINGLE_NODE_DURABILITY)
     if durability != SINGLE_NODE_DURABILITY:
         raise InvalidParameterError(
-            f"{field}.{PARAM_DURABILITY} {durability!r} is not available in this build: the "
-            f"replicated durability modes come with replication; use "
-            f"{SINGLE_NODE_DURABILITY!r} or leave it out"
+            f"{field}.{PARAM_DURABILITY} {durability!r} needs a master: the replicated "
+            f"durability modes are for volumes the master places; use "
+            f"{SINGLE_NODE_DURABILITY!r} or leave it out, or run the controller with "
+            "--backend master://HOST:PORT"
         )
     return VolumeParameters(fs_type=fs_type)
+
+
+def _replicated(field: str, params: Mapping[str, str], fs_type: str) -> VolumeParameters:
+    text = params.get(PARAM_REPLICAS, "")
+    replicas = 0
+    if text:
+        if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+            raise InvalidParameterError(
+                f"{field}.{PARAM_REPLICAS} {text[:32]!r} is not a number of copies from 1 to "
+                f"{MAX_REPLICAS}; leave it out for the master's default (2 when two or more "
+                "volume servers are alive, else 1)"
+            )
+        replicas = int(text)
+    durability = params.get(PARAM_DURABILITY, "")
+    if durability and durability not in REPLICATED_DURABILITIES:
+        hint = (
+            " (one volume server's mode; a master's volumes replicate)"
+            if (durability == SINGLE_NODE_DURABILITY)
+            else ""
+        )
+        raise InvalidParameterError(
+            f"{field}.{PARAM_DURABILITY} {durability[:32]!r} is not one of "
+            f"{', '.join(REPLICATED_DURABILITIES)}{hint}; leave it out for sync_all"
+        )
+    return VolumeParameters(fs_type=fs_type, replicas=replicas, durability=durability)
 
 
 def resolve_fs_type(caps: Sequence[Capability], params: VolumeParameters) -> str:

@@ -29,6 +29,7 @@ import grpc
 from blockyard import tls
 from blockyard.csi.controller import ControllerService, TopologySegment
 from blockyard.csi.identity import IdentityService
+from blockyard.csi.master_backend import MasterBackend, is_master_backend, parse_master_backend
 from blockyard.csi.metrics import Metrics, MetricsHttpServer, NoMetrics, PrometheusMetrics
 from blockyard.csi.node_config import NodeOptions
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
@@ -166,9 +167,15 @@ def build_config(
     if plugin_mode.controller and not backend:
         raise ConfigError(
             f"--backend is required in {plugin_mode.value} mode: the volume server's "
-            "management API (HOST:PORT)"
+            "management API (HOST:PORT), or master://HOST:PORT[,HOST:PORT] for the master"
         )
-    if backend:
+    if backend and is_master_backend(backend):
+        try:
+            for address in parse_master_backend(backend):
+                tls.check_dial(address, backend_security)
+        except ValueError as exc:  # InvalidArgumentError and TlsConfigError are ones too
+            raise ConfigError(str(exc)) from exc
+    elif backend:
         try:
             parse_address(backend, option="--backend")
             tls.check_dial(backend, backend_security)
@@ -245,7 +252,7 @@ class CsiServer:
             metrics = PrometheusMetrics()
         self._metrics: Metrics = metrics or NoMetrics()
         self._server: grpc.aio.Server | None = None
-        self._client: VolumeServerClient | None = None
+        self._client: VolumeServerClient | MasterBackend | None = None
         self._metrics_http: MetricsHttpServer | None = None
 
     async def start(self) -> None:
@@ -265,7 +272,7 @@ class CsiServer:
                 raise StartError(str(exc)) from exc
         if config.backend:
             try:
-                self._client = VolumeServerClient(config.backend, security=config.backend_security)
+                self._client = self._open_backend(config.backend, config.backend_security)
             except TlsConfigError as exc:
                 raise ConfigError(str(exc)) from exc
             except TlsFileError as exc:
@@ -301,6 +308,18 @@ class CsiServer:
         )
         if config.metrics_listen is not None:
             await self._serve_metrics(config.metrics_listen)
+
+    @staticmethod
+    def _open_backend(
+        backend: str, security: tls.TransportSecurity
+    ) -> VolumeServerClient | MasterBackend:
+        if is_master_backend(backend):
+            if security.tls is not None:
+                # Read the TLS files now, so unusable ones fail the start (exit 1) as they do
+                # for a volume server backend, not the first RPC.
+                tls.load(security.tls)
+            return MasterBackend(parse_master_backend(backend), security=security)
+        return VolumeServerClient(backend, security=security)
 
     async def _serve_metrics(self, address: Address) -> None:
         """Serve /metrics on ``address``; a bind failure stops the plugin again and raises
