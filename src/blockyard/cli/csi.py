@@ -107,6 +107,12 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         f"(default {DEFAULT_MOUNT_STORM_THRESHOLD})",
     )
     tls.add_arguments(p, role="dial")  # for --backend
+    p.add_argument(
+        "--master-insecure",
+        action="store_true",
+        help="with --backend master://: dial the master in plaintext off loopback (the master "
+        "serves no TLS yet); the --tls-* flags then cover only the volume servers",
+    )
     p.set_defaults(func=run)
 
 
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             topology=args.topology,
             backend_security=tls.from_args(args),
+            master_insecure=args.master_insecure,
         )
         config = dataclasses.replace(
             config,

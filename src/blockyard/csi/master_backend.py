@@ -209,12 +209,15 @@ class MasterBackend:
         masters: Sequence[str],
         *,
         security: tls.TransportSecurity = tls.PLAINTEXT,
+        master_security: tls.TransportSecurity | None = None,
         client: MasterClient | None = None,
         copy_wait_s: float = COPY_WAIT_S,
     ) -> None:
+        """``security`` protects the calls to the copies' volume servers, and to the master
+        too unless ``master_security`` is given."""
         self._security = security
         self._copy_wait_s = copy_wait_s
-        self._master = client or MasterClient(masters, security=security)
+        self._master = client or MasterClient(masters, security=master_security or security)
         self._servers: dict[str, VolumeServerClient] = {}
 
     async def close(self) -> None:

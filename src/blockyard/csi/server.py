@@ -88,6 +88,9 @@ class CsiConfig:
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     node_options: NodeOptions = field(default_factory=NodeOptions)
     backend_security: tls.TransportSecurity = tls.PLAINTEXT
+    #: How the master of a ``master://`` backend is dialed (``backend_security`` then covers
+    #: the copies' volume servers).
+    master_security: tls.TransportSecurity = tls.PLAINTEXT
 
 
 def parse_endpoint(text: str) -> Path:
@@ -157,6 +160,7 @@ def build_config(
     metrics_listen: str | None,
     topology: str | None,
     backend_security: tls.TransportSecurity = tls.PLAINTEXT,
+    master_insecure: bool = False,
 ) -> CsiConfig:
     """Check the command line; raises :class:`ConfigError` for anything that cannot work.
     Reads no file: the TLS files are loaded at :meth:`CsiServer.start`."""
@@ -169,10 +173,15 @@ def build_config(
             f"--backend is required in {plugin_mode.value} mode: the volume server's "
             "management API (HOST:PORT), or master://HOST:PORT[,HOST:PORT] for the master"
         )
+    master_security = backend_security
+    if master_insecure:
+        if not (backend and is_master_backend(backend)):
+            raise ConfigError("--master-insecure is for --backend master://...; drop it")
+        master_security = tls.TransportSecurity(insecure=True)
     if backend and is_master_backend(backend):
         try:
             for address in parse_master_backend(backend):
-                tls.check_dial(address, backend_security)
+                tls.check_dial(address, master_security)
         except ValueError as exc:  # InvalidArgumentError and TlsConfigError are ones too
             raise ConfigError(str(exc)) from exc
     elif backend:
@@ -200,6 +209,7 @@ def build_config(
         metrics_listen=metrics,
         topology=parse_topology(topology) if topology else TopologySegment(),
         backend_security=backend_security,
+        master_security=master_security,
     )
 
 
@@ -272,7 +282,7 @@ class CsiServer:
                 raise StartError(str(exc)) from exc
         if config.backend:
             try:
-                self._client = self._open_backend(config.backend, config.backend_security)
+                self._client = self._open_backend(config)
             except TlsConfigError as exc:
                 raise ConfigError(str(exc)) from exc
             except TlsFileError as exc:
@@ -310,16 +320,20 @@ class CsiServer:
             await self._serve_metrics(config.metrics_listen)
 
     @staticmethod
-    def _open_backend(
-        backend: str, security: tls.TransportSecurity
-    ) -> VolumeServerClient | MasterBackend:
-        if is_master_backend(backend):
+    def _open_backend(config: CsiConfig) -> VolumeServerClient | MasterBackend:
+        assert config.backend is not None
+        security = config.backend_security
+        if is_master_backend(config.backend):
             if security.tls is not None:
                 # Read the TLS files now, so unusable ones fail the start (exit 1) as they do
                 # for a volume server backend, not the first RPC.
                 tls.load(security.tls)
-            return MasterBackend(parse_master_backend(backend), security=security)
-        return VolumeServerClient(backend, security=security)
+            return MasterBackend(
+                parse_master_backend(config.backend),
+                security=security,
+                master_security=config.master_security,
+            )
+        return VolumeServerClient(config.backend, security=security)
 
     async def _serve_metrics(self, address: Address) -> None:
         """Serve /metrics on ``address``; a bind failure stops the plugin again and raises
