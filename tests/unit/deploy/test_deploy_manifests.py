@@ -206,7 +206,11 @@ def node_spec() -> dict[str, Any]:
 
 
 def server_spec() -> dict[str, Any]:
-    return pod_spec(find("StatefulSet", "blockyard-volume-server"))
+    return pod_spec(find("DaemonSet", "blockyard-volume-server"))
+
+
+def master_spec() -> dict[str, Any]:
+    return pod_spec(find("StatefulSet", "blockyard-master"))
 
 
 def image_name(image: str) -> str:
@@ -445,13 +449,15 @@ def test_storage_class_parameters_are_accepted_by_the_driver() -> None:
             "csi.storage.k8s.io/pvc/namespace": "default",
             "csi.storage.k8s.io/pv/name": "pvc-1234",
         }
+    backend = flag(container(controller_spec(), "blockyard-csi")["args"], "--backend") or ""
+    replicated = backend.startswith("master://")
     for sc in (o for o in deploy_objects() if o["kind"] == "StorageClass"):
         params = {
             k: v
             for k, v in sc.get("parameters", {}).items()
             if not k.startswith("csi.storage.k8s.io/")
         }
-        params_mod.parse_parameters("parameters", {**params, **extra})
+        params_mod.parse_parameters("parameters", {**params, **extra}, replicated=replicated)
     # CreateSnapshot takes no parameters: none from the class, none from the sidecar.
     snapshotter = container(controller_spec(), "csi-snapshotter")
     assert not has_flag(snapshotter["args"], "--extra-create-metadata")
@@ -683,9 +689,11 @@ def test_controller_plugin_command_line() -> None:
     assert flag(plugin["args"], "--mode") == "controller"
     assert not has_flag(plugin["args"], "--managed-prefix")
     backend = flag(plugin["args"], "--backend")
-    svc = find("Service", "blockyard-api")
+    svc = find("Service", "blockyard-master")
     port = svc["spec"]["ports"][0]["port"]
-    assert backend == f"blockyard-api.{NAMESPACE}.svc:{port}"
+    assert backend == f"master://blockyard-master.{NAMESPACE}.svc:{port}"
+    # The volume servers are dialed by node address and share one certificate.
+    assert flag(plugin["args"], "--tls-server-name") == f"blockyard-api.{NAMESPACE}.svc"
 
 
 def test_node_plugin_command_line_and_managed_prefix() -> None:
@@ -775,9 +783,9 @@ def test_management_api_requires_mutual_tls() -> None:
 
 
 def test_volume_server_workload() -> None:
-    sts = find("StatefulSet", "blockyard-volume-server")
-    assert sts["spec"]["replicas"] == 1
-    spec = pod_spec(sts)
+    ds = find("DaemonSet", "blockyard-volume-server")
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    spec = pod_spec(ds)
     assert spec["hostNetwork"] is True
     assert spec["nodeSelector"] == {"blockyard.io/volume-server": "true"}
     server = container(spec, "volume-server")
@@ -788,7 +796,10 @@ def test_volume_server_workload() -> None:
     m = mount_for(server, ns.data_dir)
     assert volume(spec, m["name"])["hostPath"]["path"] == "/var/lib/blockyard"
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"iscsi": 3260, "api": 7400}
+    assert ports == {"iscsi": 3260, "api": 7400, "replication": 7500}
+    assert ns.replication_listen == "10.0.0.7:7500"
+    svc = find("Service", "blockyard-master")
+    assert ns.master == f"blockyard-master.{NAMESPACE}.svc:{svc['spec']['ports'][0]['port']}"
     probe = server["readinessProbe"]
     assert "tcpSocket" in probe or "grpc" in probe
     assert (probe.get("tcpSocket") or probe["grpc"])["port"] in {"api", 7400}
@@ -798,18 +809,28 @@ def test_volume_server_workload() -> None:
     assert spec["automountServiceAccountToken"] is False
 
 
-def test_api_service_selects_the_volume_server() -> None:
-    svc = find("Service", "blockyard-api")
-    sts = find("StatefulSet", "blockyard-volume-server")
+def test_master_service_selects_the_master_and_its_store_persists() -> None:
+    svc = find("Service", "blockyard-master")
+    sts = find("StatefulSet", "blockyard-master")
+    assert sts["spec"]["replicas"] == 1  # SQLite: one master
     labels = sts["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
-    assert sts["spec"]["serviceName"] == "blockyard-api"
-    server = container(pod_spec(sts), "volume-server")
-    port_names = {p["name"] for p in server["ports"]}
+    assert sts["spec"]["serviceName"] == "blockyard-master"
+    master = container(pod_spec(sts), "master")
     assert svc["spec"]["ports"] == [
-        {"name": "api", "port": 7400, "targetPort": "api", "protocol": "TCP"}
+        {"name": "grpc", "port": 9333, "targetPort": "grpc", "protocol": "TCP"}
     ]
-    assert "api" in port_names
+    ns = parse_blockyard(master["args"], master)
+    assert ns.verb == "master"
+    assert ns.listen == "10.0.0.7:9333"
+    store = ns.store.removeprefix("sqlite://")
+    assert ns.store.startswith("sqlite:///")
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    m = mount_for(master, store)
+    assert m["name"] == claim["metadata"]["name"]
+    # Never a blockyard class: the master must not depend on the volumes it places.
+    assert "storageClassName" not in claim["spec"]
+    assert master_spec()["automountServiceAccountToken"] is False
 
 
 # --------------------------------------------------------------------------------------------
