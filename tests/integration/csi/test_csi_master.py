@@ -208,3 +208,49 @@ def test_bad_master_backend_is_a_usage_error(tmp_path: Path, backend: str) -> No
     )
     assert result.returncode == 2, result.stderr
     assert "--backend" in result.stderr and "HOST:PORT" in result.stderr, result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="master: DeleteVolume with a copy on a dead server keeps the record with the deleted "
+    "live primary as its primary and is refused ('primary ... holds no copy', INVALID_ARGUMENT) "
+    "until the dead server returns (master/service.py _delete)",
+)
+def test_delete_while_a_copy_server_is_dead(
+    cluster: tuple[Proc, list[Proc]], tmp_path: Path
+) -> None:
+    master, servers = cluster
+    addr = master.fields["master"]
+    wait_for("three alive servers", lambda: len(alive_servers(addr)) == 3)
+    apis = alive_servers(addr)
+    proc_of = {sid: next(s for s in servers if s.fields["api"] == api) for sid, api in apis.items()}
+    csi = launch_csi(
+        tmp_path / "csi.sock",
+        tmp_path / "csi-logs",
+        "--mode", "controller", "--node-id", "controller-0",
+        "--backend", f"master://{addr}", "--state-dir", str(tmp_path / "csi-state"),
+    )  # fmt: skip
+    assert csi.ready, csi.stderr()
+    try:
+        csi.controller.CreateVolume(
+            pb.CreateVolumeRequest(
+                name="pvc-b",
+                capacity_range=pb.CapacityRange(required_bytes=8 * MIB),
+                volume_capabilities=[block_cap()],
+                parameters={"replicas": "2"},
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        info = get_volume(addr, "pvc-b")
+        [replica] = [c.server_id for c in info.copies if c.server_id != info.primary_server_id]
+        proc_of[replica].stop(signal.SIGKILL)
+        wait_for(
+            "the replica's server reported dead",
+            lambda: (
+                {c.server_id: c.state for c in get_volume(addr, "pvc-b").copies}[replica] == "dead"
+            ),
+        )
+        code, msg = rpc_code(csi.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id="pvc-b"))
+        assert code == grpc.StatusCode.OK, msg
+    finally:
+        assert csi.stop() == 0, csi.stderr()
