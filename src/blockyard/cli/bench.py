@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import random
 
 from blockyard.bench.attach import run_attach_bench
 from blockyard.bench.engine import run_engine_bench
+from blockyard.bench.failover import run_failover_bench
 from blockyard.bench.iscsi import run_iscsi_bench
 from blockyard.bench.replication import run_replication_bench
 from blockyard.bench.replication_report import Options
@@ -55,6 +57,17 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="data of replica servers 1 and 2 here (e.g. /dev/shm: no shared disk, diagnosis)",
     )
     sp.set_defaults(func=_replication)
+    sp = sub.add_parser("failover", help="kill -9 a volume's primary: time to the first I/O")
+    sp.add_argument("--dir", help="where to put the cluster (default: a temp dir in /var/tmp)")
+    sp.add_argument("--kills", type=int, default=10, help="primaries to kill (default 10)")
+    sp.add_argument("--seed", type=int, default=None, help="replay a run (printed at start)")
+    sp.add_argument("--qd", type=int, default=8, help="I/O threads (queue depth, default 8)")
+    sp.set_defaults(func=_failover)
+
+
+def _failover(args: argparse.Namespace) -> int:
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    return run_failover_bench(args.dir, kills=args.kills, seed=seed, threads=args.qd)
 
 
 def _engine(args: argparse.Namespace) -> int:
