@@ -198,6 +198,8 @@ class Cluster:
         #: Set once every process is stopped (a `down` request answers then).
         self.stopped = asyncio.Event()
         self.reported: set[int] = set()
+        #: Set once every process started and cluster.env is written.
+        self.ready = False
 
     @property
     def env_path(self) -> Path:
@@ -217,6 +219,7 @@ class Cluster:
         say(f"waiting for the master to see {len(self.servers)} servers alive")
         await self._learn_server_ids()
         self.write_env()
+        self.ready = True
 
     async def _learn_server_ids(self) -> None:
         from blockyard.master.client import MasterClient  # noqa: PLC0415  # grpc is heavy
@@ -254,7 +257,9 @@ class Cluster:
             )
             for i, p in enumerate(self.layout.servers, start=1)
         ]
-        write_atomically(self.env_path, env_text(self.layout.master, os.getpid(), entries))
+        write_atomically(
+            self.env_path, env_text(self.layout.master, self.master.pid, os.getpid(), entries)
+        )
 
     def print_usage(self) -> None:
         m = self.layout.master
@@ -296,6 +301,11 @@ class Cluster:
         if not 1 <= index <= len(self.servers):
             raise InvalidArgumentError(
                 f"there is no server {index}: this cluster has servers 1 to {len(self.servers)}"
+            )
+        if not self.ready or self.stop.is_set():
+            raise ServerUnavailableError(
+                f"the cluster in {self.dir} is {'stopping' if self.stop.is_set() else 'starting'}"
+                "; restart a server once it is ready"
             )
         child = self.servers[index - 1]
         if child.alive():

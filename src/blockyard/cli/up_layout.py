@@ -115,11 +115,12 @@ class ServerEntry:
     pid: int
 
 
-def env_text(master: str, up_pid: int, servers: list[ServerEntry]) -> str:
+def env_text(master: str, master_pid: int, up_pid: int, servers: list[ServerEntry]) -> str:
     """``cluster.env``: shell assignments, values quoted for ``source``/``.``."""
     lines = [
         "# written by `blockyard up` once the cluster was ready; removed when it stops",
         f"MASTER={shlex.quote(master)}",
+        f"MASTER_PID={master_pid}",
         f"UP_PID={up_pid}",
         f"SERVERS={len(servers)}",
     ]

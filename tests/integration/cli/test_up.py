@@ -217,6 +217,20 @@ def test_sigterm_to_up_stops_every_process(up_factory: Callable[[int], Up]) -> N
     assert not up.env_path.exists()
 
 
+def test_down_after_up_was_killed_stops_the_orphans(up_factory: Callable[[int], Up]) -> None:
+    up = up_factory(1)
+    env = up.env()
+    orphans = {int(env["MASTER_PID"]), int(env["SERVER_1_PID"])}
+    assert orphans == descendants(up.process.pid)
+    up.process.kill()  # its children run in their own sessions: they outlive it
+    up.process.wait(timeout=STOP_TIMEOUT_S)
+    assert all(running(p) for p in orphans)
+    done = cli("down", "--dir", str(up.dir))
+    assert "stopped 2 leftover processes" in done.stdout, done
+    wait_for("the orphans gone", lambda: not any(running(p) for p in orphans))
+    assert not up.env_path.exists()
+
+
 def test_down_without_a_cluster_says_how_to_start_one(tmp_path: Path) -> None:
     done = cli("down", "--dir", str(tmp_path / "none"), check=False)
     assert done.returncode == 1 and "blockyard up --dir" in done.stderr, done
