@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from blockyard.cli.up_layout import read_env
+from blockyard.cli.up_layout import ServerEntry, env_text, read_env
 
 #: Generous bounds for a shared 2-core machine; the assertions themselves are exact.
 START_TIMEOUT_S = 120.0
@@ -320,3 +321,18 @@ def test_attach_master_uses_every_copy_and_follows_a_failover(
             assert _direct_io(device, i * MIB, None) == _pattern(i), f"MiB {i}"
     finally:
         cli("detach", "av", "--state-dir", state, "--force")
+
+
+def test_cluster_env_is_shell_syntax_that_bash_sources(tmp_path: Path) -> None:
+    odd = str(tmp_path / "a dir with $HOME, 'quotes' and spaces")
+    entries = [ServerEntry(1, "id1", "127.0.0.1:7001", "127.0.0.1:3261", "127.0.0.1:7501", odd, 42)]
+    path = tmp_path / "cluster.env"
+    path.write_text(env_text("127.0.0.1:9333", 7, 8, entries))
+    names = ["MASTER", "MASTER_PID", "UP_PID", "SERVERS", "SERVER_1_ID", "SERVER_1_API",
+             "SERVER_1_PID", "SERVER_1_DATA_DIR"]  # fmt: skip
+    script = f". {shlex.quote(str(path))}; " + "; ".join(f'printf "%s\\0" "${n}"' for n in names)
+    sourced = subprocess.run(["bash", "-c", script], capture_output=True, check=True).stdout
+    assert sourced.decode().split("\0")[:-1] == [
+        "127.0.0.1:9333", "7", "8", "1", "id1", "127.0.0.1:7001", "42", odd
+    ]  # fmt: skip
+    assert [read_env(path)[n] for n in names] == sourced.decode().split("\0")[:-1]
