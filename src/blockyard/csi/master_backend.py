@@ -9,7 +9,8 @@ What goes where:
   them, so they are set on every copy's server directly, through the management API address
   the master reports for it (``VolumeInfo.copies[].addresses.api``). A copy whose server the
   master reports dead is skipped. A copy not created on its server yet (the master creates
-  copies through heartbeat assignments) is waited for, up to :data:`COPY_WAIT_S`; one that
+  copies through heartbeat assignments), or whose server is busy with another operation on
+  the volume (a role change during a failover), is waited for, up to :data:`COPY_WAIT_S`; one that
   still does not exist, or cannot be reached, fails the call (UNAVAILABLE), and the CO's
   retry applies the rule everywhere (every call is idempotent).
 - Snapshots and clones: the master has no snapshot RPCs yet, so those calls raise
@@ -36,7 +37,12 @@ from blockyard import tls
 from blockyard.csi.errors import UnsupportedOperationError
 from blockyard.engine.epoch import Role
 from blockyard.engine.limits import MAX_VOLUME_SIZE_BYTES, MIN_VOLUME_SIZE_BYTES
-from blockyard.errors import InvalidArgumentError, NotFoundError, ServerUnavailableError
+from blockyard.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    OperationInProgressError,
+    ServerUnavailableError,
+)
 from blockyard.iscsi.chap import ChapCredentials
 from blockyard.master.client import MasterClient, parse_masters
 from blockyard.master.proto import master_pb2 as mpb
@@ -191,11 +197,13 @@ def describe(info: mpb.VolumeInfo, access: AccessInfo | None = None) -> MasterVo
 
 
 class _CopyMissing(Exception):
-    """A copy's server does not have the volume (yet); internal to :class:`MasterBackend`."""
+    """A copy's server does not have the volume (yet), or is busy with another operation on
+    it (``busy``); internal to :class:`MasterBackend`."""
 
-    def __init__(self, copy: mpb.CopyInfo) -> None:
+    def __init__(self, copy: mpb.CopyInfo, busy: OperationInProgressError | None = None) -> None:
         super().__init__(copy.server_id)
         self.copy = copy
+        self.busy = busy
 
 
 class MasterBackend:
@@ -344,14 +352,20 @@ class MasterBackend:
             info = await self._master.get_volume(name)
             targets = [c for c in ordered_copies(info) if c.state != _DEAD]
             missing = [c for c in targets if c.state == _PENDING or not c.addresses.api]
+            busy: OperationInProgressError | None = None
             if not missing:
                 try:
                     answers = await asyncio.gather(*(self._one(name, c, call) for c in targets))
                 except _CopyMissing as exc:
-                    missing = [exc.copy]
+                    missing, busy = [exc.copy], exc.busy
                 else:
                     break
             if time.monotonic() + COPY_POLL_S > deadline:
+                if busy is not None:
+                    raise OperationInProgressError(
+                        f"volume {name}'s copy on server {missing[0].server_id} is still busy "
+                        f"after {self._copy_wait_s:g} s ({busy}); retry later"
+                    ) from busy
                 raise ServerUnavailableError(_not_yet(name, missing[0]))
             await asyncio.sleep(COPY_POLL_S)
         desc = answers[0] if answers else None
@@ -372,6 +386,10 @@ class MasterBackend:
             return await call(self._server(copy.addresses.api))
         except NotFoundError as exc:
             raise _CopyMissing(copy) from exc
+        except OperationInProgressError as exc:
+            # The server's own one-operation-per-volume lock: during a failover the master's
+            # assignments (role, replica set) hold it for a moment.
+            raise _CopyMissing(copy, busy=exc) from exc
 
     async def set_volume_auth(
         self,
