@@ -135,10 +135,15 @@ class VolumeReplication:
         self._executor = executor
         self.observer: ReplicationObserver = observer or NoObserver()
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Run by a master, a replica out of sync here may still be in sync in the master's
+        # store (this copy was just promoted, or the master never heard of the mark): it
+        # counts until the master confirmed it, like any replica being dropped (start()).
+        by_master = lease is not None
+        self._unconfirmed = [r.address for r in state.replicas if not r.in_sync and by_master]
         self.tracker = CommitTracker(
             state.mode,
-            in_sync=[r.address for r in state.replicas if r.in_sync],
-            out_of_sync=[r.address for r in state.replicas if not r.in_sync],
+            in_sync=[r.address for r in state.replicas if r.in_sync or by_master],
+            out_of_sync=[r.address for r in state.replicas if not (r.in_sync or by_master)],
         )
         self.links: dict[str, ReplicaLink] = {}
         self._waiters: dict[int, concurrent.futures.Future[None]] = {}
@@ -160,11 +165,17 @@ class VolumeReplication:
         self.loop = asyncio.get_running_loop()
         if self.lease is not None:
             self.lease.set_replicas(r.address for r in self.state.replicas)
+        for address in self._unconfirmed:
+            self._run(
+                self.tracker.behind(
+                    address,
+                    "it was out of sync here before this primary started",
+                    time.monotonic(),
+                )
+            )
         for r in self.state.replicas:
             await self.run_sync(self.volume.track_replica, r.address)
             self._start_link(r.address)
-            if not r.in_sync:
-                self._spawn(self._confirm_out_of_sync(r.address))
         self._tick = asyncio.create_task(self._ticker(), name=f"commit-{self.volume.name}")
 
     def _start_link(self, address: str) -> None:
@@ -402,9 +413,9 @@ class VolumeReplication:
             self._update_lease_marks()
 
     async def _confirm_out_of_sync(self, address: str) -> None:
-        """A replica out of sync here since this primary started (a restart, a new member):
-        have the master confirm it too, so that it stops counting for the lease. Until then it
-        counts (the master may hold it in sync). Retried while it stays out of sync."""
+        """A new member of the replica set (the master holds it pending, never promoted):
+        have the master confirm it out of sync too, so that it stops counting for the lease.
+        Until then it counts. Retried while it stays out of sync."""
         if self.lease is None:
             return
         decided_ns = time.monotonic_ns()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+from blockyard.errors import ServerUnavailableError
 from blockyard.master.client import MasterClient
 
 #: Bound of one MarkOutOfSync call. A flush that must degrade waits the barrier timeout (5 s)
@@ -33,19 +34,31 @@ class MasterMarker:
         self.server_id = server_id
         self.timeout_s = timeout_s
         self._client: MasterClient | None = None
+        self._closed = False
         #: Marks the master recorded (for tests and status).
         self.marked = 0
 
     async def mark_out_of_sync(
         self, volume: str, epoch: int, replica: str, decided_ns: int
     ) -> None:
+        if self._closed:
+            raise ServerUnavailableError(
+                f"this server is stopping: replica {replica} of volume {volume!r} is not marked "
+                "out of sync at the master"
+            )
         client = self._client
         if client is None:
             client = self._client = MasterClient(self.masters, timeout_s=self.timeout_s)
         await client.mark_out_of_sync(volume, epoch, self.server_id, replica, decided_ns)
         self.marked += 1
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
+        """Close the channels; later marks fail (the server is stopping)."""
+        self._closed = True
         client, self._client = self._client, None
         if client is not None:
             await client.close()

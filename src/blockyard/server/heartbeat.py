@@ -134,6 +134,8 @@ class HeartbeatClient:
 
     def start(self) -> None:
         if self._task is None:
+            if self.marker.closed:  # started again after a stop
+                self.marker = MasterMarker(self._masters, self.identity.server_id)
             self._manager.replication.set_marker(self.marker)
             self._stopping = False
             self._stop_requested.clear()

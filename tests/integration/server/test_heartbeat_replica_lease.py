@@ -96,6 +96,13 @@ class TwoServerMaster(mgrpc.MasterServicer):
                 seq=hb.seq, sent_mono_ns=hb.sent_mono_ns, assignments=[] if done else wanted
             )
 
+    def MarkOutOfSync(
+        self, request: mpb.MarkOutOfSyncRequest, context: grpc.ServicerContext
+    ) -> mpb.MarkOutOfSyncResponse:
+        # A primary drops a replica only once the master recorded it (the degrade decision);
+        # this master records nothing and agrees.
+        return mpb.MarkOutOfSyncResponse()
+
     def primary_replica_in_sync(self, primary_api: str) -> bool:
         with self.lock:
             report = self.reports.get(primary_api)

@@ -3,7 +3,9 @@ replication.json and then acknowledged flushes without it. Had it died before it
 heartbeat, the master, which still held the replica in sync, could promote that replica and
 lose the acknowledged write. Now the master must record the mark first (MarkOutOfSync); while
 it cannot, a sync_all flush fails, best_effort keeps acknowledging on its WAL but the replica
-keeps counting for the replica lease. Replicas the master confirmed stop counting for it.
+keeps counting for the replica lease. Replicas the master confirmed stop counting for it. A
+primary starting with a replica out of sync in its own file (a promoted copy) also waits for
+the master before acknowledging without it.
 
 Real engine volumes and a real replication link (dialing a closed port: the replica is gone);
 the master is an in-process double."""
@@ -83,6 +85,7 @@ def run(
     *,
     marker: FakeMaster | None,
     with_lease: bool = True,
+    replica_in_sync: bool = True,
 ) -> None:
     vol = VolumeStore(str(tmp_path)).create("v", 4 * MIB)
     vol.set_role(Role.PRIMARY, EPOCH)
@@ -91,7 +94,7 @@ def run(
 
     async def main() -> None:
         lease = PrimaryLease("v", epoch=EPOCH) if with_lease else None
-        state = PrimaryState(mode, (ReplicaEntry(replica, True),))
+        state = PrimaryState(mode, (ReplicaEntry(replica, replica_in_sync),))
         save_primary_state(vol.directory, state)
         vr = VolumeReplication(vol, state, executor=executor, primary_id="p", lease=lease)
         vr.marker = marker  # as ReplicationController.set_marker does once a master is known
@@ -217,3 +220,27 @@ def test_without_a_master_the_local_mark_is_enough(tmp_path: Path) -> None:
         assert not persisted_in_sync(vol, replica)
 
     run(tmp_path, DurabilityMode.SYNC_ALL, body, marker=None, with_lease=False)
+
+
+def test_a_replica_out_of_sync_before_the_primary_started_counts_until_the_master_confirms(
+    tmp_path: Path,
+) -> None:
+    """A copy just promoted (or restarted) holds a replica out of sync in its own file that
+    the master's store may still hold in sync (RF 3: the third copy). Acknowledging without
+    it before the master knows would leave the write off a copy the master may promote."""
+    master = FakeMaster()
+    master.gate.clear()
+
+    async def body(vol: Volume, vr: VolumeReplication, replica: str) -> None:
+        task = asyncio.create_task(flush(vol, vr))
+        await wait_until("the primary asks the master", lambda: bool(master.calls))
+        await asyncio.sleep(0.5)  # two tracker ticks
+        assert not task.done()
+        assert vr.lease is not None and vr.lease.counted == {replica}
+        master.gate.set()
+        async with asyncio.timeout(WAIT_S):
+            await task
+        assert master.recorded == {replica}
+        assert vr.lease.counted == frozenset()
+
+    run(tmp_path, DurabilityMode.SYNC_ALL, body, marker=master, replica_in_sync=False)
