@@ -5,10 +5,13 @@ A real ``blockyard master`` (SQLite store) and three real ``blockyard serve --ma
 a 2-replica sync_all volume; :class:`Workload` threads (QD = thread count) write
 self-describing 4 KiB blocks (block number, sequence, CRC32C) and read them back, issuing
 SYNCHRONIZE CACHE every few writes. A write is *acknowledged* once a flush that started after
-it completed returned (SBC-4 §5.22: the flush covers every write completed before it). Each
-round kills the primary's server, measures the gap, restarts the killed server on the same
-ports and data directory, and waits until it is back in sync (and the initiator has its path
-again) before the next kill, so there are always two copies to fail over between.
+it completed returned (SBC-4 §5.22: the flush covers every write completed before it), less
+the writes the dead primary may have completed whose flush completed on the new one
+(:meth:`Workload._acknowledge`). A round (:func:`fail_over_once`) kills the primary's server
+and measures the gap; with ``restart`` it then starts the killed server on the same ports and
+data directory and waits until it is back in sync (and the initiator has its path again), so
+the next kill has two copies to fail over between. The bench runs each kill on a fresh
+cluster (see :func:`run_failover_bench`).
 
 The same harness drives the integration test (``tests/integration/master/test_failover_io.py``),
 which adds the correctness checks: every acknowledged write reads back, epochs only go up, and
