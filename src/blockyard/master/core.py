@@ -465,6 +465,8 @@ class MasterCore:
         out = rec.without_copy(sid)
         if not out.copies:
             return RemoveVolume(rec.name, version)
+        if out.primary == sid:
+            out = replace(out, primary="")  # a record never names a copy it no longer holds
         return PutVolume(out, version, f"copy on {sid} deleted")
 
     def _grant(self, sid: str, live: ServerLive, now_ns: int) -> tuple[LeaseGrant, ...]:

@@ -429,7 +429,12 @@ class MasterService(mpb_grpc.MasterServicer):
             if left:
                 # Servers that could not be reached delete their copy when they are back
                 # (a delete assignment); the record goes when the last copy has.
-                await self._put_volume(replace(rec, copies=tuple(left)), self._version(name))
+                # A deleted primary leaves the record without one: the record is only the list
+                # of copies still to delete, and must not name a copy it no longer holds.
+                primary = rec.primary if any(c.server_id == rec.primary for c in left) else ""
+                await self._put_volume(
+                    replace(rec, copies=tuple(left), primary=primary), self._version(name)
+                )
             else:
                 await self.store.delete(KIND_VOLUMES, name, expect_version=self._version(name))
                 self.core.applied_removal(name)

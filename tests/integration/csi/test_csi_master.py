@@ -210,12 +210,6 @@ def test_bad_master_backend_is_a_usage_error(tmp_path: Path, backend: str) -> No
     assert "--backend" in result.stderr and "HOST:PORT" in result.stderr, result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="master: DeleteVolume with a copy on a dead server keeps the record with the deleted "
-    "live primary as its primary and is refused ('primary ... holds no copy', INVALID_ARGUMENT) "
-    "until the dead server returns (master/service.py _delete)",
-)
 def test_delete_while_a_copy_server_is_dead(
     cluster: tuple[Proc, list[Proc]], tmp_path: Path
 ) -> None:

@@ -32,6 +32,8 @@ class FakeServers:
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
+    #: Servers whose delete fails as if they were down.
+    down: set[str] = field(default_factory=set)
 
     def client(self, api: str) -> Any:
         servers = self
@@ -49,6 +51,10 @@ class FakeServers:
 
             async def delete_volume(self, name: str) -> None:
                 servers.calls.append(("delete", api, name))
+                if api in servers.down:
+                    from blockyard.errors import ServerUnavailableError  # noqa: PLC0415
+
+                    raise ServerUnavailableError(f"{api} is down")
                 servers.volumes.get(api, {}).pop(name, None)
 
             async def expand_volume(self, name: str, size_bytes: int) -> None:

@@ -55,6 +55,34 @@ def test_delete_is_idempotent_and_deletes_every_copy() -> None:
     run(main)
 
 
+def test_delete_with_a_copy_server_down_keeps_only_that_copy() -> None:
+    async def main() -> None:
+        store, servers, now = MemStore(), FakeServers(), [10**12]
+        svc = await boot(store, servers, now)
+        await svc.CreateVolume(REQ, Ctx())  # type: ignore[arg-type]
+        rec = svc.core.registry.volumes["vol"]
+        [replica] = [c.server_id for c in rec.copies if c.server_id != rec.primary]
+        down_api = svc.core.registry.servers[replica].addresses.api
+        servers.down.add(down_api)
+        r = await svc.DeleteVolume(mpb.MasterDeleteVolumeRequest(name="vol"), Ctx())  # type: ignore[arg-type]
+        assert r.existed
+        left = svc.core.registry.volumes["vol"]
+        # The primary's copy is deleted, so the record must not name it primary any more.
+        assert left.server_ids == (replica,) and left.primary == ""
+        assert left.status.value == "deleting"
+        stored = json.loads(store.records[KIND_VOLUMES]["vol"].value)
+        assert stored["primary"] == "" and len(stored["copies"]) == 1
+        # A retry (the CSI sidecar's) is still answered OK and keeps the copy to delete.
+        r = await svc.DeleteVolume(mpb.MasterDeleteVolumeRequest(name="vol"), Ctx())  # type: ignore[arg-type]
+        assert r.existed
+        servers.down.clear()
+        await svc.DeleteVolume(mpb.MasterDeleteVolumeRequest(name="vol"), Ctx())  # type: ignore[arg-type]
+        assert "vol" not in svc.core.registry.volumes
+        assert all(not v for v in servers.volumes.values())
+
+    run(main)
+
+
 def test_create_with_other_parameters_is_already_exists() -> None:
     async def main() -> None:
         store, servers, now = MemStore(), FakeServers(), [10**12]
