@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from blockyard.engine import superblock as sbmod
 from blockyard.engine import wal
+from blockyard.engine.checkpoint import E_CONSUMED
 from blockyard.engine.epoch import Role
 from blockyard.engine.history import History
 from blockyard.engine.limits import BLOCK_SIZE, WAL_UNMAP_MAX_BLOCKS
@@ -89,6 +90,8 @@ class ReplicaSink:
         _history: History
         _log: deque[tuple[int, wal.Kind, int, int, memoryview | None, int, int, int, int]]
         _n_applied: int
+        _used: int
+        _retained_since: deque[tuple[int, float]]
         _dmap: dict[int, tuple[int, memoryview | None]]
 
         def _check_usable(self) -> None: ...
@@ -309,6 +312,10 @@ class ReplicaSink:
             self._store_superblock(sb)
             with self._lock:
                 self._seed = wal.seed_for(sb.uuid.bytes, salt)
+                # Applied records still held (for replicas this copy tracked as a primary)
+                # are retired with the old salt: their space is free again.
+                self._used -= sum(e[E_CONSUMED] for e in self._log)
+                self._retained_since.clear()
                 self._log.clear()
                 self._n_applied = 0
                 self._next_lsn = next_lsn

@@ -221,6 +221,14 @@ class ReplicationSource:
         if delete:
             self._fs.remove(path)
 
+    def untrack_all_replicas(self) -> None:
+        """Stop keeping WAL for any replica: a copy that is no longer primary ships to nobody,
+        and records held for its former replicas would pin up to half its WAL while it applies
+        a new primary's stream. Their bitmap files stay: a later term as primary loads them,
+        and a stale mark only makes a resync send a block more."""
+        for replica_id in self.tracked_replicas():
+            self.untrack_replica(replica_id, delete=False)
+
     def replica_bitmap(self, replica_id: str) -> MissedBitmap:
         with self._lock:
             tracker = self._trackers.get(replica_id)

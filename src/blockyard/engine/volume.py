@@ -635,6 +635,8 @@ class Volume(
                 self._save_history()
                 sb = sb.with_(generation=generation)
             self._store_superblock(sb)
+            if role is not Role.PRIMARY:
+                self.untrack_all_replicas()
 
     def _store_superblock(self, sb: sbmod.Superblock) -> None:
         """Persist a superblock change. Caller holds ``_apply_lock``."""

@@ -14,8 +14,8 @@ Seeded: the seed is printed and ``BLOCKYARD_FAILOVER_SEED`` replays it.
   the next kill waits until it is back in sync. After each: I/O resumed (the gap from kill to
   the first completed I/O is reported), every acknowledged write reads back, the master's epoch
   went up and named a new primary, and no server ever reported itself primary in an epoch in
-  which another did. Expected to fail today: the restarted copy's catch-up never completes.
-- ``test_kill_9_the_primary_fresh_volumes``: what does work today, on a fresh cluster per kill:
+  which another did.
+- ``test_kill_9_the_primary_fresh_volumes``: a first failover each time (a fresh cluster per kill):
   I/O resumes on the promoted replica within the limit, with no I/O error and no acknowledged
   write lost.
 """
@@ -32,7 +32,6 @@ import pytest
 
 from blockyard.bench.failover import (
     VOLUME_NAME,
-    FailoverBenchError,
     Observer,
     fail_over_once,
     failover_setup,
@@ -58,12 +57,6 @@ def _seed() -> int:
     return seed
 
 
-@pytest.mark.xfail(
-    reason="replication: a killed primary restarted on its data directory gets a delta resync "
-    "from the promoted copy that never completes (the copy stays out_of_sync/rebuilding for "
-    "90 s, with or without I/O during the catch-up), so there is no in-sync copy for kill 2",
-    raises=FailoverBenchError,
-)
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kill_9_the_primary_under_io(tmp_path: Path) -> None:

@@ -148,3 +148,23 @@ def test_untracked_volume_releases_at_once(store: VolumeStore) -> None:
     vol.checkpoint()
     assert vol.oldest_available_lsn() == vol.last_lsn + 1
     vol.close()
+
+
+def test_a_demoted_primary_stops_holding_wal_for_its_replicas(store: VolumeStore) -> None:
+    """A restarted old primary becomes a replica of the copy promoted in its place: WAL kept
+    for its own former replica would pin half the WAL while it applies the new primary's
+    stream (a resync then stalled on WAL space). The bitmap file stays."""
+    vol = primary(store)
+    bitmap_path = vol.track_replica(R1).path
+    vol.open_feed(R1, vol.last_lsn, Notes())
+    for i in range(8):
+        vol.write(i * 8, block_of(i + 1))
+    vol.checkpoint()
+    assert vol.wal_usage().retained_bytes > 0, "held for the lagging replica"
+    vol.set_role(Role.REPLICA, epoch=2)
+    assert vol.tracked_replicas() == []
+    vol.checkpoint()
+    assert vol.wal_usage().used_bytes == 0
+    assert vol.oldest_available_lsn() == vol.last_lsn + 1
+    assert Path(bitmap_path).exists(), "a later term as primary loads it"
+    vol.close()
