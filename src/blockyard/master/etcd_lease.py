@@ -52,3 +52,26 @@ class LeaseDeadline:
         if self._expiry_s is None:
             return 0.0
         return max(0.0, self._expiry_s - now_s)
+
+
+#: A keepalive unanswered for this share of the TTL is given up and sent again on a new
+#: stream. One attempt must not spend the whole lease: a stream to a member that was just
+#: killed, or to a follower waiting for an etcd election, may never answer, while a new one
+#: reaches a live member (or the new etcd leader, elected about 1 to 2 s after a leader's death
+#: with etcd's default 1 s election timeout) in time.
+KEEPALIVE_ATTEMPT_FRACTION: Final = 1 / 6
+#: Pause before re-sending a keepalive that failed: short, the lease is running out.
+KEEPALIVE_RETRY_PAUSE_S: Final = 0.05
+
+
+def keepalive_timeout_s(ttl_s: float, remaining_s: float, op_timeout_s: float) -> float:
+    """How long one keepalive attempt may wait for etcd's answer."""
+    return max(0.01, min(op_timeout_s, remaining_s, ttl_s * KEEPALIVE_ATTEMPT_FRACTION))
+
+
+def keepalive_pause_s(answered: bool, ttl_s: float, remaining_s: float) -> float:
+    """How long to wait before the next keepalive: a third of the TTL after an answer (two
+    more chances before the lease runs out), a moment after a failure; never past the local
+    expiry."""
+    pause_s = ttl_s / 3 if answered else KEEPALIVE_RETRY_PAUSE_S
+    return max(0.0, min(pause_s, remaining_s))

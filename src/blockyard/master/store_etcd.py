@@ -58,7 +58,7 @@ from blockyard.errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from blockyard.master.etcd_lease import LeaseDeadline
+from blockyard.master.etcd_lease import LeaseDeadline, keepalive_pause_s, keepalive_timeout_s
 from blockyard.master.store import (
     DEFAULT_OP_TIMEOUT_S,
     LeaderInfo,
@@ -260,31 +260,45 @@ class EtcdStore:
             task.cancel()
 
     async def _keepalive(self, lease_id: int) -> None:
-        interval_s = self._ttl_s / 3
         deadline = self._deadline
         lease_api = self._lease_api()
+        failing = False
         while True:
             sent_s = self._clock()
             remaining_s = deadline.remaining_s(sent_s)
+            answered = False
             try:
-                async with asyncio.timeout(max(0.01, min(self._op_timeout_s, remaining_s))):
+                async with asyncio.timeout(
+                    keepalive_timeout_s(self._ttl_s, remaining_s, self._op_timeout_s)
+                ):
                     call = lease_api.keep_alive(lease_id)
                     try:
                         reply = await call.read()
                     finally:
                         call.cancel()
             except (TimeoutError, grpc.aio.AioRpcError, EtcdError) as exc:
-                _log.warning("keepalive of etcd lease %x failed: %s", lease_id, exc)
+                # Once per failing spell: a retry follows within a moment.
+                _log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "keepalive of etcd lease %x failed: %s; retrying until the lease runs out",
+                    lease_id,
+                    str(exc) or "no answer in time",
+                )
+                failing = True
             else:
                 if reply is grpc.aio.EOF or int(reply.TTL) <= 0:
                     deadline.revoke()
                 else:
                     deadline.confirmed(sent_s, float(reply.TTL))
+                    answered = True
+                    failing = False
             now_s = self._clock()
             if deadline.expired(now_s):
                 self._lose(f"etcd lease {lease_id:x} expired or could not be renewed in time")
                 return
-            await asyncio.sleep(min(interval_s, deadline.remaining_s(now_s)))
+            await asyncio.sleep(
+                keepalive_pause_s(answered, self._ttl_s, deadline.remaining_s(now_s))
+            )
 
     async def _watch_leader(self, revision: int) -> None:
         pause_s = 0.1

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from blockyard.master.etcd_lease import EXPIRY_MARGIN_S, LeaseDeadline
+from blockyard.master.etcd_lease import (
+    EXPIRY_MARGIN_S,
+    KEEPALIVE_RETRY_PAUSE_S,
+    LeaseDeadline,
+    keepalive_pause_s,
+    keepalive_timeout_s,
+)
 
 
 def test_counts_from_the_send_time_less_the_margin() -> None:
@@ -41,3 +47,34 @@ def test_a_zero_ttl_answer_or_a_revoke_ends_it_for_good() -> None:
     other.revoke()
     assert other.expired(0.0)
     assert other.remaining_s(0.0) == 0.0
+
+
+def test_one_keepalive_attempt_never_spends_the_whole_lease() -> None:
+    """A stream to a killed member may never answer: with a 3 s TTL an attempt is given up
+    after 0.5 s and re-sent at once, so a lease whose last answer came just before an etcd
+    leader's death gets several tries while etcd elects a new leader (1 to 2 s)."""
+    ttl = 3.0
+    lease = LeaseDeadline()
+    lease.confirmed(sent_s=0.0, ttl_s=ttl)
+    now = keepalive_pause_s(True, ttl, lease.remaining_s(0.0))
+    assert now == pytest.approx(1.0)
+    attempts = []
+    while not lease.expired(now):
+        timeout = keepalive_timeout_s(ttl, lease.remaining_s(now), op_timeout_s=5.0)
+        attempts.append(now)
+        now += timeout  # unanswered
+        if lease.expired(now):
+            break
+        now += keepalive_pause_s(False, ttl, lease.remaining_s(now))
+    assert attempts[0] == pytest.approx(1.0)
+    assert len(attempts) >= 3, attempts
+    assert attempts[-1] >= 2.0, "still trying after an etcd election's worth of time"
+    assert now <= ttl, "never past etcd's own expiry"
+
+
+def test_keepalive_pauses_stop_at_the_local_expiry() -> None:
+    assert keepalive_pause_s(True, 3.0, 0.4) == pytest.approx(0.4)
+    assert keepalive_pause_s(False, 3.0, 1.0) == pytest.approx(KEEPALIVE_RETRY_PAUSE_S)
+    assert keepalive_pause_s(False, 3.0, 0.0) == 0.0
+    assert keepalive_timeout_s(3.0, 0.2, 5.0) == pytest.approx(0.2)
+    assert keepalive_timeout_s(60.0, 30.0, 5.0) == pytest.approx(5.0)
