@@ -15,9 +15,19 @@ bit until it fits (a 16 TiB volume: 64 KiB per bit). Coarser bits only resend mo
 Layout::
 
     0       header, one 512-byte sector, CRC32C-checked (magic, version, volume UUID,
-            active, base_lsn, grain_blocks, block_count, replica id, crc)
+            active, base_lsn, grain_blocks, block_count, replica id; at 256 floor_lsn;
+            crc)
     4096    page CRC table: one u32 CRC32C per 4 KiB bitmap page (room for the largest bitmap)
     36864   the bitmap, in 4 KiB pages (bit b of byte i = block group i*8+b)
+
+The floor: a bitmap knows only what was released while it existed. ``floor_lsn`` is the LSN up
+to which it knows nothing (records at or below it may have been released before this primary
+tracked the replica: a primary promoted from replica, or one that did not track the replica
+before); every record after it is in the primary's WAL, in the bitmap, or acknowledged by the
+replica. A replica whose records agree with the primary's only up to below the floor is
+rebuilt in full. Once the replica is in sync the floor drops to 0 (everything up to what it
+acknowledged is on it, and everything after is held or marked). A file from before the floor
+existed reads floor 0 (the old claim: it knows everything).
 
 Crash safety: bits are persisted (pages, then the CRC table, then ``fdatasync``) before the WAL
 space holding the records they stand for is reused. A page whose CRC does not match (torn by a
@@ -50,6 +60,12 @@ _CRC_TABLE_OFFSET: Final = 4096
 #: Longest replica id stored (ids are addresses or names).
 MAX_REPLICA_ID_BYTES: Final = 200
 _HDR = struct.Struct("<8sI16sB3xQIQH200s")
+#: floor_lsn, after the fields above (older files hold zeros there: floor 0).
+_FLOOR = struct.Struct("<Q")
+_FLOOR_AT: Final = 256
+#: The floor of a bitmap whose real floor is not written yet: "knows nothing", so a crash
+#: before it is makes that replica rebuild in full.
+UNKNOWN_FLOOR: Final = (1 << 63) - 1
 _HDR_CRC_AT: Final = _HEADER_BYTES - 4
 _ALL_ONES_PAGE: Final = b"\xff" * PAGE_BYTES
 #: The CRC table has room for the largest bitmap, so pages never move when the volume grows.
@@ -104,6 +120,10 @@ class MissedBitmap:
         self._remarked: bytearray | None = None
         self.active = False
         self.base_lsn = 0
+        #: See the module docstring.
+        self.floor_lsn = 0
+        #: This process created the file (it did not exist).
+        self.created = False
         self._set_count = 0
 
     def _bytes_for(self, block_count: int, grain: int | None = None) -> int:
@@ -124,8 +144,9 @@ class MissedBitmap:
         volume_uuid: uuidlib.UUID,
         replica_id: str,
         block_count: int,
+        floor_lsn: int = UNKNOWN_FLOOR,
     ) -> MissedBitmap:
-        """Load the replica's bitmap, or create an inactive one."""
+        """Load the replica's bitmap, or create an inactive one with ``floor_lsn``."""
         if len(replica_id.encode()) > MAX_REPLICA_ID_BYTES or not replica_id:
             raise ValueError(f"replica id must be 1..{MAX_REPLICA_ID_BYTES} bytes")
         path = f"{directory}/{bitmap_file_name(replica_id)}"
@@ -142,6 +163,8 @@ class MissedBitmap:
             if exists:
                 bm._load()
             else:
+                bm.created = True
+                bm.floor_lsn = floor_lsn
                 # Every page gets its CRC now; an unwritten page would read as damaged.
                 bm._dirty_pages = set(range(len(bm._bits) // PAGE_BYTES))
                 bm.persist()
@@ -178,6 +201,7 @@ class MissedBitmap:
             raise self._corrupt("is larger than any bitmap this build writes")
         self.active = bool(active)
         self.base_lsn = base_lsn
+        (self.floor_lsn,) = _FLOOR.unpack_from(raw, _FLOOR_AT)
         stored_grain, stored_blocks = grain, block_count
         pages = stored_bytes // PAGE_BYTES
         table = self._file.pread(pages * 4, _CRC_TABLE_OFFSET)
@@ -260,6 +284,14 @@ class MissedBitmap:
             if remarked is None:
                 return self._clear_locked(block, count, None)
             return self._clear_locked(block, count, remarked)
+
+    def set_floor(self, lsn: int) -> None:
+        """What the bitmap knows nothing about now ends at ``lsn`` (see the module
+        docstring); persisted with the next :meth:`persist`."""
+        with self._lock:
+            if lsn != self.floor_lsn:
+                self.floor_lsn = lsn
+                self._header_dirty = True
 
     def mark_all(self) -> None:
         """Every block: a full rebuild."""
@@ -388,6 +420,7 @@ class MissedBitmap:
             len(rid),
             rid,
         )
+        _FLOOR.pack_into(buf, _FLOOR_AT, self.floor_lsn)
         struct.pack_into("<I", buf, _HDR_CRC_AT, crc32c.crc32c(bytes(buf[:_HDR_CRC_AT])))
         return bytes(buf)
 

@@ -199,10 +199,14 @@ class ReplicationSource:
             if existing is not None:
                 bitmap.close()
                 return existing.bitmap
-            # Records still in the WAL are kept for the replica; anything older is either on
-            # it already or in its bitmap (the invariant, established by whoever released it).
+            # Records still in the WAL are kept for the replica; anything older is on it
+            # already, in its bitmap, or at or below the bitmap's floor.
             oldest = self._log[0][_LSN] if self._log else self._next_lsn
             self._trackers[replica_id] = _Tracker(bitmap, oldest - 1)
+        if bitmap.created:
+            # A new bitmap knows nothing of what was released before now.
+            bitmap.set_floor(oldest - 1)
+            bitmap.persist()
         return bitmap
 
     def untrack_replica(self, replica_id: str, *, delete: bool = True) -> None:
@@ -224,10 +228,11 @@ class ReplicationSource:
     def untrack_all_replicas(self) -> None:
         """Stop keeping WAL for any replica: a copy that is no longer primary ships to nobody,
         and records held for its former replicas would pin up to half its WAL while it applies
-        a new primary's stream. Their bitmap files stay: a later term as primary loads them,
-        and a stale mark only makes a resync send a block more."""
+        a new primary's stream. Their bitmaps go too: what this copy releases as a replica is
+        marked nowhere, so a bitmap kept would claim to know what a replica missed when it
+        does not. A later term as primary starts new ones, whose floor says so."""
         for replica_id in self.tracked_replicas():
-            self.untrack_replica(replica_id, delete=False)
+            self.untrack_replica(replica_id)
 
     def replica_bitmap(self, replica_id: str) -> MissedBitmap:
         with self._lock:

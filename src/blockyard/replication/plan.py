@@ -10,15 +10,18 @@ send, and picks:
    replica holds records the primary's history does not have (it diverged; it reports the
    blocks those records touched and they join the bitmap): send the current image of every
    block in the bitmap while streaming new records.
-3. **Full rebuild** — the replica is empty, shares no known history with the primary, or lost
-   data it had acknowledged: every block is marked and resynced (holes travel as holes, so a
-   sparse volume rebuilds in time proportional to its data).
+3. **Full rebuild** — the replica is empty, shares no known history with the primary, lost
+   data it had acknowledged, or agrees with the primary only below its bitmap's floor (the
+   primary did not track the replica when the records after that were released: it was
+   promoted from replica, and the replica lagged behind the old primary): every block is
+   marked and resynced (holes travel as holes, so a sparse volume rebuilds in time
+   proportional to its data).
 
-Why a delta is sound: every record after the LSN a replica acknowledged as durable is either
-still in the primary's WAL or marked in the replica's bitmap (records are released only after
-acknowledgement, or with marking). A replica whose records agree with the primary's history only
-below what it acknowledged has lost acknowledged data (a replaced disk, a restored image);
-nothing but a full rebuild repairs that.
+Why a delta is sound: every record after the LSN a replica acknowledged as durable, and after
+the bitmap's floor, is either still in the primary's WAL or marked in the replica's bitmap
+(records are released only after acknowledgement, or with marking). A replica whose records
+agree with the primary's history only below what it acknowledged has lost acknowledged data (a
+replaced disk, a restored image); nothing but a full rebuild repairs that.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class PrimaryFacts:
     acked_lsn: int
     #: Whether the replica's bitmap has bits (a resync is owed).
     bitmap_dirty: bool
+    #: The bitmap knows nothing of records at or below this LSN (see
+    #: :mod:`blockyard.engine.missed_bitmap`).
+    bitmap_floor_lsn: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,13 @@ def choose_plan(primary: PrimaryFacts, replica: ReplicaHello) -> PlanDecision:
         return full(
             f"the replica agrees with the primary only up to LSN {common} but had "
             f"acknowledged up to {primary.acked_lsn}: it lost acknowledged data"
+        )
+    if common < primary.bitmap_floor_lsn:
+        upto = min(primary.bitmap_floor_lsn, primary.last_lsn)
+        return full(
+            f"the replica agrees with the primary only up to LSN {common}, and which of the "
+            f"writes up to LSN {upto} it missed is known nowhere (this primary did not track "
+            "it then)"
         )
     diverged_after = common if common < replica.last.lsn else None
     if common + 1 >= primary.oldest_available_lsn:

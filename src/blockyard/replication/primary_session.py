@@ -195,6 +195,7 @@ class PrimarySession:
             oldest_available_lsn=s.oldest_available_lsn(),
             acked_lsn=s.acked_lsn(self.replica_id),
             bitmap_dirty=bitmap.set_blocks > 0,
+            bitmap_floor_lsn=bitmap.floor_lsn,
         )
         self._check_epoch()
         decision = choose_plan(facts, reply)
@@ -415,9 +416,15 @@ class PrimarySession:
                     f"{self.replica_id} after the resync ended; resyncing on a new connection"
                 )
             bitmap.deactivate()
+            # The replica holds every record up to ``acked``; every later one is in the WAL
+            # or will be marked: the bitmap now vouches for everything.
+            bitmap.set_floor(0)
             bitmap.persist()
         elif self._caught_up_lsn is None or acked < self._caught_up_lsn:
             return False
+        elif self._bitmap is not None and self._bitmap.floor_lsn:
+            self._bitmap.set_floor(0)  # as above
+            self._bitmap.persist()
         self._in_sync = True
         return True
 

@@ -441,8 +441,11 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._dialling.add(task)
+        # The target connection as far as it got: a cancel may land after the dial finished
+        # but before its result reaches this frame, and it must be reset then too.
+        dialled: list[asyncio.StreamWriter] = []
         try:
-            target_reader, target_writer = await self._dial()
+            target_reader, target_writer = await self._dial(dialled)
         except (OSError, TimeoutError):
             self._unreachable += 1
             _reset(client_writer)
@@ -450,11 +453,19 @@ class FaultProxy:
         except asyncio.CancelledError:
             # cut() or close() while the target was being dialled.
             _reset(client_writer)
+            for writer in dialled:
+                _reset(writer)
             raise
         finally:
             self._dialling.discard(task)
         link = _Link(next(self._numbers), client_writer, target_writer)
         self._links.add(link)
+        # From here the link's end decides how the target's side closes (a clean end of the
+        # client's side ends it cleanly).
+        sock = target_writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
         for direction, source, sink in (
             (Direction.TO_TARGET, client_reader, target_writer),
             (Direction.TO_CLIENT, target_reader, client_writer),
@@ -469,7 +480,9 @@ class FaultProxy:
         finally:
             self._end(link, reset=True)
 
-    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _dial(
+        self, dialled: list[asyncio.StreamWriter]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(
             self._target_host, self._target_port, type=socket.SOCK_STREAM
@@ -483,11 +496,12 @@ class FaultProxy:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await loop.sock_connect(sock, address)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-            return await asyncio.open_connection(sock=sock)
+            reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
             raise
+        dialled.append(writer)
+        return reader, writer
 
     async def _read(
         self, direction: Direction, source: asyncio.StreamReader, queue: asyncio.Queue[_Item]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 
+import crc32c
 from hypothesis import given
 from hypothesis import strategies as st
 
 from blockyard.engine.missed_bitmap import (
     MAX_BITMAP_BYTES,
+    UNKNOWN_FLOOR,
     MissedBitmap,
     bitmap_file_name,
     grain_for,
@@ -98,3 +100,36 @@ def test_file_name_is_safe_and_distinct() -> None:
     b = bitmap_file_name("10.0.0.2_7500")
     assert "/" not in bitmap_file_name("../../etc/passwd")
     assert a != b
+
+
+def test_the_floor_is_unknown_until_set_and_survives_reopen() -> None:
+    """A bitmap created without a floor knows nothing (a crash before its owner sets the real
+    one makes that replica rebuild in full); a set floor is persisted with the header."""
+    fs = FaultFS()
+    bm = make(fs)
+    assert bm.created and bm.floor_lsn == UNKNOWN_FLOOR
+    bm.set_floor(4321)
+    bm.persist()
+    bm.close()
+    bm = make(fs)
+    assert not bm.created and bm.floor_lsn == 4321
+    bm.close()
+
+
+def test_a_file_from_before_the_floor_reads_floor_zero() -> None:
+    fs = FaultFS()
+    bm = make(fs)
+    bm.set_floor(99)
+    bm.persist()
+    path = bm.path
+    bm.close()
+    # Zero the floor's bytes and re-seal the header, as a file of the first format is.
+    f = fs.open(path)
+    header = bytearray(f.pread(512, 0))
+    header[256:264] = bytes(8)
+    header[508:512] = crc32c.crc32c(bytes(header[:508])).to_bytes(4, "little")
+    f.pwrite(bytes(header), 0)
+    f.close()
+    bm = make(fs)
+    assert bm.floor_lsn == 0
+    bm.close()

@@ -153,7 +153,8 @@ def test_untracked_volume_releases_at_once(store: VolumeStore) -> None:
 def test_a_demoted_primary_stops_holding_wal_for_its_replicas(store: VolumeStore) -> None:
     """A restarted old primary becomes a replica of the copy promoted in its place: WAL kept
     for its own former replica would pin half the WAL while it applies the new primary's
-    stream (a resync then stalled on WAL space). The bitmap file stays."""
+    stream (a resync then stalled on WAL space). Its bitmaps go too: as a replica it releases
+    records without marking them, so a kept bitmap would claim knowledge it does not have."""
     vol = primary(store)
     bitmap_path = vol.track_replica(R1).path
     vol.open_feed(R1, vol.last_lsn, Notes())
@@ -166,5 +167,22 @@ def test_a_demoted_primary_stops_holding_wal_for_its_replicas(store: VolumeStore
     vol.checkpoint()
     assert vol.wal_usage().used_bytes == 0
     assert vol.oldest_available_lsn() == vol.last_lsn + 1
-    assert Path(bitmap_path).exists(), "a later term as primary loads it"
+    assert not Path(bitmap_path).exists()
+    vol.close()
+
+
+def test_a_new_bitmap_knows_nothing_before_the_oldest_record_held(store: VolumeStore) -> None:
+    """A primary that starts tracking a replica (it was promoted, or the replica is new) can
+    vouch only for records it still holds or releases from now on."""
+    vol = primary(store)
+    for i in range(4):
+        vol.write(i * 8, block_of(i + 1))
+    vol.checkpoint()  # released: nobody was tracked
+    held = vol.write(40, block_of(9))
+    bitmap = vol.track_replica(R1)
+    assert bitmap.floor_lsn == held - 1
+    vol.close()
+    store.close_all()
+    vol = store.open("v")
+    assert vol.track_replica(R1).floor_lsn == held - 1, "kept across a restart"
     vol.close()

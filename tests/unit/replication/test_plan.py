@@ -39,6 +39,7 @@ def facts(
     oldest: int | None = None,
     acked: int = 0,
     dirty: bool = False,
+    floor: int = 0,
 ) -> PrimaryFacts:
     return PrimaryFacts(
         history=history,
@@ -46,6 +47,7 @@ def facts(
         oldest_available_lsn=last_lsn + 1 if oldest is None else oldest,
         acked_lsn=acked,
         bitmap_dirty=dirty,
+        bitmap_floor_lsn=floor,
     )
 
 
@@ -121,6 +123,22 @@ def test_a_replica_that_lost_acknowledged_data_is_rebuilt_in_full() -> None:
     # Holding exactly what it acknowledged is fine.
     d = choose_plan(facts(PRIMARY, 160, oldest=1, acked=90), hello((seg(A, 1),), 90))
     assert d.choice is PlanChoice.CATCH_UP
+
+
+def test_a_replica_behind_the_bitmaps_floor_is_rebuilt_in_full() -> None:
+    """RF3: a replica lagged behind the old primary, which kept its misses in a bitmap that
+    died with it. The promoted copy released those records as a replica, and its own bitmap
+    for the laggard starts at its promotion (floor 150): it cannot tell what the laggard
+    missed, so no delta can be trusted."""
+    replica = (seg(A, 1, 100), seg(B, 103))
+    d = choose_plan(facts(PRIMARY, 160, oldest=155, floor=150), hello(replica, 120))
+    assert d.choice is PlanChoice.FULL and d.start_lsn == 161
+    assert "known nowhere" in d.reason
+    # At the floor itself: everything after it is in the WAL or the bitmap.
+    d = choose_plan(facts(PRIMARY, 160, oldest=155, floor=150), hello(PRIMARY, 150))
+    assert (d.choice, d.start_lsn, d.reset_log) == (PlanChoice.DELTA, 155, True)
+    d = choose_plan(facts(PRIMARY, 160, oldest=151, floor=150), hello(PRIMARY, 150))
+    assert (d.choice, d.start_lsn) == (PlanChoice.CATCH_UP, 151)
 
 
 def test_catch_up_from_the_wal() -> None:

@@ -18,6 +18,8 @@ from repl_model_support import (
     SIZE,
     WAL,
     FaultReplicaStore,
+    Link,
+    Recorder,
     block_image,
     create_replica,
     make_pair,
@@ -530,3 +532,39 @@ def test_a_large_unmap_reads_as_zeros_on_the_replica() -> None:
     pair.restart_replica(power_loss=False)
     assert read_all(pair.primary) == read_all(pair.replica)
     assert block(pair.replica, 300) == bytes(BLOCK)
+
+
+def test_a_laggard_behind_a_promoted_copy_is_rebuilt_in_full() -> None:
+    """RF3: replica L is disconnected while the primary P writes; P keeps L's misses in its
+    bitmap, then dies. The in-sync replica Y is promoted. Y applied (and released) those
+    records as a replica, marking nothing: its new bitmap for L cannot say what L missed, so
+    L must be rebuilt in full, not handed an empty delta and called in sync."""
+    pair = make_pair()  # P -> Y
+    fs_l = new_fs()
+    laggard = create_replica(fs_l, "v", SIZE, pair.primary.uuid, wal_bytes=WAL)
+    l_store = FaultReplicaStore(laggard, fs_l)
+    l_id = "replica-2:7500"
+    pair.primary.track_replica(l_id)
+    to_l = Link(l_id, lambda: pair.primary, lambda: l_store, Recorder())
+    for b in range(4):
+        write(pair.primary, b, b + 1)
+    pair.sync()
+    to_l.connect()
+    to_l.run()
+    assert to_l.errors == [] and read_all(laggard) == read_all(pair.primary)
+    to_l.cut()
+    for b in range(40):  # L misses these; Y gets them
+        write(pair.primary, b, b + 100)
+    pair.sync()
+    pair.replica.checkpoint()  # applied and released on Y, marked nowhere
+    pair.lk.cut()  # P dies
+    promoted = pair.replica
+    promoted.set_role(Role.PRIMARY, epoch=2)
+    promoted.track_replica(l_id)
+    laggard.set_role(Role.REPLICA, epoch=2)  # the master's new assignment
+    write(promoted, 50, 7)
+    to_l = Link(l_id, lambda: promoted, lambda: l_store, Recorder())
+    to_l.connect()
+    to_l.run()
+    assert to_l.errors == [], to_l.errors
+    assert read_all(laggard) == read_all(promoted)
