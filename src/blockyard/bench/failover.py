@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +124,10 @@ class Proc:
                 self.process.stdout.close()
 
 
-def launch(args: list[str], log: Path) -> Proc:
-    """Start ``blockyard ARGS`` and wait (bounded) for its READY line."""
-    cmd = [sys.executable, "-m", "blockyard.cli.main", "--log-level", "INFO", *args]
+def launch(args: list[str], log: Path, *, wrapper: Sequence[str] = ()) -> Proc:
+    """Start ``blockyard ARGS`` (under ``wrapper``, e.g. ``ip netns exec NS``) and wait
+    (bounded) for its READY line."""
+    cmd = [*wrapper, sys.executable, "-m", "blockyard.cli.main", "--log-level", "INFO", *args]
     with log.open("a") as err:
         process = subprocess.Popen(
             cmd,
@@ -179,13 +180,7 @@ class Cluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         self._procs: list[Proc] = []
         self.servers: dict[str, Proc] = {}  # server id → its current process
-        # grpc.aio channels belong to one event loop: every control call from any thread runs
-        # on this one.
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(
-            target=self._loop.run_forever, name="failover-control", daemon=True
-        )
-        self._loop_thread.start()
+        self._start_control_loop()
         interval = f"{int(heartbeat_interval_s * 1000)}ms"
         try:
             self.master = launch(
@@ -234,6 +229,15 @@ class Cluster:
         except BaseException:
             self.close()
             raise
+
+    def _start_control_loop(self) -> None:
+        # grpc.aio channels belong to one event loop: every control call from any thread runs
+        # on this one.
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="failover-control", daemon=True
+        )
+        self._loop_thread.start()
 
     def close(self) -> None:
         for p in reversed(self._procs):

@@ -6,6 +6,11 @@ election). Prints ``READY master=HOST:PORT id=ID role=leader|follower`` on stdou
 (ending with ``metrics=http://HOST:PORT/metrics`` with ``--metrics-listen``).
 SIGTERM or SIGINT stops it within ``--shutdown-timeout``.
 
+The master dials every volume server's management API (to place copies and set roles) like
+any other client of that API: with ``--tls-cert``/``--tls-key``/``--tls-ca`` (mutual TLS;
+``--tls-server-name`` when the servers' certificate names another host than the one dialed),
+or in plaintext, which off loopback needs ``--insecure``. Its own API serves no TLS yet.
+
 Exit codes: 0 after a clean stop, 1 when it cannot start or stop cleanly (the message says
 why), 2 for usage errors.
 """
@@ -20,7 +25,8 @@ import signal
 import sys
 from typing import Final
 
-from blockyard.errors import StoreUrlError
+from blockyard import tls
+from blockyard.errors import StoreUrlError, TlsConfigError
 from blockyard.master.core import MasterConfig
 from blockyard.master.leases import LeasePolicy
 from blockyard.master.process import MasterProcess, MasterProcessConfig, MasterStartError
@@ -70,6 +76,9 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="HOST:PORT",
         help="serve Prometheus metrics over plain HTTP here (port 0 = any free port)",
     )
+    # How the master dials the volume servers' management APIs (it places copies and sets
+    # roles there): as every client of that API, mutual TLS off loopback.
+    tls.add_arguments(p, role="dial")
     p.set_defaults(func=run)
 
 
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.metrics_listen is None
                 else parse_address(args.metrics_listen, option="--metrics-listen")
             ),
+            server_security=tls.from_args(args),
         )
         MasterConfig(
             "check",
@@ -98,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             int(config.replace_after_s * 1e9),
         )
         _check_store_url(args.store)
-    except (ValueError, StoreUrlError) as exc:
+    except (ValueError, StoreUrlError, TlsConfigError) as exc:
         print(f"blockyard master: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(serve(config))

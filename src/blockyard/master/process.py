@@ -26,6 +26,7 @@ from typing import Final
 
 import grpc
 
+from blockyard import tls
 from blockyard.csi.metrics import MetricsHttpServer
 from blockyard.errors import BlockyardError
 from blockyard.master import model
@@ -68,10 +69,9 @@ class MasterProcessConfig:
     advertise: str = ""
     #: Prometheus metrics over plain HTTP (no secrets in them, like the other daemons').
     metrics_listen: Address | None = None
-
-
-def _volume_server_client(api: str) -> CopyClient:
-    return VolumeServerClient(api)
+    #: How the master dials the volume servers' management APIs (mutual TLS off loopback,
+    #: unless ``insecure``): the same rule and flags as every other client of that API.
+    server_security: tls.TransportSecurity = tls.PLAINTEXT
 
 
 class MasterProcess:
@@ -80,12 +80,12 @@ class MasterProcess:
         config: MasterProcessConfig,
         *,
         store_factory: Callable[[str], MasterStore] | None = None,
-        client_for: ClientFactory = _volume_server_client,
+        client_for: ClientFactory | None = None,
     ) -> None:
         self.config = config
         self.master_id = config.master_id or f"master-{secrets.token_hex(4)}"
         self._store_factory = store_factory
-        self._client_for = client_for
+        self._client_for = client_for or self._volume_server_client
         self.store: MasterStore | None = None
         self.service: MasterService | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -122,8 +122,17 @@ class MasterProcess:
             await self.close()
             raise
 
+    def _volume_server_client(self, api: str) -> CopyClient:
+        return VolumeServerClient(api, security=self.config.server_security)
+
     async def _start(self) -> None:
         cfg = self.config
+        files = cfg.server_security.tls
+        if files is not None:
+            try:
+                tls.load(files)  # a bad file stops the start with one line, not the first dial
+            except BlockyardError as exc:
+                raise MasterStartError(str(exc)) from exc
         if self._store_factory is not None:
             store = self._store_factory(cfg.store_url)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+from blockyard import tls
 from blockyard.errors import ServerUnavailableError
 from blockyard.master.client import MasterClient
 
@@ -48,7 +49,13 @@ class MasterMarker:
             )
         client = self._client
         if client is None:
-            client = self._client = MasterClient(self.masters, timeout_s=self.timeout_s)
+            # Plaintext, as the heartbeat stream to the same master: the master serves no
+            # TLS yet, so a master off loopback (every multi-host cluster) is dialed so too.
+            client = self._client = MasterClient(
+                self.masters,
+                timeout_s=self.timeout_s,
+                security=tls.TransportSecurity(insecure=True),
+            )
         await client.mark_out_of_sync(volume, epoch, self.server_id, replica, decided_ns)
         self.marked += 1
 

@@ -92,3 +92,18 @@ def test_no_master_is_one_clear_line() -> None:
     done = cli("servers", "--master", "127.0.0.1:1", "--timeout", "2", check=False)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "no master answered" in done.stderr, done.stderr
+
+
+def test_master_tls_flags_are_checked_before_it_starts(tmp_path: Path) -> None:
+    """The master dials the volume servers' management APIs with the same flags as every
+    other client of that API: an incomplete set is a usage error, and a file that is not a
+    certificate stops the start with one line naming the flag."""
+    store = f"sqlite:///{tmp_path}/m.db"
+    done = cli("master", "--listen", "127.0.0.1:0", "--store", store, "--tls-cert", "x.pem",
+               check=False)  # fmt: skip
+    assert done.returncode == 2 and "--tls-key" in done.stderr, done.stderr
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    done = cli("master", "--listen", "127.0.0.1:0", "--store", store, "--tls-cert", str(bad),
+               "--tls-key", str(bad), "--tls-ca", str(bad), check=False)  # fmt: skip
+    assert done.returncode == 1 and "--tls-cert" in done.stderr, done.stderr
