@@ -37,8 +37,8 @@ from blockyard.master.client import MasterClient
 from blockyard.server.backend import VolumeDescription
 from blockyard.server.client import VolumeServerClient
 from blockyard.server.proto import volume_server_pb2 as vpb
+from blockyard.testing import netns as netns_tools
 
-IP_TIMEOUT_S = 10.0
 LEASE_TTL_S = 2.0
 #: The isolated primary's lease counts from the last heartbeat answer it got, up to one
 #: heartbeat interval (0.5 s) before the partition; its clock check runs per command.
@@ -46,10 +46,6 @@ FENCE_BOUND_S = LEASE_TTL_S + 1.0
 VOLUME = "part"
 VOLUME_BYTES = 64 << 20
 WRITER = Path(__file__).with_name("partition_writer.py")
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, timeout=IP_TIMEOUT_S, capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -61,10 +57,10 @@ class Netns:
     inner_addr: str
 
     def partition(self) -> None:
-        ip("-n", self.name, "link", "set", "dev", self.inner_if, "down")
+        netns_tools.set_link(self.name, self.inner_if, up=False)
 
     def heal(self) -> None:
-        ip("-n", self.name, "link", "set", "dev", self.inner_if, "up")
+        netns_tools.set_link(self.name, self.inner_if, up=True)
 
 
 @pytest.fixture
@@ -75,26 +71,11 @@ def netns() -> Iterator[Netns]:
     subnet = f"10.{150 + tag % 50}.{tag % 250}"
     ns = Netns(f"bypart{tag}", f"byp{tag}h", f"byp{tag}n", f"{subnet}.1", f"{subnet}.2")
     try:
-        ip("netns", "add", ns.name)
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc}")
-    try:
-        ip("-n", ns.name, "link", "set", "dev", "lo", "up")
-        ip("link", "add", ns.host_if, "type", "veth", "peer", "name", ns.inner_if)
-        ip("link", "set", "dev", ns.inner_if, "netns", ns.name)
-        ip("addr", "add", f"{ns.host_addr}/30", "dev", ns.host_if)
-        ip("-n", ns.name, "addr", "add", f"{ns.inner_addr}/30", "dev", ns.inner_if)
-        ip("link", "set", "dev", ns.host_if, "up")
-        ip("-n", ns.name, "link", "set", "dev", ns.inner_if, "up")
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns.name], timeout=IP_TIMEOUT_S, check=False)
-        subprocess.run(
-            ["ip", "link", "del", ns.host_if],
-            timeout=IP_TIMEOUT_S,
-            check=False,
-            capture_output=True,
-        )
+        with netns_tools.namespace(ns.name, [ns.host_if]):
+            netns_tools.add_veth(ns.name, ns.host_if, ns.inner_if, ns.host_addr, ns.inner_addr)
+            yield ns
+    except netns_tools.NetnsUnavailableError as exc:
+        pytest.skip(str(exc))
 
 
 class PartitionCluster(Cluster):

@@ -39,6 +39,7 @@ from blockyard import tls
 from blockyard.engine.epoch import Role
 from blockyard.replication.commit import DurabilityMode
 from blockyard.server.client import VolumeServerClient
+from blockyard.testing import netns as netns_tools
 from blockyard.testing.cluster import (
     API_SLOW_TIMEOUT_S,
     API_TIMEOUT_S,
@@ -48,11 +49,6 @@ from blockyard.testing.cluster import (
 )
 
 T = TypeVar("T")
-IP_TIMEOUT_S = 10.0
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, timeout=IP_TIMEOUT_S, capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -65,10 +61,10 @@ class Netns:
     mgmt_addr: str
 
     def partition(self) -> None:
-        ip("-n", self.name, "link", "set", "dev", self.data[1], "down")
+        netns_tools.set_link(self.name, self.data[1], up=False)
 
     def heal(self) -> None:
-        ip("-n", self.name, "link", "set", "dev", self.data[1], "up")
+        netns_tools.set_link(self.name, self.data[1], up=True)
 
 
 @pytest.fixture
@@ -85,29 +81,12 @@ def netns() -> Iterator[Netns]:
     )
     subnet = ns.data_addr.rsplit(".", 1)[0]
     try:
-        ip("netns", "add", ns.name)
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc}")
-    try:
-        ip("-n", ns.name, "link", "set", "dev", "lo", "up")
-        for (host, inner), host_addr, inner_addr in (
-            (ns.data, f"{subnet}.1", ns.data_addr),
-            (ns.mgmt, f"{subnet}.5", ns.mgmt_addr),
-        ):
-            ip("link", "add", host, "type", "veth", "peer", "name", inner)
-            ip("link", "set", "dev", inner, "netns", ns.name)
-            ip("addr", "add", f"{host_addr}/30", "dev", host)
-            ip("-n", ns.name, "addr", "add", f"{inner_addr}/30", "dev", inner)
-            ip("link", "set", "dev", host, "up")
-            ip("-n", ns.name, "link", "set", "dev", inner, "up")
-        yield ns
-    finally:
-        # Deleting the namespace deletes its veth ends, and with them the pairs.
-        subprocess.run(["ip", "netns", "del", ns.name], timeout=IP_TIMEOUT_S, check=False)
-        for host, _ in (ns.data, ns.mgmt):
-            subprocess.run(
-                ["ip", "link", "del", host], timeout=IP_TIMEOUT_S, check=False, capture_output=True
-            )
+        with netns_tools.namespace(ns.name, [ns.data[0], ns.mgmt[0]]):
+            netns_tools.add_veth(ns.name, *ns.data, f"{subnet}.1", ns.data_addr)
+            netns_tools.add_veth(ns.name, *ns.mgmt, f"{subnet}.5", ns.mgmt_addr)
+            yield ns
+    except netns_tools.NetnsUnavailableError as exc:
+        pytest.skip(str(exc))
 
 
 @dataclass
