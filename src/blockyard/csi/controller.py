@@ -21,26 +21,33 @@ secrets (the StorageClass's controller-publish secret), makes the target require
 ControllerUnpublishVolume removes the node's initiator from the ACL, which ends that node's
 sessions, before it forgets the publication. Both are idempotent, and the ACL change comes
 first so that a crash never leaves a node recorded as unpublished but still admitted.
+
+The snapshot RPCs are a mixin in :mod:`blockyard.csi.controller_snapshots`; what a publication
+may share and tells the node is in :mod:`blockyard.csi.publish_rules`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from google.protobuf import timestamp_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from blockyard.csi import ids
 from blockyard.csi.capabilities import (
-    MULTI_NODE_MODES,
     AccessType,
     Capability,
     Mode,
     parse_capabilities,
     parse_capability,
+)
+from blockyard.csi.controller_snapshots import (
+    CLONE_SNAPSHOT_PREFIX,
+    MAX_LIST_ENTRIES,
+    SnapshotRpcs,
+    clone_snapshot_name,
 )
 from blockyard.csi.errors import (
     CapacityOutOfRangeError,
@@ -48,12 +55,12 @@ from blockyard.csi.errors import (
     InvalidParameterError,
     InvalidStartingTokenError,
     MissingFieldError,
-    PublishConflictError,
     TopologyUnsatisfiableError,
     UnknownObjectError,
     UnsupportedCapabilityError,
     UnsupportedOperationError,
     VolumeInUseError,
+    required,
 )
 from blockyard.csi.initiators import node_initiator_name
 from blockyard.csi.locks import OperationLocks
@@ -70,6 +77,14 @@ from blockyard.csi.params import (
 )
 from blockyard.csi.proto import csi_pb2 as pb
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
+from blockyard.csi.publish_rules import (
+    CONTEXT_FS_TYPE,
+    PUBLISH_INITIATOR,
+    check_sharing,
+    describe_attachment,
+    publish_context,
+    volume_condition,
+)
 from blockyard.csi.publish_store import Attachment, PublishStore, VolumeRecord
 from blockyard.csi.rpc import Context, RpcRunner
 from blockyard.engine.limits import MAX_VOLUME_SIZE_BYTES
@@ -80,7 +95,6 @@ from blockyard.errors import (
     InvalidNameError,
     NotFoundError,
 )
-from blockyard.scsi.alua import AccessState
 from blockyard.server.backend import (
     SnapshotDescription,
     SnapshotRef,
@@ -94,24 +108,8 @@ RPC = pb.ControllerServiceCapability.RPC
 
 DEFAULT_TOPOLOGY_KEY: Final = "topology.block.blockyard.io/pool"
 DEFAULT_TOPOLOGY_VALUE: Final = "default"
-#: MULTI_NODE_MULTI_WRITER block volumes: the source and the target of a VM live migration.
-MAX_RWX_BLOCK_NODES: Final = 2
 #: CSI spec "Size Limits": strings at most 128 bytes.
 MAX_NODE_ID_BYTES: Final = 128
-#: Entries one ListVolumes/ListSnapshots answer may hold when the CO sets no max_entries.
-MAX_LIST_ENTRIES: Final = 100_000
-#: Temporary snapshots behind clones of volumes; CreateSnapshot refuses names with the prefix.
-CLONE_SNAPSHOT_PREFIX: Final = "csi-clone-"
-#: Volume context key of the file system chosen at creation (read by the node service).
-CONTEXT_FS_TYPE: Final = "fsType"
-#: publish_context keys (read by the node service).
-PUBLISH_PORTAL: Final = "portal"
-PUBLISH_PORTALS: Final = "portals"
-PUBLISH_IQN: Final = "iqn"
-PUBLISH_LUN: Final = "lun"
-PUBLISH_NAA_ID: Final = "naaId"
-#: The initiator name the node must log in with (the one now in the volume's ACL).
-PUBLISH_INITIATOR: Final = "initiatorName"
 
 CONTROLLER_CAPABILITIES: Final = (
     RPC.CREATE_DELETE_VOLUME,
@@ -138,8 +136,6 @@ SNAPSHOT_CAPABILITIES: Final = frozenset(
 #: ``--topology topology.block.blockyard.io/zone=ZONE``.
 ZONE_TOPOLOGY_KEY: Final = "topology.block.blockyard.io/zone"
 
-#: ALUA states in which a portal serves I/O, best first (SPC-4 §5.16.2).
-_SERVING_STATES: Final = (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED)
 _MULTI_WRITER: Final = Mode.Mode.Name(Mode.MULTI_NODE_MULTI_WRITER)
 
 
@@ -152,19 +148,7 @@ class TopologySegment:
     value: str = DEFAULT_TOPOLOGY_VALUE
 
 
-def required(value: str, field: str, what: str) -> str:
-    if not value:
-        raise MissingFieldError(f"{field} is required: give the {what}")
-    return value
-
-
-def clone_snapshot_name(volume_id: str) -> str:
-    """The temporary snapshot behind a clone of a volume into ``volume_id``: deterministic, so
-    a retried CreateVolume finds and removes it."""
-    return CLONE_SNAPSHOT_PREFIX + hashlib.sha256(volume_id.encode()).hexdigest()[:32]
-
-
-class ControllerService(pb_grpc.ControllerServicer):
+class ControllerService(SnapshotRpcs, pb_grpc.ControllerServicer):
     def __init__(
         self,
         backend: VolumeBackend,
@@ -424,10 +408,11 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if current is not None and current != wanted:
                     raise IncompatibleVolumeError(
                         f"volume {volume_id} is already published to node {node_id} as "
-                        f"{_describe(current)}, not {_describe(wanted)}; unpublish it first"
+                        f"{describe_attachment(current)}, not {describe_attachment(wanted)}; "
+                        "unpublish it first"
                     )
                 if current is None:
-                    _check_sharing(volume_id, cap, list(attachments.values()))
+                    check_sharing(volume_id, cap, list(attachments.values()))
                 # Target settings first, the record last: a retry after a crash redoes both.
                 if secrets.chap is not None:
                     desc = await self._backend.set_volume_auth(
@@ -438,7 +423,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if current is None:
                     self._store.attach(volume_id, wanted)
                     self._report_publications(volume_id)
-                context = _publish_context(desc)
+                context = publish_context(desc)
                 context[PUBLISH_INITIATOR] = initiator
                 return pb.ControllerPublishVolumeResponse(publish_context=context)
 
@@ -547,7 +532,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                     volume=self._volume_pb(v, self._store.get(v.name)),
                     status=pb.ListVolumesResponse.VolumeStatus(
                         published_node_ids=self._store.published_node_ids(v.name),
-                        volume_condition=_condition(v),
+                        volume_condition=volume_condition(v),
                     ),
                 )
                 for v in volumes
@@ -566,7 +551,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 volume=self._volume_pb(desc, self._store.get(volume_id)),
                 status=pb.ControllerGetVolumeResponse.VolumeStatus(
                     published_node_ids=self._store.published_node_ids(volume_id),
-                    volume_condition=_condition(desc),
+                    volume_condition=volume_condition(desc),
                 ),
             )
 
@@ -686,134 +671,6 @@ class ControllerService(pb_grpc.ControllerServicer):
         record = self._store.get(volume_id)
         return record is None or bool(record.context.get(CONTEXT_FS_TYPE))
 
-    # ---- Snapshots ---------------------------------------------------------------------------
-
-    async def CreateSnapshot(
-        self, request: pb.CreateSnapshotRequest, context: Context
-    ) -> pb.CreateSnapshotResponse:
-        async def work() -> pb.CreateSnapshotResponse:
-            source_id = required(
-                request.source_volume_id, "source_volume_id", "id of the volume to snapshot"
-            )
-            name = required(request.name, "name", "snapshot name (the CO's idempotency key)")
-            try:
-                check_name(name, what="snapshot")
-            except InvalidNameError as exc:
-                raise InvalidNameError(f"name: {exc}") from exc
-            if name.startswith(CLONE_SNAPSHOT_PREFIX):
-                raise InvalidArgumentError(
-                    f"name: snapshot names starting with {CLONE_SNAPSHOT_PREFIX!r} are reserved "
-                    "for the driver's temporary clone snapshots"
-                )
-            if request.parameters:
-                raise InvalidParameterError(
-                    f"parameters: snapshots take none (got {sorted(request.parameters)[0]!r})"
-                )
-            with self._locks.claim("CreateSnapshot", f"snapshot:{name}", f"volume:{source_id}"):
-                owner = await self._snapshot_owner(name, source_id)
-                if owner is not None and owner.volume != source_id:
-                    raise IncompatibleVolumeError(
-                        f"snapshot name {name} is taken by a snapshot of volume {owner.volume}, "
-                        f"not {source_id}; use another name"
-                    )
-                if owner is None:
-                    await self._get_volume(source_id, field="source_volume_id")
-                    owner = await self._backend.create_snapshot(source_id, name)
-                return pb.CreateSnapshotResponse(snapshot=_snapshot_pb(owner))
-
-        subject = f"{request.source_volume_id or '-'}@{request.name or '-'}"
-        return await self._runner.run(context, "CreateSnapshot", subject, work)
-
-    async def _snapshot_owner(self, name: str, source_id: str) -> SnapshotDescription | None:
-        """The snapshot called ``name`` on any volume (CSI snapshot names are unique across the
-        plugin); the source volume is looked at first, as retries usually find it there."""
-        if ids.is_volume_id(source_id):
-            found = [s for s in await self._snapshots_of(source_id) if s.name == name]
-            if found:
-                return found[0]
-        for volume in await self._all_volumes():
-            if volume.snapshot_count and volume.name != source_id:
-                for s in await self._snapshots_of(volume.name):
-                    if s.name == name:
-                        return s
-        return None
-
-    async def DeleteSnapshot(
-        self, request: pb.DeleteSnapshotRequest, context: Context
-    ) -> pb.DeleteSnapshotResponse:
-        async def work() -> pb.DeleteSnapshotResponse:
-            snapshot_id = required(
-                request.snapshot_id, "snapshot_id", "id of the snapshot to delete"
-            )
-            ref = ids.parse_snapshot_id(snapshot_id)
-            if ref is None or ref.snapshot.startswith(CLONE_SNAPSHOT_PREFIX):
-                return pb.DeleteSnapshotResponse()  # never issued, so nothing to delete
-            keys = (f"snapshot:{ref.snapshot}", f"volume:{ref.volume}")
-            with self._locks.claim("DeleteSnapshot", *keys):
-                await self._backend.delete_snapshot(ref.volume, ref.snapshot)
-            return pb.DeleteSnapshotResponse()
-
-        subject = request.snapshot_id or "-"
-        return await self._runner.run(context, "DeleteSnapshot", subject, work)
-
-    async def ListSnapshots(
-        self, request: pb.ListSnapshotsRequest, context: Context
-    ) -> pb.ListSnapshotsResponse:
-        async def work() -> pb.ListSnapshotsResponse:
-            if request.max_entries < 0:
-                raise InvalidArgumentError(
-                    f"max_entries {request.max_entries} is negative: use 0 for no limit"
-                )
-            after = ids.decode_snapshot_token(request.starting_token)
-            snapshots = await self._filtered_snapshots(
-                request.snapshot_id, request.source_volume_id
-            )
-            listed = sorted(
-                (ids.snapshot_id(SnapshotRef(s.volume, s.name)), s)
-                for s in snapshots
-                if not s.name.startswith(CLONE_SNAPSHOT_PREFIX)
-            )
-            if after is not None:
-                listed = [(sid, s) for sid, s in listed if sid > after]
-            limit = request.max_entries or MAX_LIST_ENTRIES
-            page, rest = listed[:limit], listed[limit:]
-            return pb.ListSnapshotsResponse(
-                entries=[pb.ListSnapshotsResponse.Entry(snapshot=_snapshot_pb(s)) for _, s in page],
-                next_token=ids.encode_snapshot_token(page[-1][0]) if rest else "",
-            )
-
-        return await self._runner.run(context, "ListSnapshots", "-", work)
-
-    async def _filtered_snapshots(
-        self, snapshot_id: str, source_volume_id: str
-    ) -> list[SnapshotDescription]:
-        """Snapshots matching the ListSnapshots filters; ids that name nothing match nothing
-        (CSI: an empty answer, not an error)."""
-        if snapshot_id:
-            ref = ids.parse_snapshot_id(snapshot_id)
-            if ref is None or (source_volume_id and source_volume_id != ref.volume):
-                return []
-            return [s for s in await self._snapshots_of(ref.volume) if s.name == ref.snapshot]
-        if source_volume_id:
-            if not ids.is_volume_id(source_volume_id):
-                return []
-            return list(await self._snapshots_of(source_volume_id))
-        out: list[SnapshotDescription] = []
-        for volume in await self._all_volumes():
-            if volume.snapshot_count:
-                out.extend(await self._snapshots_of(volume.name))
-        return out
-
-    async def GetSnapshot(
-        self, request: pb.GetSnapshotRequest, context: Context
-    ) -> pb.GetSnapshotResponse:
-        async def work() -> pb.GetSnapshotResponse:
-            snapshot_id = required(request.snapshot_id, "snapshot_id", "id of the snapshot")
-            snapshot = await self._find_snapshot(snapshot_id, field="snapshot_id")
-            return pb.GetSnapshotResponse(snapshot=_snapshot_pb(snapshot))
-
-        return await self._runner.run(context, "GetSnapshot", request.snapshot_id or "-", work)
-
     # ---- lookups -----------------------------------------------------------------------------
 
     async def _find_volume(self, volume_id: str) -> VolumeDescription | None:
@@ -891,77 +748,3 @@ def _content_source(request: pb.CreateVolumeRequest) -> tuple[str, str]:
         )
         return "volume", vid
     raise MissingFieldError("volume_content_source: set snapshot or volume")
-
-
-def _check_sharing(volume_id: str, cap: Capability, others: list[Attachment]) -> None:
-    """May ``volume_id`` be published with ``cap`` while it is published to ``others``?"""
-    if not others:
-        return
-    nodes = ", ".join(sorted(a.node_id for a in others))
-    multi_names = {Mode.Mode.Name(m) for m in MULTI_NODE_MODES}
-    if not cap.multi_node or any(a.mode not in multi_names for a in others):
-        raise PublishConflictError(
-            f"volume {volume_id} is published to node(s) {nodes} and its access mode allows one "
-            "node at a time; ControllerUnpublishVolume it there first (or use a multi-node "
-            "access mode)"
-        )
-    if any(a.mode != cap.mode_name for a in others):
-        raise PublishConflictError(
-            f"volume {volume_id} is published to node(s) {nodes} with another access mode "
-            f"than {cap.mode_name}; publish it with one mode everywhere"
-        )
-    if cap.mode == Mode.MULTI_NODE_MULTI_WRITER and len(others) >= MAX_RWX_BLOCK_NODES:
-        raise PublishConflictError(
-            f"volume {volume_id} is published read-write to {len(others)} nodes ({nodes}) "
-            f"already; a ReadWriteMany block volume serves at most {MAX_RWX_BLOCK_NODES} (the "
-            "two ends of a live migration)"
-        )
-
-
-def _describe(a: Attachment) -> str:
-    return f"{a.access_type} {a.mode}{' read-only' if a.readonly else ''}"
-
-
-def _publish_context(desc: VolumeDescription) -> dict[str, str]:
-    """How the node reaches the volume: its portals, best ALUA state first (the current
-    primary's portal leads), the target IQN, the LUN and the NAA id that identifies the LU
-    on every path."""
-    export = desc.export
-    rank = {state: i for i, state in enumerate(_SERVING_STATES)}
-    portals = sorted(export.portals, key=lambda p: rank.get(p.state, len(rank)))
-    context = {
-        PUBLISH_PORTALS: ",".join(p.address for p in portals),
-        PUBLISH_IQN: export.iqn,
-        PUBLISH_LUN: str(export.lun),
-        PUBLISH_NAA_ID: export.naa_id,
-    }
-    if portals:
-        context[PUBLISH_PORTAL] = portals[0].address
-    return context
-
-
-def _condition(desc: VolumeDescription) -> pb.VolumeCondition:
-    serving = [p for p in desc.export.portals if p.state in _SERVING_STATES]
-    if not serving:
-        states = ", ".join(f"{p.address} {p.state.name}" for p in desc.export.portals) or "none"
-        return pb.VolumeCondition(
-            abnormal=True,
-            message=f"no portal serves volume {desc.name} (portals: {states}; role "
-            f"{desc.role.name}, epoch {desc.epoch})",
-        )
-    return pb.VolumeCondition(
-        abnormal=False,
-        message=f"served on {len(serving)} portal(s); role {desc.role.name}, epoch {desc.epoch}",
-    )
-
-
-def _snapshot_pb(s: SnapshotDescription) -> pb.Snapshot:
-    created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(s.created_ns)
-    return pb.Snapshot(
-        size_bytes=s.size_bytes,
-        snapshot_id=ids.snapshot_id(SnapshotRef(s.volume, s.name)),
-        source_volume_id=s.volume,
-        creation_time=created,
-        ready_to_use=True,
-    )

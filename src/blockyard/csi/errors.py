@@ -21,6 +21,13 @@ class MissingFieldError(InvalidArgumentError):
     """A field the CSI spec marks REQUIRED is empty; the message names it."""
 
 
+def required(value: str, field: str, what: str) -> str:
+    """``value``, or :class:`MissingFieldError` naming ``field`` and what it should hold."""
+    if not value:
+        raise MissingFieldError(f"{field} is required: give the {what}")
+    return value
+
+
 class UnsupportedCapabilityError(InvalidArgumentError):
     """A volume capability (access type, file system, access mode) this driver cannot serve."""
 

@@ -47,15 +47,6 @@ from blockyard.csi.capabilities import (
     Mode,
     parse_capability,
 )
-from blockyard.csi.controller import (
-    CONTEXT_FS_TYPE,
-    PUBLISH_INITIATOR,
-    PUBLISH_IQN,
-    PUBLISH_LUN,
-    PUBLISH_NAA_ID,
-    PUBLISH_PORTAL,
-    PUBLISH_PORTALS,
-)
 from blockyard.csi.errors import IncompatibleVolumeError, MissingFieldError, UnknownObjectError
 from blockyard.csi.ids import is_volume_id
 from blockyard.csi.initiators import node_initiator_name
@@ -90,6 +81,15 @@ from blockyard.csi.node_state import write_json_atomic as _write_json
 from blockyard.csi.params import parse_chap_secrets
 from blockyard.csi.proto import csi_pb2 as pb
 from blockyard.csi.proto import csi_pb2_grpc as pb_grpc
+from blockyard.csi.publish_rules import (
+    CONTEXT_FS_TYPE,
+    PUBLISH_INITIATOR,
+    PUBLISH_IQN,
+    PUBLISH_LUN,
+    PUBLISH_NAA_ID,
+    PUBLISH_PORTAL,
+    PUBLISH_PORTALS,
+)
 from blockyard.csi.rpc import Context, RpcRunner
 from blockyard.errors import BlockyardError, InvalidArgumentError, OperationInProgressError
 from blockyard.mountinfo import Mount

@@ -9,10 +9,10 @@ import uuid
 import pytest
 
 from blockyard import tls
-from blockyard.csi.controller import _publish_context
 from blockyard.csi.errors import InvalidParameterError
 from blockyard.csi.master_backend import describe, export_of, parse_master_backend
 from blockyard.csi.params import VolumeParameters, parse_parameters
+from blockyard.csi.publish_rules import publish_context
 from blockyard.csi.server import ConfigError, build_config
 from blockyard.engine.epoch import Role
 from blockyard.errors import InvalidArgumentError
@@ -146,7 +146,7 @@ def test_publish_context_lists_the_primary_first_wherever_the_master_lists_it() 
         _copy("c", vpb.ROLE_REPLICA, "in_sync", "10.0.0.3:3260", "[fd00::3]:3260"),
         _copy("b", vpb.ROLE_PRIMARY, "in_sync", "10.0.0.2:3260", "10.0.1.2:3260"),
     )
-    ctx = _publish_context(describe(info))
+    ctx = publish_context(describe(info))
     assert ctx["portals"].split(",") == [
         "10.0.0.2:3260",
         "10.0.1.2:3260",
@@ -186,7 +186,7 @@ def test_a_dead_primary_is_not_offered_first() -> None:
         _copy("a", vpb.ROLE_PRIMARY, "dead", "10.0.0.1:3260"),
         _copy("b", vpb.ROLE_REPLICA, "in_sync", "10.0.0.2:3260"),
     )
-    assert _publish_context(describe(info))["portals"] == "10.0.0.2:3260,10.0.0.1:3260"
+    assert publish_context(describe(info))["portals"] == "10.0.0.2:3260,10.0.0.1:3260"
 
 
 def test_describe_carries_role_epoch_zones_and_durability() -> None:
