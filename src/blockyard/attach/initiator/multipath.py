@@ -43,9 +43,9 @@ from blockyard.attach.initiator.connection import (
     CommandOutcome,
     InitiatorSettings,
     IscsiConnection,
-    _Task,
     random_isid,
 )
+from blockyard.attach.initiator.connection_types import _Task
 from blockyard.attach.initiator.errors import (
     CommandRejectedError,
     NoPathError,
