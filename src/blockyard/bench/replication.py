@@ -5,9 +5,11 @@ Server 0 is the primary of every volume; servers 1 and 2 hold replicas. Four pha
 
 1. **Write cost.** One volume per setup — RF1 (no replica), RF2 best_effort, RF2 sync_all,
    RF3 sync_quorum — driven by the same external initiators (:mod:`.replication_load`): 4 KiB
-   writes at QD32 with a flush every 32, and 4 KiB FUA writes at QD1. Setups are interleaved
-   over several rounds (their order rotated each round) and each ratio to RF1 is taken within a
-   round, so drifting load from other work on the machine hits numerator and denominator alike.
+   writes at QD32 with a flush every 32, 4 KiB FUA writes at QD1 and 4 KiB plain writes at QD1
+   (sync_all and sync_quorum acknowledge those once the replicas received them). Setups are
+   interleaved over several rounds (their order rotated each round) and each ratio to RF1 is
+   taken within a round, so drifting load from other work on the machine hits numerator and
+   denominator alike.
 2. **Delta resync.** The replica server of an in-sync sync_all volume is killed with SIGKILL,
    the primary takes N 4 KiB writes (with a flush every 32, so each flush proves the replica
    was marked out of sync first), the server is restarted, and the time until GetReplication
@@ -347,6 +349,16 @@ class ReplicationBench:
                 result, cpu = self._qd1(s, r)
                 self.samples[s.volume].qd1.append(result)
                 self.samples[s.volume].qd1_cpu.append(cpu)
+            for s in order:
+                self.samples[s.volume].qd1_plain.append(
+                    qd1_fua(
+                        self.urls[s.volume],
+                        self._qd1_count(s.volume),
+                        self.opt.size_bytes,
+                        offset_bytes=(256 + r) * 4096,
+                        fua=False,
+                    )
+                )
 
     def delta_resync(self) -> None:
         replica = DELTA_VOLUME.replicas[0]

@@ -104,14 +104,18 @@ def poke(url: str) -> None:
     _run(["qemu-io", "-f", "raw", "-t", "none", "-c", f"write -P 90 0 {BLOCK_SIZE}", url], 60)
 
 
-def qd1_fua(url: str, count: int, size_bytes: int, *, offset_bytes: int = 0) -> Qd1Result:
-    """``count`` (≤ :data:`QD1_MAX_WRITES`) FUA writes of 4 KiB one at a time, strided."""
+def qd1_fua(
+    url: str, count: int, size_bytes: int, *, offset_bytes: int = 0, fua: bool = True
+) -> Qd1Result:
+    """``count`` (≤ :data:`QD1_MAX_WRITES`) FUA writes of 4 KiB one at a time, strided
+    (``fua=False``: plain writes, acknowledged into the write cache)."""
     if not 0 < count <= QD1_MAX_WRITES:
         raise BenchError(f"QD1 runs take 1 to {QD1_MAX_WRITES} writes, not {count}")
     argv = ["qemu-io", "-f", "raw", "-t", "none"]
+    flag = "-f " if fua else ""
     for i in range(count):
         off = (offset_bytes + i * STRIDE_BYTES) % size_bytes
-        argv += ["-c", f"write -f -C {off} {BLOCK_SIZE}"]
+        argv += ["-c", f"write {flag}-C {off} {BLOCK_SIZE}"]
     out = _run([*argv, url], TOOL_TIMEOUT_S)
     latencies = []
     for m in _QEMU_IO_LINE.finditer(out):

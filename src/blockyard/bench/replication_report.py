@@ -140,6 +140,8 @@ class Samples:
     qd32_cpu: list[CpuUse] = field(default_factory=list)
     qd1: list[Qd1Result] = field(default_factory=list)
     qd1_cpu: list[CpuUse] = field(default_factory=list)
+    #: QD1 plain writes (no FUA): what sync_all's wait for the replicas' receipt costs.
+    qd1_plain: list[Qd1Result] = field(default_factory=list)
 
 
 # ---- the report ---------------------------------------------------------------------------
@@ -195,6 +197,22 @@ def _write_cost_lines(bench: ReplicationBench) -> list[str]:
         out.append(
             f"  {s.label:<34} {_range(Spread.of(rates), ',.0f'):>26} {p50:>7,.0f} {p99:>7,.0f}"
             f"  {cell:<22} p50 {p50_cell:<22} {_goal_cell(s, p50_ratio)}"
+        )
+    out.append(
+        "4 KiB writes QD1, no FUA — qemu-io -t none, write, one at a time (sync_all and "
+        "sync_quorum acknowledge a write once the replicas received it); p50 ratio as above"
+    )
+    base_plain = [q.percentile_us(50) for q in base.qd1_plain]
+    for s in bench.setups:
+        smp = bench.samples[s.volume]
+        rates = [q.iops for q in smp.qd1_plain]
+        p50s = [q.percentile_us(50) for q in smp.qd1_plain]
+        cell, _ = _ratio_cell(rates, [q.iops for q in base.qd1_plain])
+        p50_cell, _ = _ratio_cell(base_plain, p50s)
+        p99 = Spread.of([q.percentile_us(99) for q in smp.qd1_plain]).median
+        out.append(
+            f"  {s.label:<34} {_range(Spread.of(rates), ',.0f'):>26} "
+            f"{Spread.of(p50s).median:>7,.0f} {p99:>7,.0f}  {cell:<22} p50 {p50_cell}"
         )
     out.append(
         "CPU per write, µs (median over rounds): primary server / other servers / load "

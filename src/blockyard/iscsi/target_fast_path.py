@@ -7,6 +7,7 @@ declines goes back to the general path through the decoder.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from blockyard.blockdev import BytesLike
@@ -23,10 +24,18 @@ from blockyard.iscsi.pdu import (
     ScsiCommand,
     decode_pdu,
 )
-from blockyard.iscsi.target_cdb import _overlaps
-from blockyard.iscsi.target_types import _SN_HALF, _SN_MASK, FastCommandUnit, _Deferred, _Task
+from blockyard.iscsi.target_cdb import _overlaps, _span_of
+from blockyard.iscsi.target_types import (
+    _SN_HALF,
+    _SN_MASK,
+    AwaitWrite,
+    Event,
+    FastCommandUnit,
+    _Deferred,
+    _Task,
+)
 from blockyard.scsi.constants import Op
-from blockyard.scsi.lu import WOULD_BLOCK
+from blockyard.scsi.lu import WOULD_BLOCK, PendingWrite
 from blockyard.scsi.nexus import Nexus
 from blockyard.scsi.sense import ScsiResult
 
@@ -75,6 +84,10 @@ class FastPath:
         _queued: dict[int, Pdu]
         _spans: dict[int, tuple[int, int]]
         _stat_sn: int
+        _tasks: dict[int, _Task]
+        _task_ids: Iterator[int]
+        _nonimmediate_in_flight: int
+        _events: list[Event]
 
         def _dispatch(self, pdu: Pdu) -> None: ...
         def _on_bad_pdu(self, exc: RemoteProtocolError) -> None: ...
@@ -248,6 +261,15 @@ class FastPath:
             for _itt, _exp, _max, chunk in replies:
                 self._defer_taken(chunk)
             return
+        if isinstance(failed, PendingWrite):
+            # Written, but answered only when the replicas confirm receipt: each command
+            # becomes an executing task (it counts against the command window, a later command
+            # on its blocks waits behind it, an abort drops its answer), completed by the
+            # server through AwaitWrite. Its answers were never sent, as above.
+            self._max_cmd_sn = self._run_max_cmd_sn
+            ids = tuple(self._adopt_written(chunk) for _itt, _exp, _max, chunk in replies)
+            self._events.append(AwaitWrite(ids, self._run_opcode, self._run_lba, failed))
+            return
         if failed is not None:
             for _itt, _exp, _max, chunk in replies:
                 self._fast_failed(chunk, failed)
@@ -304,6 +326,33 @@ class FastPath:
             return
         assert isinstance(cmd, ScsiCommand), "the fast path takes SCSI Commands only"
         self._on_command(cmd)
+
+    def _adopt_written(self, chunk: bytearray) -> int:
+        """A fast write already done whose answer waits: an executing task of the general
+        path, as _on_command would have made it (the fast path took only commands that need
+        nothing else: no R2T, no residual, a READ/WRITE span)."""
+        cmd = self._decode_raw(chunk)
+        assert isinstance(cmd, ScsiCommand), "the fast path takes SCSI Commands only"
+        cdb = bytes(cmd.cdb)
+        task = _Task(
+            task_id=next(self._task_ids),
+            cmd=cmd,
+            immediate=False,
+            transfer=None,
+            local_result=None,
+            executing=True,
+            cdb=cdb,
+            span=_span_of(cdb),
+        )
+        self._tasks[task.task_id] = task
+        self._by_itt[cmd.itt] = task.task_id
+        if task.span is not None:
+            self._spans[task.task_id] = task.span
+        else:
+            task.fence = True  # never: a fast WRITE always has a span
+            self._fences += 1
+        self._nonimmediate_in_flight += 1
+        return task.task_id
 
     def _fast_regate(self, unit: FastCommandUnit) -> None:
         nexus = self._nexus

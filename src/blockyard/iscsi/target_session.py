@@ -76,6 +76,7 @@ from blockyard.iscsi.target_tmf import TaskManagement
 from blockyard.iscsi.target_types import (
     _SN_MASK,
     LOGIN_TIMEOUT_S,
+    AwaitWrite,
     CloseConnection,
     CommandInspector,
     ConnectionState,
@@ -652,6 +653,7 @@ def _encodable(pdu: Pdu) -> bool:
 __all__ = [
     "LOGIN_TIMEOUT_S",
     "WRITE_RUN_BYTES_MAX",
+    "AwaitWrite",
     "CloseConnection",
     "CommandInspector",
     "ConnectionState",

@@ -16,7 +16,7 @@ from blockyard.iscsi.target_task import WriteTransfer
 from blockyard.iscsi.text import TextPairs
 from blockyard.scsi.commands import CommandInfo
 from blockyard.scsi.constants import AscPair
-from blockyard.scsi.lu import FastGate, WouldBlock
+from blockyard.scsi.lu import FastGate, PendingWrite, WouldBlock
 from blockyard.scsi.nexus import Nexus
 from blockyard.scsi.sense import ScsiResult
 
@@ -60,7 +60,9 @@ class FastCommandUnit(CommandInspector, Protocol):
 
     def fast_write(
         self, opcode: int, lba: int, data: BytesLike
-    ) -> ScsiResult | WouldBlock | None: ...
+    ) -> ScsiResult | WouldBlock | PendingWrite | None: ...
+
+    def fast_write_outcome(self, opcode: int, lba: int, pending: PendingWrite) -> ScsiResult: ...
 
 
 class TargetPortal(Protocol):
@@ -152,7 +154,20 @@ class CloseConnection:
     reason: str
 
 
-Event = LoggedIn | ExecuteCommand | ResetRequested | CloseConnection
+@dataclass(frozen=True, slots=True)
+class AwaitWrite:
+    """Fast-path writes already done on the logical unit whose acknowledgement waits for
+    ``pending`` (a replicated volume's receipt). When its future is done, the server calls
+    ``command_done(task_id, unit.fast_write_outcome(opcode, lba, pending))`` for each task id
+    (in order); until then they are executing tasks like any other."""
+
+    task_ids: tuple[int, ...]
+    opcode: int
+    lba: int
+    pending: PendingWrite
+
+
+Event = LoggedIn | ExecuteCommand | ResetRequested | CloseConnection | AwaitWrite
 
 
 class ConnectionState(Enum):

@@ -24,6 +24,14 @@ for when it started joining, it holds everything ever acknowledged: it is durabl
 
 Barriers are shared like fdatasync in group commit: at most one is in flight per replica; flushes
 that arrive meanwhile ride on the next one, which covers the highest LSN anyone waits for.
+
+**Receipt** (``request(..., durable=False)``): in ``sync_all`` and ``sync_quorum`` a plain write
+is acknowledged only once the replicas the mode counts *received* it (applied it to their WAL,
+not necessarily synced; the replica reports that unasked after every batch). Without this, a
+primary could acknowledge a write, die before shipping it, and a flush the initiator sends after
+the failover would be acknowledged by the promoted copy for a write it never saw: a write the
+initiator believes durable, lost. The same degrade-or-fail rule and timeout apply; a receipt
+needs no barrier.
 """
 
 from __future__ import annotations
@@ -142,6 +150,8 @@ _WAITED_FOR = frozenset({*_COUNTED, _State.MARKING, _State.UNMARKABLE})
 class _Replica:
     state: _State
     durable_lsn: int = 0
+    #: Applied up to here (in the replica's WAL, maybe not yet synced): what a receipt needs.
+    received_lsn: int = 0
     #: JOINING: durable up to here, it holds every write acknowledged before it joined.
     join_lsn: int = 0
     #: JOINING: the in-sync mark is being persisted.
@@ -157,6 +167,8 @@ class _Waiter:
     token: int
     lsn: int
     since: float
+    #: A flush or FUA write (durable on the replicas); False: a receipt (received by them).
+    durable: bool
     #: Replicas that must acknowledge (or be marked out) for this waiter: the in-sync set when
     #: it arrived. A replica that comes back in sync later does not hold up older flushes.
     replicas: set[str] = field(default_factory=set)
@@ -183,6 +195,8 @@ class CommitTracker:
         self._next_barrier = 1
         #: The highest LSN any durability point was acknowledged for.
         self.committed_lsn = 0
+        #: The highest LSN any receipt was acknowledged for.
+        self.received_committed_lsn = 0
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -219,14 +233,16 @@ class CommitTracker:
             w.replicas.discard(replica)
         return self._evaluate(now)
 
-    def request(self, lsn: int, now: float) -> tuple[int, list[Action]]:
-        """A durability point at ``lsn`` (the primary's own fdatasync already covers it)."""
+    def request(self, lsn: int, now: float, *, durable: bool = True) -> tuple[int, list[Action]]:
+        """A durability point at ``lsn`` (the primary's own fdatasync already covers it), or
+        with ``durable=False`` a write at ``lsn`` that needs the counted replicas' receipt."""
         token = self._next_token
         self._next_token += 1
         waiter = _Waiter(
             token,
             lsn,
             now,
+            durable,
             # Counted replicas, and those whose out-of-sync mark is not yet durable: a copy
             # that may still be promoted must hold the write or be marked first.
             {r for r, s in self._replicas.items() if s.state in _WAITED_FOR},
@@ -251,6 +267,8 @@ class CommitTracker:
             return []
         r.connected = False
         r.inflight_id = 0
+        # What it received on this connection counts no more: a new one starts over.
+        r.received_lsn = 0
         return self._drop(replica, r, "its connection dropped", now)
 
     def behind(self, replica: str, reason: str, now: float) -> list[Action]:
@@ -278,15 +296,27 @@ class CommitTracker:
         r.state = _State.JOINING
         # Flushes already waiting do not count it but may still be acknowledged: it must hold
         # those too before it is promotable.
-        r.join_lsn = max([self.committed_lsn, *(w.lsn for w in self._waiters.values())])
+        # Writes acknowledged on the others' receipt alone count as acknowledged too.
+        r.join_lsn = max(
+            [
+                self.committed_lsn,
+                self.received_committed_lsn,
+                *(w.lsn for w in self._waiters.values()),
+            ]
+        )
         r.promoting = False
         return self._evaluate(now)
 
-    def acked(self, replica: str, durable_lsn: int, barrier_id: int, now: float) -> list[Action]:
+    def acked(
+        self, replica: str, durable_lsn: int, barrier_id: int, now: float, applied_lsn: int = 0
+    ) -> list[Action]:
+        """The replica is durable up to ``durable_lsn`` and holds (applied, maybe not synced)
+        everything up to ``applied_lsn``; ``barrier_id`` 0 when unasked."""
         r = self._replicas.get(replica)
         if r is None:
             return []
         r.durable_lsn = max(r.durable_lsn, durable_lsn)
+        r.received_lsn = max(r.received_lsn, applied_lsn, r.durable_lsn)
         if r.inflight_id and (barrier_id == r.inflight_id or r.durable_lsn >= r.inflight_lsn):
             r.inflight_id = 0
         return self._evaluate(now)
@@ -324,13 +354,13 @@ class CommitTracker:
                 continue
             for name in sorted(w.replicas):
                 r = self._replicas.get(name)
-                if r is not None and r.state in _COUNTED and r.durable_lsn < w.lsn:
+                if r is not None and r.state in _COUNTED and not _holds(r, w):
                     r.state = _State.MARKING
                     r.promoting = False
+                    what = "acknowledge" if w.durable else "confirm receipt of"
                     actions.append(
                         MarkOutOfSync(
-                            name,
-                            f"it did not acknowledge LSN {w.lsn} within {self._timeout_s:g} s",
+                            name, f"it did not {what} LSN {w.lsn} within {self._timeout_s:g} s"
                         )
                     )
         done: list[int] = []
@@ -342,7 +372,7 @@ class CommitTracker:
                     continue
                 if r.state is _State.UNMARKABLE:
                     unmarkable += 1
-                elif r.state in _COUNTED and r.durable_lsn >= w.lsn:
+                elif r.state in _COUNTED and _holds(r, w):
                     acked += 1
                 else:
                     pending += 1
@@ -350,12 +380,16 @@ class CommitTracker:
             if verdict is Verdict.DONE:
                 actions.append(Complete(w.token))
                 done.append(w.token)
-                self.committed_lsn = max(self.committed_lsn, w.lsn)
+                if w.durable:
+                    self.committed_lsn = max(self.committed_lsn, w.lsn)
+                else:
+                    self.received_committed_lsn = max(self.received_committed_lsn, w.lsn)
             elif verdict is Verdict.FAIL:
                 actions.append(
                     Fail(
                         w.token,
-                        f"LSN {w.lsn} is not durable on enough copies for {self.mode.value}: "
+                        f"LSN {w.lsn} is not {'durable on' if w.durable else 'received by'} "
+                        f"enough copies for {self.mode.value}: "
                         f"{acked} of {self.copies - 1} replicas acknowledged"
                         + (f", {unmarkable} could not be marked out of sync" if unmarkable else ""),
                     )
@@ -373,7 +407,7 @@ class CommitTracker:
             if r.state not in _COUNTED or not r.connected or r.inflight_id:
                 continue
             want = max(
-                (w.lsn for w in self._waiters.values() if name in w.replicas),
+                (w.lsn for w in self._waiters.values() if w.durable and name in w.replicas),
                 default=0,
             )
             if want > r.durable_lsn:
@@ -383,3 +417,9 @@ class CommitTracker:
                 r.inflight_since = now
                 actions.append(SendBarrier(name, r.inflight_id, want))
         return actions
+
+
+def _holds(r: _Replica, w: _Waiter) -> bool:
+    """Whether replica ``r`` satisfies waiter ``w``: durable up to its LSN, or for a receipt,
+    received up to it."""
+    return r.durable_lsn >= w.lsn or (not w.durable and r.received_lsn >= w.lsn)

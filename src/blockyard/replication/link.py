@@ -343,10 +343,16 @@ class ReplicaLink:
                 # (an idle replica that holds everything has nothing else to say).
                 msg = Ack(0, msg.durable_lsn, msg.durable_lsn)
             if isinstance(msg, Ack):
-                # The commit point first, on the loop: a flush waits on it.
-                self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id)
+                # The commit point first, on the loop: a flush or a write waits on it.
+                self._owner.replica_acked(self, msg.durable_lsn, msg.barrier_id, msg.applied_lsn)
                 if msg.barrier_id >= PROBE_ID_BASE:
                     self._probe_answered(msg.barrier_id, ch.conn.epoch)
+                elif (
+                    not msg.barrier_id and msg.durable_lsn <= session.acked_lsn and session.in_sync
+                ):
+                    # A receipt (sent after every applied batch) with nothing new for the
+                    # session: no trip to a worker thread for it.
+                    continue
             if isinstance(msg, Ack | Progress):
                 try:
                     heard = await self._sync(session.heard, msg)

@@ -146,7 +146,7 @@ class VolumeReplication:
             out_of_sync=[r.address for r in state.replicas if not (r.in_sync or by_master)],
         )
         self.links: dict[str, ReplicaLink] = {}
-        self._waiters: dict[int, concurrent.futures.Future[None]] = {}
+        self._waiters: dict[int, concurrent.futures.Future[None] | asyncio.Future[None]] = {}
         self._tick: asyncio.Task[None] | None = None
         self._marking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -309,8 +309,49 @@ class VolumeReplication:
         self.observer.barrier_waited(self.volume.name, latency_s)
         del self.barrier_latencies_s[:-1024]
 
-    def _request(self, lsn: int, fut: concurrent.futures.Future[None]) -> None:
-        token, actions = self.tracker.request(lsn, time.monotonic())
+    def receipt_blocking(self, lsn: int) -> None:
+        """From a SCSI worker thread, after a plain write got ``lsn``: wait until the replicas
+        the durability mode counts received it (see :mod:`.commit`), so that no copy which may
+        be promoted lacks a write the initiator was told is done. Raises
+        :class:`ReplicationUnavailableError` when that cannot be had (the write must fail)."""
+        loop = self.loop
+        if loop is None or not self.needs_commit:
+            return
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._request, lsn, fut, False)
+        try:
+            fut.result(COMMIT_WAIT_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise ReplicationUnavailableError(
+                f"volume {self.volume.name!r}: replicas did not confirm receipt of LSN {lsn} "
+                f"within {COMMIT_WAIT_TIMEOUT_S:g} s and could not be marked out of sync; the "
+                "write is here but not on the copies the durability mode requires"
+            ) from None
+
+    def on_loop(self) -> bool:
+        """Whether the caller runs on this volume's event loop (where the tracker lives)."""
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def receipt_future(self, lsn: int) -> asyncio.Future[None] | None:
+        """On the loop: :meth:`receipt_blocking` as a future (None: nothing to wait for). Its
+        exception is a :class:`ReplicationUnavailableError`; the tracker's timeout bounds it."""
+        loop = self.loop
+        if loop is None or not self.needs_commit:
+            return None
+        fut: asyncio.Future[None] = loop.create_future()
+        self._request(lsn, fut, False)
+        return None if fut.done() and fut.exception() is None else fut
+
+    def _request(
+        self,
+        lsn: int,
+        fut: concurrent.futures.Future[None] | asyncio.Future[None],
+        durable: bool = True,
+    ) -> None:
+        token, actions = self.tracker.request(lsn, time.monotonic(), durable=durable)
         self._waiters[token] = fut
         self._run(actions)
 
@@ -330,11 +371,11 @@ class VolumeReplication:
                     fut.set_result(None)
             elif isinstance(action, Fail):
                 fut = self._waiters.pop(action.token, None)
-                log.error("volume %s: a flush fails: %s", self.volume.name, action.reason)
+                log.error("volume %s: a flush or write fails: %s", self.volume.name, action.reason)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         ReplicationUnavailableError(
-                            f"volume {self.volume.name!r}: {action.reason}; the write is durable "
+                            f"volume {self.volume.name!r}: {action.reason}; the write is "
                             "here but not on enough copies — bring replicas back or change the "
                             "durability mode"
                         )
@@ -476,8 +517,12 @@ class VolumeReplication:
     def link_down(self, link: ReplicaLink) -> None:
         self._run(self.tracker.disconnected(link.address, time.monotonic()))
 
-    def replica_acked(self, link: ReplicaLink, durable_lsn: int, barrier_id: int) -> None:
-        self._run(self.tracker.acked(link.address, durable_lsn, barrier_id, time.monotonic()))
+    def replica_acked(
+        self, link: ReplicaLink, durable_lsn: int, barrier_id: int, applied_lsn: int = 0
+    ) -> None:
+        self._run(
+            self.tracker.acked(link.address, durable_lsn, barrier_id, time.monotonic(), applied_lsn)
+        )
         in_sync = self.tracker.in_sync()
         if in_sync:
             self.commit_lsn = min(self.tracker.durable_lsn(r) for r in in_sync)
@@ -574,36 +619,77 @@ class ReplicatedDevice:
         lsn = self.volume.write(lba, data, fua=fua)
         if fua:
             self._commit(lsn)
+        else:
+            self._receipt(lsn)
         self._check_lease()
         return lsn
 
     def try_write(self, lba: int, data: BytesLike) -> int | None:
         """A plain (non-FUA) :meth:`write` if it needs no wait, else None (see
-        ``Volume.try_write``). Replication adds no wait here: the record is a local WAL append
-        that the links ship on their own; only flushes and FUA writes wait for replicas.
-        Without a lease it declines too, so that :meth:`write` raises the error."""
+        ``Volume.try_write``). It declines while replicas must confirm receipt of every write
+        (``sync_all``, ``sync_quorum``): :meth:`write` waits for that. Without a lease it
+        declines too, so that :meth:`write` raises the error."""
         lease = self.lease
         if lease is not None and not lease.allows():
             return None
+        replication = self.replication
+        if replication is not None and replication.needs_commit:
+            return None
         return self.volume.try_write(lba, data)
+
+    def try_write_pending(self, lba: int, data: BytesLike) -> int | asyncio.Future[None] | None:
+        """On the event loop: :meth:`try_write`, except that where replicas must confirm
+        receipt it still writes at once and returns a future for the acknowledgement instead
+        of declining (None: declined, nothing written; an LSN: done). Pass the future, once
+        done, to :meth:`finish_pending_write`."""
+        lease = self.lease
+        if lease is not None and not lease.allows():
+            return None
+        replication = self.replication
+        if replication is not None and replication.needs_commit and not replication.on_loop():
+            return None  # the future would belong to another loop: the general path waits
+        lsn = self.volume.try_write(lba, data)
+        if lsn is None or replication is None or not lsn:
+            return lsn
+        fut = replication.receipt_future(lsn)
+        return lsn if fut is None else fut
+
+    def finish_pending_write(self, fut: asyncio.Future[None]) -> None:
+        """Raise what keeps a write of :meth:`try_write_pending` from being acknowledged: the
+        replicas' verdict, then the lease (the wait may have outlived it)."""
+        if fut.cancelled():
+            raise ReplicationUnavailableError(
+                f"volume {self.volume.name!r}: the wait for the replicas' receipt was "
+                "cancelled (replication stopping); retry the write"
+            )
+        fut.result()
+        self._check_lease()
 
     def unmap(self, lba: int, block_count: int) -> int:
         self._check_lease()
         lsn = self.volume.unmap(lba, block_count)
+        self._receipt(lsn)
         self._check_lease()
         return lsn
 
     def write_zeroes(self, lba: int, block_count: int) -> int:
         self._check_lease()
         lsn = self.volume.write_zeroes(lba, block_count)
+        self._receipt(lsn)
         self._check_lease()
         return lsn
 
     def write_same(self, lba: int, block_count: int, pattern: BytesLike) -> int:
         self._check_lease()
         lsn = self.volume.write_same(lba, block_count, pattern)
+        self._receipt(lsn)
         self._check_lease()
         return lsn
+
+    def _receipt(self, lsn: int) -> None:
+        replication = self.replication
+        if replication is not None and lsn:
+            replication.receipt_blocking(lsn)
 
     def flush(self) -> None:
         """Durable here and on the copies the durability mode requires. The barrier to the

@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import time
 import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,9 @@ PROGRESS_IDLE_S: Final = 0.05
 ACK_IDLE_S: Final = 0.2
 #: Longest a replaced connection may take to wind down before the new one goes ahead.
 TAKEOVER_TIMEOUT_S: Final = 10.0
+#: A batch with another queued behind it sends its receipt anyway when the last one is this
+#: old: under a steady stream the queue is never empty, and writers wait on receipts.
+RECEIPT_COALESCE_S: Final = 0.0005
 
 
 class ReplicaVolumes(Protocol):
@@ -257,6 +261,8 @@ class _Receiver:
         self._pending_barrier = 0
         self._progress_timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
+        #: When (monotonic) the last receipt went.
+        self._receipt_at = 0.0
         #: Data-phase messages received and not yet applied (bounded: the socket is not read
         #: while it is full, so a slow disk pushes back on the primary through TCP).
         self._queue: asyncio.Queue[Records | Blocks | ResyncDone | Barrier] = asyncio.Queue(
@@ -351,7 +357,17 @@ class _Receiver:
         while True:
             msg = await self._queue.get()
             if isinstance(msg, Records):
-                await self._run_sync(session.records, msg)
+                applied = await self._run_sync(session.records, msg)
+                # A receipt at once, without a sync: in sync_all and sync_quorum the primary
+                # acknowledges a write only when the replicas received it (see commit.py).
+                # A batch already queued behind it will say more: it answers alone unless
+                # the last receipt is RECEIPT_COALESCE_S old (a writer waits on it).
+                now = time.monotonic()
+                if (
+                    self._queue.empty() or now - self._receipt_at >= RECEIPT_COALESCE_S
+                ) and not await self._receipt(applied):
+                    return
+                self._receipt_at = now
                 self._ack_soon()
             elif isinstance(msg, Blocks):
                 await self._run_sync(session.blocks, msg)
@@ -364,6 +380,12 @@ class _Receiver:
                 self._request_flush(0)
             elif isinstance(msg, Barrier):
                 self._request_flush(msg.barrier_id)
+
+    async def _receipt(self, applied: int) -> bool:
+        try:
+            return await self._answer(Ack(0, self._store.durable_lsn, applied))
+        except (PeerGoneError, ReplicationProtocolError, OSError):
+            return False
 
     def _ack_soon(self) -> None:
         """Acknowledge applied records shortly after they stop coming, without waiting for

@@ -49,7 +49,15 @@ from blockyard.scsi.constants import (
 from blockyard.scsi.errmap import IoKind, error_to_result
 from blockyard.scsi.identity import LuIdentity
 from blockyard.scsi.lu_cdb import PLAIN_RW, Handler, cdb_lba
-from blockyard.scsi.lu_fastpath import WOULD_BLOCK, FastGate, FastPath, WouldBlock, WouldWait
+from blockyard.scsi.lu_fastpath import (
+    WOULD_BLOCK,
+    FastGate,
+    FastPath,
+    PendingWrite,
+    TryWritePending,
+    WouldBlock,
+    WouldWait,
+)
 from blockyard.scsi.lu_io import IoCommands
 from blockyard.scsi.lu_primary import PrimaryCommands
 from blockyard.scsi.lu_provisioning import ProvisioningCommands
@@ -122,6 +130,8 @@ class LogicalUnit(FastPath, IoCommands, ProvisioningCommands, PrimaryCommands):
         self._try_write: Callable[[int, BytesLike], int | None] | None = getattr(
             device, "try_write", None
         )
+        #: A replicated device's: the write is done at once, its acknowledgement may wait.
+        self._try_write_pending: TryWritePending | None = getattr(device, "try_write_pending", None)
         self._nexuses: dict[Nexus, UnitAttentionQueue] = {}
         self._pr: PrState = reservations.load()
         self._spc2_holder: Nexus | None = None
@@ -451,4 +461,4 @@ class LogicalUnit(FastPath, IoCommands, ProvisioningCommands, PrimaryCommands):
                 ]
 
 
-__all__ = ["WOULD_BLOCK", "FastGate", "LogicalUnit", "ResetKind", "WouldBlock"]
+__all__ = ["WOULD_BLOCK", "FastGate", "LogicalUnit", "PendingWrite", "ResetKind", "WouldBlock"]

@@ -17,6 +17,7 @@ only tries it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
 from collections.abc import Callable
@@ -49,6 +50,23 @@ class WouldWait(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class PendingWrite:
+    """The answer of :meth:`FastPath.fast_write` for a write that is done here but may be
+    acknowledged only once ``future`` completes (a replicated volume waits for its replicas'
+    receipt). The transport answers the command later with :meth:`FastPath.fast_write_outcome`.
+    ``future`` belongs to the transport's event loop and completes within the replication
+    timeout (it never hangs)."""
+
+    future: asyncio.Future[None]
+
+
+#: A device's non-waiting write that may leave the acknowledgement pending: None when it
+#: declined (nothing written), an LSN when done, a future when written but not yet
+#: acknowledgeable (see ``ReplicatedDevice.try_write_pending``).
+TryWritePending = Callable[[int, BytesLike], "int | asyncio.Future[None] | None"]
+
+
+@dataclass(frozen=True, slots=True)
 class FastGate:
     """The verdict of :meth:`LogicalUnit.fast_gate` for one nexus, valid while
     ``state_generation`` still equals ``generation``: with ``reads`` it may bypass ``execute``
@@ -78,6 +96,7 @@ class FastPath:
         _write_lock: threading.Lock
         _try_read: Callable[[int, int], BytesLike | None] | None
         _try_write: Callable[[int, BytesLike], int | None] | None
+        _try_write_pending: TryWritePending | None
         _nexuses: dict[Nexus, UnitAttentionQueue]
         _reserved: bool
         _write_through: bool
@@ -120,29 +139,57 @@ class FastPath:
             return self._fast_error(exc, opcode, lba, IoKind.READ)
         return WOULD_BLOCK if data is None else data
 
-    def fast_write(self, opcode: int, lba: int, data: BytesLike) -> ScsiResult | WouldBlock | None:
+    def fast_write(
+        self, opcode: int, lba: int, data: BytesLike
+    ) -> ScsiResult | WouldBlock | PendingWrite | None:
         """Write for a WRITE that passed the fast gate (write-back) and its range check: None
         when done, the CHECK CONDITION the device error maps to, or :data:`WOULD_BLOCK` with
         nothing written when it would have to wait — another write of this logical unit holds
         the write lock (COMPARE AND WRITE holds it across its read), a MODE SELECT turned
         write-through on since the gate was read (the write would flush), or the device
-        declined (a full WAL, a busy or slow writer): then run it through ``execute``."""
+        declined (a full WAL, a busy or slow writer): then run it through ``execute``. A
+        :class:`PendingWrite` when it is written but its acknowledgement waits (replicas'
+        receipt): answer it with :meth:`fast_write_outcome` once its future is done."""
         if self._write_through:
             return WOULD_BLOCK
         lock = self._write_lock
         if not lock.acquire(False):
             return WOULD_BLOCK
         try:
-            try_write = self._try_write
-            if try_write is None:
-                self._device.write(lba, data)
-            elif try_write(lba, data) is None:
-                return WOULD_BLOCK
+            pending_write = self._try_write_pending
+            if pending_write is not None:
+                got = pending_write(lba, data)
+                if got is None:
+                    return WOULD_BLOCK
+                if not isinstance(got, int):
+                    return PendingWrite(got)
+            else:
+                try_write = self._try_write
+                if try_write is None:
+                    self._device.write(lba, data)
+                elif try_write(lba, data) is None:
+                    return WOULD_BLOCK
         except BlockyardError as exc:
             return self._fast_error(exc, opcode, lba, IoKind.WRITE)
         finally:
             lock.release()
         return None
+
+    def fast_write_outcome(self, opcode: int, lba: int, pending: PendingWrite) -> ScsiResult:
+        """The answer of a :class:`PendingWrite` whose future is done: GOOD, or the CHECK
+        CONDITION its error maps to (the replicas could not confirm it, the lease lapsed
+        meanwhile)."""
+        finish: Callable[[asyncio.Future[None]], None] | None = getattr(
+            self._device, "finish_pending_write", None
+        )
+        try:
+            if finish is not None:
+                finish(pending.future)
+            else:
+                pending.future.result()
+        except BlockyardError as exc:
+            return self._fast_error(exc, opcode, lba, IoKind.WRITE)
+        return GOOD
 
     def _fast_error(self, exc: BlockyardError, opcode: int, lba: int, kind: IoKind) -> ScsiResult:
         spec = cmds.PLAIN_TABLE[opcode]

@@ -45,6 +45,7 @@ from blockyard.blockdev import BytesLike
 from blockyard.iscsi.errors import LoginFailedError, LoginStatus
 from blockyard.iscsi.login import MAX_TSIH, TargetConfig
 from blockyard.iscsi.target_session import (
+    AwaitWrite,
     CloseConnection,
     Event,
     ExecuteCommand,
@@ -311,7 +312,29 @@ class _IscsiProtocol(asyncio.Protocol):
                 self._reset(event)
             elif isinstance(event, CloseConnection):
                 self.close(event.reason)
+            elif isinstance(event, AwaitWrite):
+                self._await_write(event)
         self._schedule_flush()
+
+    def _await_write(self, event: AwaitWrite) -> None:
+        """Answer fast writes once the replicas confirmed them (or could not)."""
+        lu = self.lu
+        if lu is None:
+            return
+        future = event.pending.future
+
+        def done(_: object) -> None:
+            try:
+                conn = self.conn
+                if conn is None:
+                    return
+                result = lu.fast_write_outcome(event.opcode, event.lba, event.pending)
+                for task_id in event.task_ids:
+                    self._handle(conn.command_done(task_id, result))
+            except Exception:  # noqa: BLE001 - callback boundary, logged there
+                self._internal_error("replicated write completion")
+
+        future.add_done_callback(done)
 
     def _logged_in(self, event: LoggedIn) -> None:
         # The session was admitted (and counted) by admit_session just before this event.

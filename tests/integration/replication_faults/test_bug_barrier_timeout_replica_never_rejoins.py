@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import time
 
-from fault_helpers import Model, Rig, degrade_by_barrier_timeout
+from fault_helpers import Model, Rig, degrade_by_round_trip_timeout
 
 REJOIN_S = 60.0
 
 
 def test_replica_marked_out_by_barrier_timeout_rejoins_once_caught_up(rig: Rig) -> None:
     model = Model(rig.attach())
-    degrade_by_barrier_timeout(rig, model)
+    degrade_by_round_trip_timeout(rig, model)
     rig.proxy.set_delay(0.0)
     started = time.monotonic()
     rep = rig.wait_in_sync_while_writing(model, timeout_s=REJOIN_S)

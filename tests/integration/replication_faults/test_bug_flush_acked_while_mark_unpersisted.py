@@ -35,8 +35,14 @@ def test_every_flush_fails_while_the_out_of_sync_mark_cannot_be_persisted(rig: R
     subprocess.run(["chattr", "+i", str(volume_dir)], check=True)
     try:
         rig.proxy.blackhole()
-        model.write(100)
+        # The write cannot reach the replica, and the replica cannot be marked out of sync:
+        # in sync_all the write itself fails (it waited for a receipt that cannot come), as
+        # does every flush after it.
+        write = model.write_timed(100)
         flushed_lsn = rig.info().last_lsn
+        assert isinstance(write.error, ScsiStatusError), write
+        assert write.error.sense_key == SenseKey.MEDIUM_ERROR, write.error
+        assert write.latency_s <= FLUSH_BOUND_S, write
         results = [model.flush() for _ in range(3)]
         print("flushes while unmarkable:", [(round(r.latency_s, 3), r.error) for r in results])
         assert rig.file_in_sync(), "replication.json changed in an immutable directory"

@@ -14,25 +14,17 @@ import asyncio
 from pathlib import Path
 
 from blockyard.engine.epoch import Role
-from blockyard.server.daemon import Address, DaemonConfig, VolumeServerDaemon
+from blockyard.replication.commit import DurabilityMode
+from blockyard.server.daemon import VolumeServerDaemon
+from blockyard.testing.inproc import UNREACHABLE_MASTER, start_volume_server
 
 MIB = 1 << 20
 WAIT_S = 20.0
 
 
 async def start(data_dir: Path) -> VolumeServerDaemon:
-    d = VolumeServerDaemon(
-        DaemonConfig(
-            data_dir=str(data_dir),
-            iscsi_listen=(Address("127.0.0.1", 0),),
-            api_listen=Address("127.0.0.1", 0),
-            replication_listen=Address("127.0.0.1", 0),
-            masters=("127.0.0.1:9",),  # nobody answers: leases come from replicas only
-            shutdown_timeout_s=10.0,
-        )
-    )
-    await d.start()
-    return d
+    # A master nobody answers: leases come from replicas only.
+    return await start_volume_server(data_dir, masters=(UNREACHABLE_MASTER,))
 
 
 async def promote_once(root: Path) -> None:
@@ -43,8 +35,14 @@ async def promote_once(root: Path) -> None:
         created = await p.manager.create_volume("v", 4 * MIB)
         await r.manager.create_volume("v", 4 * MIB, volume_uuid=created.uuid)
         await r.manager.set_replication("v", role=Role.REPLICA, epoch=3)
+        # best_effort: the write returns before the replica applied it (sync_all would wait
+        # for its receipt), so the promotion below races that apply.
         await p.manager.set_replication(
-            "v", role=Role.PRIMARY, epoch=3, replicas=[r.manager.replication.address]
+            "v",
+            role=Role.PRIMARY,
+            epoch=3,
+            mode=DurabilityMode.BEST_EFFORT,
+            replicas=[r.manager.replication.address],
         )
         dev = {v.name: d for v, d in p.manager.devices()}["v"]
         lease = dev.lease

@@ -19,6 +19,7 @@ from blockyard.iscsi.negotiation import OperationalSettings
 from blockyard.iscsi.pdu import LoginResponse, Pdu, encode_pdu
 from blockyard.iscsi.reader import NEED_DATA, PduReader, PeerRole
 from blockyard.iscsi.target_session import (
+    AwaitWrite,
     CommandInspector,
     Event,
     ExecuteCommand,
@@ -99,6 +100,8 @@ class Initiator:
         self.events: list[Event] = []
         self._auto_execute = True
         self.held: list[ExecuteCommand] = []
+        #: Fast writes done whose answers wait for their future (see finish_writes).
+        self.awaiting: list[AwaitWrite] = []
         self.resets: list[ResetRequested] = []
         self.itts = itertools.count(0x10)
         self.login_settings = InitiatorLoginSettings(
@@ -139,9 +142,24 @@ class Initiator:
                     self._run(self.conn.command_done(event.task_id, result))
                 else:
                     self.held.append(event)
+            elif isinstance(event, AwaitWrite):
+                self.awaiting.append(event)
             elif isinstance(event, ResetRequested):
                 self.resets.append(event)
                 self.lu.reset(event.kind)
+
+    def finish_writes(self) -> list[Pdu]:
+        """Answer the awaited fast writes whose futures are done, as the server does."""
+        waiting: list[AwaitWrite] = []
+        for event in self.awaiting:
+            if not event.pending.future.done():
+                waiting.append(event)
+                continue
+            result = self.lu.fast_write_outcome(event.opcode, event.lba, event.pending)
+            for task_id in event.task_ids:
+                self._run(self.conn.command_done(task_id, result))
+        self.awaiting = waiting
+        return self.receive()
 
     def finish_held(self) -> list[Pdu]:
         held, self.held = self.held, []

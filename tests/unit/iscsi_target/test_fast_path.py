@@ -9,22 +9,27 @@ depends on when each command is answered.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import struct
 import uuid
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from target_support import BLOCKS, Initiator, pattern, read10, tur, write10
 
-from blockyard.errors import StorageIOError
+from blockyard.errors import ReplicationUnavailableError, StorageIOError
 from blockyard.iscsi.pdu import (
     R2T,
     DataIn,
     Pdu,
     ScsiCommand,
     ScsiResponse,
+    TaskManagementRequest,
+    TaskManagementResponse,
     decode_pdu,
     encode_pdu,
 )
@@ -662,3 +667,124 @@ def test_clear_to_run_tells_the_transport_which_waiting_commands_may_go_first() 
     assert not ini.conn.clear_to_run(read.task_id)  # behind a fence
     ini.finish_held()
     assert not ini.conn.clear_to_run(read.task_id)  # no longer outstanding
+
+
+# ---- the write is done but its answer waits (a replicated volume's receipt) ----------------
+
+
+class ReceiptDevice(MemoryBlockDevice):
+    """A memory device whose non-waiting writes are done at once but acknowledged only when
+    the test completes their future (as ``ReplicatedDevice.try_write_pending`` waits for the
+    replicas' receipt)."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__(blocks)
+        self.loop = asyncio.new_event_loop()
+        self.futures: list[asyncio.Future[None]] = []
+
+    def try_read(self, lba: int, block_count: int) -> bytes | None:
+        return self.read(lba, block_count)
+
+    def try_write(self, lba: int, data: bytes | bytearray | memoryview) -> int | None:
+        return None  # the general path's inline attempt declines, as ReplicatedDevice's does
+
+    def try_write_pending(
+        self, lba: int, data: bytes | bytearray | memoryview
+    ) -> int | asyncio.Future[None] | None:
+        self.write(lba, data)
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.futures.append(fut)
+        return fut
+
+
+@pytest.fixture
+def receipt() -> Iterator[tuple[Initiator, ReceiptDevice]]:
+    device = ReceiptDevice(BLOCKS)
+    try:
+        yield ready(True, new_lu(device)), device
+    finally:
+        device.loop.close()
+
+
+def test_a_write_waiting_for_receipt_is_answered_only_when_its_future_completes(
+    receipt: tuple[Initiator, ReceiptDevice],
+) -> None:
+    ini, device = receipt
+    general = ready(False)
+    _hold(general, fast_path=False)
+    blob = _write_pdu(ini, 0x900, 0, 8) + _write_pdu(ini, 0x901, 8, 8)  # one run
+    general_blob = _write_pdu(general, 0x900, 0, 8) + _write_pdu(general, 0x901, 8, 8)
+    assert ini.send_bytes(blob) == []
+    general.send_bytes(general_blob)
+    # Written at once (one device write for the run), not answered; counted in flight, and
+    # the window the initiator is told is the general path's with both commands running.
+    assert device.read(0, 16) == pattern(8 * BLOCK, seed=0x900) + pattern(8 * BLOCK, seed=0x901)
+    assert len(device.futures) == 1
+    assert ini.conn.tasks_in_flight == general.conn.tasks_in_flight == 2
+    assert ini.conn.max_cmd_sn == general.conn.max_cmd_sn
+    assert ini.finish_writes() == []  # not done yet
+    device.futures[0].set_result(None)
+    answers = ini.finish_writes()
+    assert [(a.itt, a.status) for a in answers if isinstance(a, ScsiResponse)] == [
+        (0x900, 0),
+        (0x901, 0),
+    ]
+    assert ini.conn.tasks_in_flight == 0
+    # The answers are those of the general path (same StatSN/ExpCmdSN/MaxCmdSN bookkeeping).
+    assert answers == general.finish_held()
+
+
+def test_a_write_whose_receipt_fails_gets_the_general_paths_check_condition(
+    receipt: tuple[Initiator, ReceiptDevice],
+) -> None:
+    ini, device = receipt
+    assert ini.send_bytes(_write_pdu(ini, 0x910, 0, 8)) == []
+    device.futures[0].set_exception(
+        ReplicationUnavailableError("LSN 1 is not received by enough copies")
+    )
+    (answer,) = ini.finish_writes()
+    assert isinstance(answer, ScsiResponse) and answer.status == STATUS_CHECK_CONDITION
+    failing = ready(False, new_lu(FailingWrites(BLOCKS)))
+    (expected,) = failing.send_bytes(_write_pdu(failing, 0x910, 0, 8))
+    assert isinstance(expected, ScsiResponse)
+    assert bytes(answer.data) == bytes(expected.data), "the same sense data"
+
+
+class FailingWrites(MemoryBlockDevice):
+    def write(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        raise ReplicationUnavailableError("LSN 1 is not received by enough copies")
+
+
+def test_commands_on_a_waiting_writes_blocks_wait_behind_it_others_do_not(
+    receipt: tuple[Initiator, ReceiptDevice],
+) -> None:
+    ini, device = receipt
+    _hold(ini)
+    blob = _write_pdu(ini, 0x920, 0, 8)
+    blob += _read_pdu(ini, 0x921, 100, 8)  # other blocks: at once
+    blob += _read_pdu(ini, 0x922, 4, 1)  # the waiting write's blocks: behind it
+    answers = ini.send_bytes(blob)
+    assert [a.itt for a in answers] == [0x921]
+    assert len(ini.held) == 1  # the read, handed to the general path
+    device.futures[0].set_result(None)
+    answers = ini.finish_writes() + ini.finish_held()
+    assert [a.itt for a in answers] == [0x920, 0x922]
+    assert bytes(answers[1].data) == pattern(8 * BLOCK, seed=0x920)[4 * BLOCK : 5 * BLOCK]  # type: ignore[attr-defined]
+
+
+def test_an_aborted_waiting_write_gets_no_answer_and_the_abort_waits_for_it(
+    receipt: tuple[Initiator, ReceiptDevice],
+) -> None:
+    ini, device = receipt
+    assert ini.send_bytes(_write_pdu(ini, 0x930, 0, 8)) == []
+    abort = TaskManagementRequest(
+        itt=0x931, function=1, referenced_task_tag=0x930, cmd_sn=ini.cmd_sn,
+        ref_cmd_sn=ini.cmd_sn - 1, immediate=True,
+    )  # fmt: skip
+    # SAM-5 §7.2: the TMF response comes after the aborted task is gone; it is executing.
+    assert ini.send(abort) == []
+    device.futures[0].set_result(None)
+    answers = ini.finish_writes()
+    assert len(answers) == 1
+    assert isinstance(answers[0], TaskManagementResponse) and answers[0].response == 0
+    assert ini.conn.tasks_in_flight == 0

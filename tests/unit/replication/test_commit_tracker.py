@@ -446,6 +446,93 @@ def test_an_out_of_sync_replica_never_counts_for_quorum() -> None:
     assert failed(actions) == {token}
 
 
+# ---- receipts: a plain write waits until the counted replicas received it --------------------
+
+
+def test_a_receipt_waits_for_every_in_sync_replica_without_a_barrier() -> None:
+    t = tracker(ALL, R1, R2)
+    token, actions = t.request(10, 0.0, durable=False)
+    assert not barriers(actions), "a receipt needs no barrier: the replica reports it unasked"
+    assert not completed(actions)
+    assert not completed(t.acked(R1, 0, 0, 0.1, applied_lsn=10))
+    assert not completed(t.acked(R2, 0, 0, 0.2, applied_lsn=9)), "received short of the LSN"
+    assert completed(t.acked(R2, 0, 0, 0.3, applied_lsn=10)) == {token}
+    # A receipt is not durability: a flush at the same LSN still needs barriers.
+    _, actions = t.request(10, 0.4)
+    assert sorted(barriers(actions)) == [(R1, 10), (R2, 10)]
+    assert t.committed_lsn == 0 and t.received_committed_lsn == 10
+    # Durable implies received.
+    t.acked(R1, 12, 0, 0.5)
+    t.acked(R2, 12, 0, 0.5)
+    write, actions = t.request(12, 0.6, durable=False)
+    assert completed(actions) == {write}
+
+
+def test_an_applied_lsn_does_not_satisfy_a_flush() -> None:
+    t = tracker(ALL, R1)
+    token, _ = t.request(10, 0.0)
+    assert not completed(t.acked(R1, 5, 0, 0.1, applied_lsn=50))
+    assert completed(t.acked(R1, 10, 0, 0.2, applied_lsn=50)) == {token}
+
+
+def test_a_missing_receipt_times_out_and_completes_only_once_marked() -> None:
+    t = tracker(ALL, R1, R2)
+    token, _ = t.request(10, 100.0, durable=False)
+    t.acked(R1, 0, 0, 100.1, applied_lsn=10)
+    assert t.tick(100.0 + BARRIER_TIMEOUT_S - 0.01) == []
+    actions = t.tick(100.0 + BARRIER_TIMEOUT_S)
+    assert marks(actions) == [R2] and not completed(actions)
+    (mark,) = of(actions, MarkOutOfSync)
+    assert "receipt" in mark.reason
+    assert completed(t.marked(R2, True, 101.0 + BARRIER_TIMEOUT_S)) == {token}
+
+
+def test_a_receipt_fails_while_the_mark_cannot_be_persisted() -> None:
+    t = tracker(ALL, R1)
+    token, _ = t.request(10, 0.0, durable=False)
+    actions = t.disconnected(R1, 0.1)
+    assert marks(actions) == [R1] and not completed(actions)
+    actions = t.marked(R1, False, 0.2)
+    assert failed(actions) == {token}
+    (fail,) = of(actions, Fail)
+    assert "not received by enough copies" in fail.reason
+
+
+def test_a_receipt_counts_only_on_its_connection() -> None:
+    t = tracker(ALL, R1)
+    t.acked(R1, 0, 0, 0.0, applied_lsn=10)
+    t.disconnected(R1, 0.1)
+    t.marked(R1, True, 0.2)
+    t.connected(R1, 0.3)
+    t.caught_up(R1, 0.4)
+    # Joining again: what it reported receiving before the drop does not count.
+    token, actions = t.request(10, 0.5, durable=False)
+    assert not completed(actions)
+    assert completed(t.acked(R1, 0, 0, 0.6, applied_lsn=10)) == {token}
+
+
+def test_quorum_rf3_receipt_needs_one_replica_and_best_effort_none() -> None:
+    t = tracker(QUORUM, R1, R2)
+    token, _ = t.request(10, 0.0, durable=False)
+    assert completed(t.acked(R2, 0, 0, 0.1, applied_lsn=10)) == {token}
+    b = tracker(BEST, R1, R2)
+    token, actions = b.request(10, 0.0, durable=False)
+    assert completed(actions) == {token}
+
+
+def test_a_joining_replica_must_hold_writes_acknowledged_on_receipt_before_it_is_in_sync() -> None:
+    # A write acknowledged on R1's receipt alone (R2 out of sync) is an acknowledged write:
+    # R2 must be durable up to it before it may be promoted, even with no flush since.
+    t = tracker(ALL, R1, out=(R2,))
+    token, _ = t.request(10, 0.0, durable=False)
+    assert completed(t.acked(R1, 0, 0, 0.1, applied_lsn=10)) == {token}
+    assert t.committed_lsn == 0
+    actions = t.caught_up(R2, 0.2)
+    assert mark_in_sync(actions) == []
+    assert mark_in_sync(t.acked(R2, 9, 0, 0.3, applied_lsn=10)) == [], "received is not enough"
+    assert mark_in_sync(t.acked(R2, 10, 0, 0.4)) == [R2]
+
+
 # ---- random schedules ---------------------------------------------------------------------
 
 REPLICAS = (R1, R2)
@@ -468,6 +555,12 @@ class TrackerMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.lsn = 0
         self.durable: dict[str, int] = dict.fromkeys(REPLICAS, 0)
+        #: Applied (not synced) as reported on the current connection; and ever.
+        self.received: dict[str, int] = dict.fromkeys(REPLICAS, 0)
+        self.received_ever: dict[str, int] = dict.fromkeys(REPLICAS, 0)
+        #: Waiters that are receipts (plain writes), not flushes.
+        self.receipts: set[int] = set()
+        self.receipt_committed = 0
         #: in_sync | joining | marking | unmarkable | out
         self.state: dict[str, str] = {}
         self.flag: dict[str, bool] = {}  # the durable in-sync flag
@@ -495,8 +588,13 @@ class TrackerMachine(RuleBasedStateMachine):
                 assert a.replica in self.connected_
                 assert a.replica not in self.inflight, "one barrier in flight per replica"
                 assert self.state[a.replica] in ("in_sync", "joining")
-                # The newest LSN any flush counting the replica waits for (group commit).
-                want = max(lsn for lsn, c in self.counted.values() if a.replica in c)
+                # The newest LSN any flush counting the replica waits for (group commit);
+                # receipts need no barrier.
+                want = max(
+                    lsn
+                    for token, (lsn, c) in self.counted.items()
+                    if a.replica in c and token not in self.receipts
+                )
                 assert a.lsn == want, (a, want)
                 self.inflight[a.replica] = (a.barrier_id, a.lsn)
             elif isinstance(a, MarkOutOfSync):
@@ -510,10 +608,11 @@ class TrackerMachine(RuleBasedStateMachine):
                 assert a.token not in self.done
                 self.done.add(a.token)
                 lsn, counted = self.counted.pop(a.token)
+                receipt = a.token in self.receipts
                 acked = {
                     r
                     for r in counted
-                    if self.durable[r] >= lsn and self.state[r] in ("in_sync", "joining")
+                    if self._holds(r, lsn, receipt) and self.state[r] in ("in_sync", "joining")
                 }
                 if self.mode is BEST:
                     pass
@@ -522,7 +621,10 @@ class TrackerMachine(RuleBasedStateMachine):
                         assert self.state[r] == "out", (r, self.state[r], lsn)
                 else:
                     assert 1 + len(acked) >= 2, (acked, lsn)
-                self.committed = max(self.committed, lsn)
+                if receipt:
+                    self.receipt_committed = max(self.receipt_committed, lsn)
+                else:
+                    self.committed = max(self.committed, lsn)
             elif isinstance(a, Fail):
                 assert a.token not in self.done
                 self.done.add(a.token)
@@ -539,17 +641,33 @@ class TrackerMachine(RuleBasedStateMachine):
         self.now += dt
         self._run(self.t.tick(self.now))
 
-    @rule(advance=st.integers(0, 3))
-    def flush(self, advance: int) -> None:
+    def _holds(self, r: str, lsn: int, receipt: bool) -> bool:
+        return self.durable[r] >= lsn or (receipt and self.received[r] >= lsn)
+
+    @rule(advance=st.integers(0, 3), receipt=st.booleans())
+    def flush(self, advance: int, receipt: bool) -> None:
+        """A flush, or (``receipt``) a plain write that waits for the replicas' receipt."""
         assert self.t is not None
         self.lsn += advance
         # Every replica not durably out of sync counts: in sync, joining, or being marked (one
         # whose mark could not be persisted yet is still promotable).
         counted = frozenset(r for r in REPLICAS if self.state[r] != "out")
-        token, actions = self.t.request(self.lsn, self.now)
+        token, actions = self.t.request(self.lsn, self.now, durable=not receipt)
         self.counted[token] = (self.lsn, counted)
         self.since[token] = self.now
+        if receipt:
+            self.receipts.add(token)
         self._run(actions)
+
+    @rule(r=st.sampled_from(REPLICAS), upto=st.integers(0, 3))
+    def report_received(self, r: str, upto: int) -> None:
+        """A receipt: the replica applied records up to some LSN, not yet synced."""
+        assert self.t is not None
+        if r not in self.connected_:
+            return
+        self.received[r] = max(self.received[r], self.lsn - upto)
+        self.received_ever[r] = max(self.received_ever[r], self.received[r])
+        self._run(self.t.acked(r, self.durable[r], 0, self.now, self.received[r]))
 
     @rule(r=st.sampled_from(REPLICAS))
     def connect(self, r: str) -> None:
@@ -563,6 +681,7 @@ class TrackerMachine(RuleBasedStateMachine):
         assert self.t is not None
         self.connected_.discard(r)
         self.inflight.pop(r, None)
+        self.received[r] = 0  # the tracker counts receipts per connection
         counted = self.state[r] in ("in_sync", "joining")
         self._run(self.t.disconnected(r, self.now))
         if counted:
@@ -646,6 +765,9 @@ class TrackerMachine(RuleBasedStateMachine):
         for r in REPLICAS:
             if self.flag[r]:
                 assert self.durable[r] >= self.committed, (r, self.durable[r], self.committed)
+                # And every write acknowledged on receipt: it is in its WAL, synced or not.
+                held = max(self.durable[r], self.received_ever[r])
+                assert held >= self.receipt_committed, (r, held, self.receipt_committed)
 
     @invariant()
     def a_replica_that_misses_the_timeout_is_being_marked(self) -> None:
@@ -656,7 +778,9 @@ class TrackerMachine(RuleBasedStateMachine):
                 continue
             for r in counted:
                 if self.state[r] in ("in_sync", "joining"):
-                    assert self.durable[r] >= lsn, f"{r} missed LSN {lsn} past the timeout"
+                    assert self._holds(r, lsn, token in self.receipts), (
+                        f"{r} missed LSN {lsn} past the timeout"
+                    )
 
     @invariant()
     def nothing_waits_that_could_be_decided(self) -> None:
@@ -666,7 +790,8 @@ class TrackerMachine(RuleBasedStateMachine):
         for token, (lsn, counted) in self.counted.items():
             if any(self.state[r] in ("marking", "unmarkable") for r in counted):
                 continue
-            if all(self.durable[r] >= lsn or self.state[r] == "out" for r in counted):
+            receipt = token in self.receipts
+            if all(self._holds(r, lsn, receipt) or self.state[r] == "out" for r in counted):
                 raise AssertionError(f"flush {token} at LSN {lsn} is decidable but waits")
 
 

@@ -16,35 +16,23 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from blockyard.engine.epoch import Role
-from blockyard.errors import LeaseExpiredError
+from blockyard.errors import LeaseExpiredError, ReplicationUnavailableError
 from blockyard.replication.lease import LEASE_MARGIN_NS, PrimaryLease
-from blockyard.replication.primary import ReplicatedDevice
-from blockyard.server.daemon import Address, DaemonConfig, VolumeServerDaemon
+from blockyard.server.daemon import VolumeServerDaemon
+from blockyard.testing.inproc import UNREACHABLE_MASTER, device_of, start_volume_server
 
 MIB = 1 << 20
 WAIT_S = 20.0
-NOWHERE = "127.0.0.1:9"  # a master nobody answers on
 
 
 async def start(data_dir: Path) -> VolumeServerDaemon:
-    d = VolumeServerDaemon(
-        DaemonConfig(
-            data_dir=str(data_dir),
-            iscsi_listen=(Address("127.0.0.1", 0),),
-            api_listen=Address("127.0.0.1", 0),
-            replication_listen=Address("127.0.0.1", 0),
-            masters=(NOWHERE,),
-            shutdown_timeout_s=10.0,
-        )
-    )
-    await d.start()
-    return d
+    return await start_volume_server(data_dir, masters=(UNREACHABLE_MASTER,))
 
 
-def device(d: VolumeServerDaemon, name: str) -> ReplicatedDevice:
-    assert d.manager is not None
-    return {v.name: dev for v, dev in d.manager.devices()}[name]
+device = device_of
 
 
 def lease_of(d: VolumeServerDaemon, name: str) -> PrimaryLease:
@@ -78,7 +66,11 @@ def test_promoted_replica_waits_out_the_old_primarys_lease(tmp_path: Path) -> No
             # No grant can come: only the replica's answers to probes give the lease.
             await until(old.allows, "the replica lease")
             dev = device(p, "v")
-            await asyncio.to_thread(dev.write, 0, b"\x01" * 4096)
+            # The replica is empty (it needs a rebuild) and no master takes the mark that it
+            # is out of sync: it may still be promoted, so a write it did not receive is
+            # refused rather than acknowledged (sync_all) — and it is promoted below.
+            with pytest.raises(ReplicationUnavailableError, match="not received by enough"):
+                await asyncio.to_thread(dev.write, 0, b"\x01" * 4096)
 
             listener = r.manager.replication.listener
             assert listener is not None
