@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,6 +36,7 @@ from blockyard.errors import (
     InvalidArgumentError,
     ReplicationGapError,
     StaleEpochError,
+    VolumeFailedError,
 )
 
 if TYPE_CHECKING:
@@ -93,6 +95,11 @@ class ReplicaSink:
         _used: int
         _retained_since: deque[tuple[int, float]]
         _dmap: dict[int, tuple[int, memoryview | None]]
+        _head: int
+        _slow_until_ns: int
+        _closed: bool
+        _stopping: bool
+        _offline: VolumeFailedError | None
 
         def _check_usable(self) -> None: ...
         def _append_at(
@@ -148,6 +155,61 @@ class ReplicaSink:
                 self._check_replica()
             last = self._last_lsn
         return last
+
+    def try_apply_replicated(self, records: Sequence[ReplicatedRecord]) -> int | None:
+        """What :meth:`apply_replicated` does, if it can be done without waiting; else None
+        and nothing is applied. For the receiver's event loop (the replica acknowledges
+        receipt once applied, and a primary's writer waits for that): as the primary's
+        ``try_write``, only plain WAL appends into room the WAL has now, with the writer lock
+        free and no slow append lately — no range record (it punches the data region), no
+        record starting a new history segment (its note is fsynced), no duplicate or gap, and
+        a replica that takes records; anything else is left to :meth:`apply_replicated`, which
+        raises the errors."""
+        if not records:
+            return None
+        if self._slow_until_ns and time.monotonic_ns() < self._slow_until_ns:
+            return None
+        lock = self._lock
+        if not lock.acquire(False):  # blocking=False, positional: this runs per batch
+            return None
+        try:
+            if (
+                self._closed
+                or self._stopping
+                or self._offline is not None
+                or self._sb.role not in (Role.REPLICA, Role.REBUILDING)
+            ):
+                return None
+            last_seg = self._history.last
+            if last_seg is None:
+                return None
+            key = last_seg.key()
+            expect = self._last_lsn + 1
+            # Where each record would go, as _append_at places it (a record that does not fit
+            # before the end wraps, using up the tail): all must fit without waiting for space.
+            size, head, used = self._wal_size, self._head, self._used
+            for rec in records:
+                if (
+                    rec.lsn != expect
+                    or _is_range(rec)
+                    or (rec.epoch, rec.generation) != key
+                    or rec.epoch > self._sb.epoch
+                ):
+                    return None
+                expect += 1
+                length = wal.record_bytes(len(rec.data) if rec.kind == wal.Kind.WRITE else 0)
+                tail = size - head
+                if tail >= length:
+                    used, head = used + length, head + length
+                else:
+                    used, head = used + tail + length, length
+                if used > size:
+                    return None
+            for rec in records:
+                self._log_replicated_locked(rec)
+            return self._last_lsn
+        finally:
+            lock.release()
 
     def _check_replica(self) -> None:
         self._check_usable()

@@ -248,6 +248,14 @@ class CommitTracker:
             {r for r, s in self._replicas.items() if s.state in _WAITED_FOR},
         )
         self._waiters[token] = waiter
+        if not durable:
+            # A new receipt changes nothing else (no barrier, no timeout yet, no replica
+            # state): only its own verdict is due. One per write, so it must be cheap.
+            action = self._decide(waiter)
+            if action is None:
+                return token, []
+            del self._waiters[token]
+            return token, [action]
         return token, self._evaluate(now)
 
     def cancel(self, token: int) -> None:
@@ -346,6 +354,37 @@ class CommitTracker:
 
     # ---- the decision ---------------------------------------------------------------------
 
+    def _decide(self, w: _Waiter) -> Complete | Fail | None:
+        """The verdict on one waiter: Complete or Fail (and what it acknowledged), or None
+        while it waits."""
+        acked = pending = unmarkable = 0
+        for name in w.replicas:
+            r = self._replicas.get(name)
+            if r is None or r.state is _State.OUT_OF_SYNC:
+                continue
+            if r.state is _State.UNMARKABLE:
+                unmarkable += 1
+            elif r.state in _COUNTED and _holds(r, w):
+                acked += 1
+            else:
+                pending += 1
+        verdict = degrade_or_fail(self.mode, self.copies, acked, pending, unmarkable)
+        if verdict is Verdict.DONE:
+            if w.durable:
+                self.committed_lsn = max(self.committed_lsn, w.lsn)
+            else:
+                self.received_committed_lsn = max(self.received_committed_lsn, w.lsn)
+            return Complete(w.token)
+        if verdict is Verdict.FAIL:
+            return Fail(
+                w.token,
+                f"LSN {w.lsn} is not {'durable on' if w.durable else 'received by'} "
+                f"enough copies for {self.mode.value}: "
+                f"{acked} of {self.copies - 1} replicas acknowledged"
+                + (f", {unmarkable} could not be marked out of sync" if unmarkable else ""),
+            )
+        return None
+
     def _evaluate(self, now: float) -> list[Action]:
         actions: list[Action] = []
         # Time out replicas that hold up a waiter past the barrier timeout.
@@ -365,35 +404,9 @@ class CommitTracker:
                     )
         done: list[int] = []
         for w in self._waiters.values():
-            acked = pending = unmarkable = 0
-            for name in w.replicas:
-                r = self._replicas.get(name)
-                if r is None or r.state is _State.OUT_OF_SYNC:
-                    continue
-                if r.state is _State.UNMARKABLE:
-                    unmarkable += 1
-                elif r.state in _COUNTED and _holds(r, w):
-                    acked += 1
-                else:
-                    pending += 1
-            verdict = degrade_or_fail(self.mode, self.copies, acked, pending, unmarkable)
-            if verdict is Verdict.DONE:
-                actions.append(Complete(w.token))
-                done.append(w.token)
-                if w.durable:
-                    self.committed_lsn = max(self.committed_lsn, w.lsn)
-                else:
-                    self.received_committed_lsn = max(self.received_committed_lsn, w.lsn)
-            elif verdict is Verdict.FAIL:
-                actions.append(
-                    Fail(
-                        w.token,
-                        f"LSN {w.lsn} is not {'durable on' if w.durable else 'received by'} "
-                        f"enough copies for {self.mode.value}: "
-                        f"{acked} of {self.copies - 1} replicas acknowledged"
-                        + (f", {unmarkable} could not be marked out of sync" if unmarkable else ""),
-                    )
-                )
+            action = self._decide(w)
+            if action is not None:
+                actions.append(action)
                 done.append(w.token)
         for token in done:
             del self._waiters[token]

@@ -65,6 +65,9 @@ class EngineReplicaStore:
     def apply_records(self, records: Sequence[ReplRecord]) -> int:
         return self.volume.apply_replicated(records)
 
+    def try_apply_records(self, records: Sequence[ReplRecord]) -> int | None:
+        return self.volume.try_apply_replicated(records)
+
     def apply_backfill(self, runs: Sequence[tuple[int, int, BytesLike | None]]) -> None:
         self.volume.apply_backfill(runs)
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,10 +204,16 @@ class ReplicaLink:
         ch = Channel(reader, writer, conn, peer=self.address)
         self._channel = ch
         loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
 
         def notify_threadsafe() -> None:
-            # Called by writers' threads (under the volume lock): only schedule.
-            loop.call_soon_threadsafe(self.notify)
+            # Called by writers under the volume lock: from another thread only schedule; on
+            # the loop's own thread (the iSCSI fast path) set the event at once, which only
+            # schedules the pump too, without a trip through the loop's self-pipe.
+            if threading.get_ident() == loop_thread:
+                self.notify()
+            else:
+                loop.call_soon_threadsafe(self.notify)
 
         session = PrimarySession(
             vol, self.address, primary_id=self._owner.primary_id, notify=notify_threadsafe

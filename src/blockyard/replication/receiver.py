@@ -357,7 +357,10 @@ class _Receiver:
         while True:
             msg = await self._queue.get()
             if isinstance(msg, Records):
-                applied = await self._run_sync(session.records, msg)
+                # At once where the WAL takes them without waiting (a thread hop is a good
+                # part of a replicated write's latency); else in the pool.
+                got = session.try_records(msg)
+                applied = got if got is not None else await self._run_sync(session.records, msg)
                 # A receipt at once, without a sync: in sync_all and sync_quorum the primary
                 # acknowledges a write only when the replicas received it (see commit.py).
                 # A batch already queued behind it will say more: it answers alone unless

@@ -72,6 +72,7 @@ class ReplicaStore(Protocol):
     def save_data_state(self, state: ReplicaState) -> None: ...
     def grow(self, size_bytes: int) -> None: ...
     def apply_records(self, records: Sequence[ReplRecord]) -> int: ...
+    def try_apply_records(self, records: Sequence[ReplRecord]) -> int | None: ...
     def apply_backfill(self, runs: Sequence[tuple[int, int, BytesLike | None]]) -> None: ...
     def flush(self) -> int: ...
     def reset_log(self, next_lsn: int, history: History) -> None: ...
@@ -185,11 +186,21 @@ class ReplicaSession:
 
     def records(self, message: Records) -> int:
         """Apply records in order; returns the last LSN held."""
+        self._touch(message)
+        return self._store.apply_records(message.records)
+
+    def try_records(self, message: Records) -> int | None:
+        """:meth:`records` if the store can apply them without waiting (on the receiver's
+        loop), else None with nothing applied (marking blocks touched early is harmless: the
+        resync only skips more of what the records bring anyway)."""
+        self._touch(message)
+        return self._store.try_apply_records(message.records)
+
+    def _touch(self, message: Records) -> None:
         touched = self._touched
         if touched is not None:
             for rec in message.records:
                 _set_bits(touched, rec.block, min(rec.block + rec.block_count, len(touched) * 8))
-        return self._store.apply_records(message.records)
 
     def blocks(self, message: Blocks) -> None:
         """Apply resync blocks no live record has touched since the resync began."""

@@ -155,3 +155,52 @@ def test_reset_log_frees_the_space_of_records_still_held(store: VolumeStore) -> 
         vol.apply_replicated([w(base + 100 + i, i % 64, i)])
     assert vol.last_lsn == base + 299
     vol.close()
+
+
+# ---- try_apply_replicated: the receiver's non-waiting apply ------------------------------
+
+
+def test_try_apply_takes_plain_records_that_continue_the_segment(store: VolumeStore) -> None:
+    vol = replica(store)
+    other = replica(store, "r2")
+    base = vol.last_lsn
+    vol.apply_replicated([w(base + 1, 0, 1)])  # opens the segment (its note is fsynced)
+    other.apply_replicated([w(base + 1, 0, 1)])
+    recs = [w(base + 2, 1, 2), Rec(base + 3, 1, 77, 2, 0, 1), w(base + 4, 5, 4)]
+    assert vol.try_apply_replicated(recs) == base + 4
+    assert other.apply_replicated(recs) == base + 4
+    # The same log and the same blocks as the waiting apply.
+    assert [(r.lsn, r.kind, r.block) for r in vol.wal_records(base)] == [
+        (r.lsn, r.kind, r.block) for r in other.wal_records(base)
+    ]
+    assert vol.read(0, 48) == other.read(0, 48)
+    vol.close()
+    other.close()
+
+
+def test_try_apply_declines_what_may_wait_and_applies_nothing(store: VolumeStore) -> None:
+    vol = replica(store)
+    base = vol.last_lsn
+    # The first record of a segment: its history note is synced.
+    assert vol.try_apply_replicated([w(base + 1, 0, 1)]) is None
+    assert vol.last_lsn == base
+    vol.apply_replicated([w(base + 1, 0, 1)])
+    declined = [
+        [w(base + 2, 0, 2), w(base + 9, 1, 9)],  # a gap
+        [w(base + 1, 0, 1)],  # a duplicate
+        [w(base + 2, 0, 2, gen=78)],  # a new segment
+        [w(base + 2, 0, 2, epoch=2)],  # a newer epoch (the waiting path raises)
+        [w(base + 2, 0, 2), Rec(base + 3, 1, 77, 2, 0, 1 << 20)],  # a range record
+        [],
+    ]
+    for recs in declined:
+        assert vol.try_apply_replicated(recs) is None, recs
+        assert vol.last_lsn == base + 1, recs
+    # The WAL has no room now: declined, not waited for.
+    big = [Rec(base + 2 + i, 1, 77, 1, i * 256, 256, bytes(MIB)) for i in range(64)]
+    assert vol.try_apply_replicated(big) is None
+    assert vol.last_lsn == base + 1
+    # A primary takes none.
+    vol.set_role(Role.PRIMARY, epoch=2)
+    assert vol.try_apply_replicated([w(base + 2, 0, 2)]) is None
+    vol.close()

@@ -153,11 +153,21 @@ class FaultReplicaStore(EngineReplicaStore):
     def apply_records(self, records: Sequence[ReplRecord]) -> int:
         last = self.volume.last_lsn
         out = super().apply_records(records)
+        self._check_epochs(records, last, out)
+        return out
+
+    def try_apply_records(self, records: Sequence[ReplRecord]) -> int | None:
+        last = self.volume.last_lsn
+        out = super().try_apply_records(records)
+        if out is not None:
+            self._check_epochs(records, last, out)
+        return out
+
+    def _check_epochs(self, records: Sequence[ReplRecord], last: int, out: int) -> None:
         epoch = self.volume.epoch
         for r in records:
             if last < r.lsn <= out and r.epoch > epoch:
                 self.epoch_violations.append((r.lsn, r.epoch, epoch))
-        return out
 
 
 # ---- the link -------------------------------------------------------------------------------
