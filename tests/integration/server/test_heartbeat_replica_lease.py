@@ -1,8 +1,8 @@
 """The replica lease with real processes: two ``blockyard serve --master`` servers, a primary
 and its replica (best_effort), assigned by an in-test Master servicer that grants **no** lease
-at all (a master outage). The primary keeps acknowledging writes on its replica's answers to its lease
-probes alone; when the replica stops answering (SIGSTOP: a partition that sends no RST), the
-primary's writes get NOT READY / 04h-0Ah within TTL + margin; when it answers again
+at all (a master outage). The primary keeps acknowledging writes on its replica's answers to
+its lease probes alone; when the replica stops answering (SIGSTOP: a partition that sends no
+RST), the primary's writes get NOT READY / 04h-0Ah within TTL + margin; when it answers again
 (SIGCONT), writes resume."""
 
 from __future__ import annotations
