@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 
 from blockyard.engine import VolumeStore
 from blockyard.errors import BlockyardError
+from blockyard.netports import free_port
 from blockyard.server.manager import DEFAULT_IQN_PREFIX, volume_iqn
 
 IQN_PREFIX = DEFAULT_IQN_PREFIX
@@ -56,10 +56,7 @@ class Figure:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_port("127.0.0.1")
 
 
 def _need(*tools: str) -> None:

@@ -18,11 +18,11 @@ import contextlib
 import json
 import os
 import shlex
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from blockyard import netports
 from blockyard.errors import InvalidArgumentError
 
 CLUSTER_ENV: Final = "cluster.env"
@@ -53,11 +53,8 @@ class Layout:
 
 
 def free_port() -> int:
-    """A port free right now on the loopback address (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free right now on the loopback address, never handed out twice."""
+    return netports.free_port(HOST)
 
 
 def new_layout(server_count: int) -> Layout:

@@ -12,7 +12,6 @@ import asyncio
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from blockyard.engine.epoch import Role
+from blockyard.netports import free_port
 from blockyard.replication.commit import DurabilityMode
 from blockyard.replication.report import ReplicationInfo
 from blockyard.server.client import VolumeServerClient
@@ -33,14 +33,6 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 API_TIMEOUT_S = 30.0
 API_SLOW_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (bound to 0 and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -43,12 +43,13 @@ def test_bench_replication_prints_every_row(tmp_path: Path) -> None:
 
     for setup in SETUPS:
         found = rows(setup)
-        # QD32 row, QD1 row, CPU row.
-        assert len(found) == 3, (setup, out)
-        for row in found[:2]:
+        # QD32 row, QD1 FUA row, QD1 plain-write row, CPU row.
+        assert len(found) == 4, (setup, out)
+        for row in found[:3]:
             assert re.search(rf"{NUMBER} \[{NUMBER}-{NUMBER}\]", row), row
             assert re.search(rf"{NUMBER}x \[{NUMBER}-{NUMBER}\]", row), row
-        assert "CPUs busy" in found[2], found[2]
+        assert re.search(rf"p50 {NUMBER}x \[{NUMBER}-{NUMBER}\]", found[2]), found[2]
+        assert "CPUs busy" in found[3], found[3]
     sync_all_qd32, sync_all_qd1 = rows("RF2 sync_all")[:2]
     for row in (sync_all_qd32, sync_all_qd1):
         assert re.search(r">= 0\.70x RF1 \([0-9.]+x\): (met|NOT MET)$", row), row

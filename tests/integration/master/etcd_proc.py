@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from blockyard.netports import free_port
+
 #: Waits of the fixture (generous: a shared 2-core machine).
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -21,9 +22,7 @@ HEALTH_POLL_S = 0.1
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port("127.0.0.1")
 
 
 @dataclass

@@ -7,7 +7,6 @@ within TTL + margin while reads still work; when grants resume, writes succeed a
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ from blockyard.attach.initiator.connection import (
 from blockyard.iscsi.discovery import Portal
 from blockyard.master.proto import master_pb2 as mpb
 from blockyard.master.proto import master_pb2_grpc as mgrpc
+from blockyard.netports import free_port
 from blockyard.replication.lease import LEASE_MARGIN_NS
 from blockyard.server.proto import volume_server_pb2 as vpb
 
@@ -82,13 +82,6 @@ class ScriptedMaster(mgrpc.MasterServicer):
                 for h in self.heartbeats
                 for v in h.volumes
             )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(predicate: object, what: str) -> None:
