@@ -1,7 +1,7 @@
 """Mutual TLS for blockyard's gRPC APIs: flags, the loopback rule, and gRPC credentials.
 
 Every process that serves or dials a blockyard gRPC API over TCP (the volume server's
-management API, its clients, and the master's API when it lands) takes the same flags:
+management API, the master's API, and their clients) takes the same flags:
 
 ``--tls-cert PEM --tls-key PEM --tls-ca PEM``
     This process's certificate chain and private key, and the CA that must have signed the
@@ -87,25 +87,34 @@ class TlsMaterial:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, role: Literal["serve", "dial"]) -> None:
-    """Add the TLS flags to a verb that serves (``role="serve"``) or dials a gRPC API."""
+def add_arguments(
+    parser: argparse.ArgumentParser, *, role: Literal["serve", "dial", "both"]
+) -> None:
+    """Add the TLS flags to a verb that serves (``role="serve"``) or dials a gRPC API, or
+    both with one certificate (``role="both"``: the master serves its API and dials the
+    volume servers'; the volume server serves its API and dials the master). A certificate
+    used both ways needs both extended key usages, serverAuth and clientAuth."""
     group = parser.add_argument_group(
         "mutual TLS",
         "required off loopback unless --insecure; the three files go together",
     )
-    me, peer = ("server", "client") if role == "serve" else ("client", "server")
+    me, peer = {
+        "serve": ("server", "client"),
+        "dial": ("client", "server"),
+        "both": ("process (server and client)", "peer"),
+    }[role]
     group.add_argument("--tls-cert", metavar="PEM", help=f"this {me}'s certificate (chain)")
     group.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     group.add_argument(
         "--tls-ca", metavar="PEM", help=f"CA certificate(s) that must have signed the {peer}'s"
     )
-    if role == "dial":
+    if role != "serve":
         group.add_argument(
             "--tls-server-name",
             metavar="NAME",
-            help="name the server's certificate must carry (default: the host dialed)",
+            help="name the dialed servers' certificates must carry (default: the host dialed)",
         )
-    action = "listen" if role == "serve" else "dial"
+    action = {"serve": "listen", "dial": "dial", "both": "listen on or dial"}[role]
     group.add_argument(
         "--insecure",
         action="store_true",

@@ -110,8 +110,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--master-insecure",
         action="store_true",
-        help="with --backend master://: dial the master in plaintext off loopback (the master "
-        "serves no TLS yet); the --tls-* flags then cover only the volume servers",
+        help="with --backend master://: dial the master in plaintext off loopback (a master "
+        "run with --insecure); the --tls-* flags then cover only the volume servers",
     )
     p.set_defaults(func=run)
 

@@ -6,10 +6,12 @@ election). Prints ``READY master=HOST:PORT id=ID role=leader|follower`` on stdou
 (ending with ``metrics=http://HOST:PORT/metrics`` with ``--metrics-listen``).
 SIGTERM or SIGINT stops it within ``--shutdown-timeout``.
 
-The master dials every volume server's management API (to place copies and set roles) like
-any other client of that API: with ``--tls-cert``/``--tls-key``/``--tls-ca`` (mutual TLS;
-``--tls-server-name`` when the servers' certificate names another host than the one dialed),
-or in plaintext, which off loopback needs ``--insecure``. Its own API serves no TLS yet.
+With ``--tls-cert``/``--tls-key``/``--tls-ca`` the master serves its API with mutual TLS
+(every client, volume servers included, must present a certificate signed by ``--tls-ca``)
+and dials every volume server's management API (to place copies and set roles) with the same
+certificate, which therefore needs both extended key usages, serverAuth and clientAuth
+(``--tls-server-name`` when the servers' certificates name another host than the one dialed).
+Without them it serves and dials in plaintext, which off loopback needs ``--insecure``.
 
 Exit codes: 0 after a clean stop, 1 when it cannot start or stop cleanly (the message says
 why), 2 for usage errors.
@@ -76,9 +78,9 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="HOST:PORT",
         help="serve Prometheus metrics over plain HTTP here (port 0 = any free port)",
     )
-    # How the master dials the volume servers' management APIs (it places copies and sets
-    # roles there): as every client of that API, mutual TLS off loopback.
-    tls.add_arguments(p, role="dial")
+    # One certificate for the master's own API and for dialing the volume servers' APIs
+    # (it places copies and sets roles there): mutual TLS off loopback, both ways.
+    tls.add_arguments(p, role="both")
     p.set_defaults(func=run)
 
 
@@ -128,7 +130,8 @@ async def serve(config: MasterProcessConfig) -> int:
         await proc.start()
     except MasterStartError as exc:
         print(f"blockyard master: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        # Plaintext off loopback without --insecure is a usage error, like a bad address.
+        return EXIT_USAGE if isinstance(exc.__cause__, TlsConfigError) else EXIT_ERROR
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

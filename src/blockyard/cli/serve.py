@@ -8,7 +8,11 @@ flushed and closed, and the process exits 0 within ``--shutdown-timeout``.
 
 The management API uses mutual TLS with ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` (clients
 must present a certificate signed by that CA). Without them it listens only on a loopback
-address, unless ``--insecure`` accepts plaintext elsewhere.
+address, unless ``--insecure`` accepts plaintext elsewhere. With ``--master``, the same flags
+say how the master is dialed: mutual TLS with the same certificate (which then needs both
+extended key usages, serverAuth and clientAuth; ``--tls-server-name`` when the master's
+certificate names another host than the one dialed), or plaintext, which off loopback needs
+``--insecure`` too.
 
 ``--master HOST:PORT[,HOST:PORT]`` registers with the master under the server id kept in the
 data directory and heartbeats to it (``--heartbeat-interval``, ``--zone``); the master assigns
@@ -130,7 +134,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         help=f"bound on a graceful stop (default {DEFAULT_SHUTDOWN_TIMEOUT_S:.0f})",
     )
-    tls.add_arguments(p, role="serve")
+    tls.add_arguments(p, role="both")
     p.set_defaults(func=run)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import importlib
 import importlib.util
@@ -173,7 +174,9 @@ def build_config(
             f"--backend is required in {plugin_mode.value} mode: the volume server's "
             "management API (HOST:PORT), or master://HOST:PORT[,HOST:PORT] for the master"
         )
-    master_security = backend_security
+    # The master is dialed with the same certificate, but checked against the host named in
+    # master://: --tls-server-name is the name the volume servers' shared certificate carries.
+    master_security = dataclasses.replace(backend_security, server_name=None)
     if master_insecure:
         if not (backend and is_master_backend(backend)):
             raise ConfigError("--master-insecure is for --backend master://...; drop it")

@@ -43,6 +43,8 @@ log = logging.getLogger("blockyard.master")
 
 #: Concurrent RPCs (heartbeat streams included); more get RESOURCE_EXHAUSTED from gRPC.
 MAX_CONCURRENT_RPCS: Final = 1024
+#: How the master's API is named in errors about serving it.
+MASTER_API: Final = "the master API"
 #: How long start() waits for the first campaign before reporting READY as a follower.
 FIRST_CAMPAIGN_WAIT_S: Final = 5.0
 #: Pause before campaigning again after a failed campaign or a lost leadership.
@@ -69,8 +71,9 @@ class MasterProcessConfig:
     advertise: str = ""
     #: Prometheus metrics over plain HTTP (no secrets in them, like the other daemons').
     metrics_listen: Address | None = None
-    #: How the master dials the volume servers' management APIs (mutual TLS off loopback,
-    #: unless ``insecure``): the same rule and flags as every other client of that API.
+    #: How the master serves its own API and dials the volume servers' management APIs, with
+    #: one certificate (serverAuth and clientAuth): mutual TLS, or plaintext, which off
+    #: loopback needs ``insecure`` — the same rule and flags as every other gRPC endpoint.
     server_security: tls.TransportSecurity = tls.PLAINTEXT
 
 
@@ -128,11 +131,15 @@ class MasterProcess:
     async def _start(self) -> None:
         cfg = self.config
         files = cfg.server_security.tls
-        if files is not None:
-            try:
-                tls.load(files)  # a bad file stops the start with one line, not the first dial
-            except BlockyardError as exc:
-                raise MasterStartError(str(exc)) from exc
+        credentials: grpc.ServerCredentials | None = None
+        try:
+            # Plaintext off loopback only with --insecure, as the volume server's API; a bad
+            # file stops the start with one line, not the first dial or handshake.
+            tls.check_listen(str(cfg.listen), cfg.listen.host, cfg.server_security, api=MASTER_API)
+            if files is not None:
+                credentials = tls.server_credentials(files)
+        except BlockyardError as exc:
+            raise MasterStartError(str(exc)) from exc
         if self._store_factory is not None:
             store = self._store_factory(cfg.store_url)
         else:
@@ -161,7 +168,7 @@ class MasterProcess:
             "uses it or pick another --listen"
         )
         try:
-            port = server.add_insecure_port(str(cfg.listen))
+            port = tls.bind(server, str(cfg.listen), credentials)
         except RuntimeError as exc:
             raise MasterStartError(failure) from exc
         if port == 0:

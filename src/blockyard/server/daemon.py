@@ -154,6 +154,8 @@ class VolumeServerDaemon:
             tls.check_listen(
                 str(cfg.api_listen), cfg.api_listen.host, cfg.api_security, api=MANAGEMENT_API
             )
+            for master in cfg.masters:
+                tls.check_dial(master, cfg.api_security)
             files = cfg.api_security.tls
             credentials = None if files is None else tls.server_credentials(files)
         except (TlsConfigError, TlsFileError) as exc:
@@ -269,7 +271,11 @@ class VolumeServerDaemon:
             zone=cfg.zone,
         )
         self.heartbeat = HeartbeatClient(
-            self.manager, identity, cfg.masters, interval_s=cfg.heartbeat_interval_s
+            self.manager,
+            identity,
+            cfg.masters,
+            interval_s=cfg.heartbeat_interval_s,
+            security=cfg.api_security,
         )
         self.heartbeat.start()
         log.info("server %s heartbeats to %s", self.server_id, ", ".join(cfg.masters))

@@ -29,9 +29,15 @@ class MasterMarker:
     Used on the server's event loop only (its client is made there on first use)."""
 
     def __init__(
-        self, masters: Sequence[str], server_id: str, *, timeout_s: float = MARK_TIMEOUT_S
+        self,
+        masters: Sequence[str],
+        server_id: str,
+        *,
+        timeout_s: float = MARK_TIMEOUT_S,
+        security: tls.TransportSecurity = tls.PLAINTEXT,
     ) -> None:
         self.masters = list(masters)
+        self.security = security
         self.server_id = server_id
         self.timeout_s = timeout_s
         self._client: MasterClient | None = None
@@ -49,12 +55,9 @@ class MasterMarker:
             )
         client = self._client
         if client is None:
-            # Plaintext, as the heartbeat stream to the same master: the master serves no
-            # TLS yet, so a master off loopback (every multi-host cluster) is dialed so too.
+            # Dialed as the heartbeat stream to the same masters is.
             client = self._client = MasterClient(
-                self.masters,
-                timeout_s=self.timeout_s,
-                security=tls.TransportSecurity(insecure=True),
+                self.masters, timeout_s=self.timeout_s, security=self.security
             )
         await client.mark_out_of_sync(volume, epoch, self.server_id, replica, decided_ns)
         self.marked += 1

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
+from blockyard import tls
 from blockyard.engine.epoch import Role
 from blockyard.engine.volume import Volume
 from blockyard.errors import BlockyardError
@@ -98,12 +99,15 @@ class HeartbeatClient:
         *,
         interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         clock: Callable[[], int] = time.monotonic_ns,
+        security: tls.TransportSecurity = tls.PLAINTEXT,
     ) -> None:
         if not masters:
             raise ValueError("at least one master address is needed")
         self._manager = manager
         self.identity = identity
         self._masters = list(masters)
+        #: How the masters are dialed: the server's own TLS files (the same rule as its API).
+        self._security = security
         self.interval_s = interval_s
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -128,14 +132,16 @@ class HeartbeatClient:
         self.replies = 0
         self.leases_granted = 0
         #: The degrade decision through the same masters (see :mod:`.degrade`).
-        self.marker = MasterMarker(self._masters, identity.server_id)
+        self.marker = MasterMarker(self._masters, identity.server_id, security=security)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
             if self.marker.closed:  # started again after a stop
-                self.marker = MasterMarker(self._masters, self.identity.server_id)
+                self.marker = MasterMarker(
+                    self._masters, self.identity.server_id, security=self._security
+                )
             self._manager.replication.set_marker(self.marker)
             self._stopping = False
             self._stop_requested.clear()
@@ -199,7 +205,7 @@ class HeartbeatClient:
 
     async def _stream(self, address: str) -> bool:
         """One stream; returns whether a reply came (the master was there)."""
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with tls.open_channel(address, self._security) as channel:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await channel.channel_ready()
             call = mgrpc.MasterStub(channel).Heartbeat()

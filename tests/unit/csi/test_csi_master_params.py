@@ -209,8 +209,8 @@ def test_describe_carries_role_epoch_zones_and_durability() -> None:
 
 
 def test_master_insecure_covers_only_the_master() -> None:
-    """The master serves no TLS yet: --master-insecure lets the controller dial it in plaintext
-    off loopback while the copies' volume servers keep the --tls-* settings."""
+    """--master-insecure lets the controller dial a plaintext master off loopback while the
+    copies' volume servers keep the --tls-* settings."""
     files = tls.TlsFiles("c.pem", "k.pem", "ca.pem")
     config = build_config(
         endpoint="unix:///tmp/x.sock",
@@ -240,3 +240,24 @@ def test_master_insecure_covers_only_the_master() -> None:
             topology=None,
             master_insecure=True,
         )
+
+
+def test_master_is_dialed_with_tls_and_checked_against_its_own_name() -> None:
+    """Without --master-insecure the master is dialed with the same certificate, but its
+    certificate must name the host in master://, not --tls-server-name (the name the volume
+    servers' shared certificate carries)."""
+    files = tls.TlsFiles("c.pem", "k.pem", "ca.pem")
+    config = build_config(
+        endpoint="unix:///tmp/x.sock",
+        mode="controller",
+        node_id="n",
+        backend="master://master.example:9333",
+        state_dir=None,
+        kubelet_dir=None,
+        managed_prefix=None,
+        metrics_listen=None,
+        topology=None,
+        backend_security=tls.TransportSecurity(tls=files, server_name="api.example"),
+    )
+    assert config.master_security == tls.TransportSecurity(tls=files)
+    assert config.backend_security.server_name == "api.example"

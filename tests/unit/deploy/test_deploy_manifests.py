@@ -772,15 +772,20 @@ def test_management_api_requires_mutual_tls() -> None:
     assert volume(cspec, "backend-tls")["secret"]["defaultMode"] == 0o440
     # Two identities, so the server's key never sits in the controller pod.
     assert server_secret != client_secret
-    # The master dials the same API (placing copies, setting roles): a third identity, the
-    # same rule (the real CLI parses its flags; a deployed master never dials in plaintext).
+    # The master serves its API and dials the same management API (placing copies, setting
+    # roles): a third identity, the same rule (the real CLI parses its flags; a deployed
+    # master never serves or dials in plaintext).
     mspec = master_spec()
     master = container(mspec, "master")
     master_secret, _ = tls_secret(mspec, master)
     assert master_secret not in (server_secret, client_secret)
     assert mspec["securityContext"]["fsGroup"] == mspec["securityContext"]["runAsUser"]
-    assert volume(mspec, "servers-tls")["secret"]["defaultMode"] == 0o440
+    assert volume(mspec, "master-tls")["secret"]["defaultMode"] == 0o440
     assert flag(master["args"], "--tls-server-name") == f"blockyard-api.{NAMESPACE}.svc"
+    mns = parse_blockyard(master["args"], master)
+    tls.check_listen(mns.listen, "10.0.0.8", tls.from_args(mns), api="the master API")
+    # The controller dials that master with its certificate too, never in plaintext.
+    assert not has_flag(plugin["args"], "--master-insecure")
     doc = (ROOT / "docs" / "kubernetes.md").read_text()
     backend = flag(plugin["args"], "--backend") or ""
     for word in (server_secret, client_secret, master_secret, backend.rpartition(":")[0]):
