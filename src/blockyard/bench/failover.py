@@ -271,11 +271,16 @@ class Cluster:
         assert isinstance(out, mpb.VolumeInfo)
         return out
 
-    def create_volume(self, name: str, size_bytes: int) -> mpb.VolumeInfo:
+    def create_volume(
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        replicas: int = 2,
+        mode: int = vpb.DURABILITY_MODE_SYNC_ALL,
+    ) -> mpb.VolumeInfo:
         out = self._master(
-            lambda c: c.create_volume(
-                name, size_bytes, replica_count=2, mode=vpb.DURABILITY_MODE_SYNC_ALL
-            )
+            lambda c: c.create_volume(name, size_bytes, replica_count=replicas, mode=mode)
         )
         assert isinstance(out, mpb.VolumeInfo)
         return out
@@ -547,12 +552,13 @@ class Observer:
 
 
 def not_in_sync(cluster: Cluster, name: str, device: IscsiBlockDevice) -> str:
-    """Why the volume is not ready for the next kill ("" when it is): both copies in sync at
-    the volume's epoch, the roles applied on both servers, and the initiator connected to
-    both."""
+    """Why the volume is not ready for the next kill ("" when it is): every copy in sync at
+    the volume's epoch, the roles applied on every server, and the initiator connected to
+    every copy."""
     info = cluster.get_volume(name)
     states = [(c.server_id[:8], c.state) for c in info.copies]
-    if info.status != "active" or [c.state for c in info.copies] != ["in_sync", "in_sync"]:
+    in_sync = [c.state for c in info.copies] == ["in_sync"] * info.replica_count
+    if info.status != "active" or not in_sync:
         return f"master: {info.status} epoch {info.epoch} copies {states}"
     roles = {c.server_id: cluster.server_role(c.server_id, name) for c in info.copies}
     want = {
@@ -577,7 +583,7 @@ def wait_in_sync(
         return not last[0]
 
     try:
-        wait_for("both copies in sync", check, timeout_s)
+        wait_for("every copy in sync", check, timeout_s)
     except FailoverBenchError as exc:
         raise FailoverBenchError(f"{exc}; last: {last[0]}") from exc
 
@@ -623,14 +629,21 @@ def fail_over_once(
 
 @contextmanager
 def failover_setup(
-    root: Path, *, seed: int, threads: int, lease_ttl_s: float = 2.0
+    root: Path,
+    *,
+    seed: int,
+    threads: int,
+    lease_ttl_s: float = 2.0,
+    replicas: int = 2,
+    mode: int = vpb.DURABILITY_MODE_SYNC_ALL,
 ) -> Iterator[tuple[Cluster, Workload]]:
-    """A cluster, the volume in sync, an attached device and a running workload."""
+    """A cluster, the volume (``replicas`` copies in ``mode``) in sync, an attached device and
+    a running workload."""
     cluster = Cluster(root, lease_ttl_s=lease_ttl_s)
     device: IscsiBlockDevice | None = None
     workload: Workload | None = None
     try:
-        cluster.create_volume(VOLUME_NAME, VOLUME_SIZE_BYTES)
+        cluster.create_volume(VOLUME_NAME, VOLUME_SIZE_BYTES, replicas=replicas, mode=mode)
         wait_for(
             "the volume active with its target name reported",
             lambda: (v := cluster.get_volume(VOLUME_NAME)).status == "active" and bool(v.iqn),

@@ -36,6 +36,7 @@ from blockyard.master.assignments import Assignment, AssignmentQueue
 from blockyard.master.intents import (
     Intent,
     LeaseGrant,
+    ProbeLsns,
     PutServer,
     PutVolume,
     RemoveVolume,
@@ -56,7 +57,9 @@ from blockyard.master.model import (
     check_copy_transition,
 )
 from blockyard.master.placement import Candidate, rank
+from blockyard.master.probe import QuorumProbes
 from blockyard.master.registry import Registry, ServerLive
+from blockyard.replication.commit import DurabilityMode
 
 log = logging.getLogger("blockyard.master")
 
@@ -65,6 +68,7 @@ __all__ = [
     "LeaseGrant",
     "MasterConfig",
     "MasterCore",
+    "ProbeLsns",
     "PutServer",
     "PutVolume",
     "RemoveVolume",
@@ -140,6 +144,7 @@ class MasterCore:
         self._servers_busy: set[str] = set()
         self._marks: dict[tuple[str, str], _Mark] = {}
         self._stuck_logged: set[tuple[str, int]] = set()
+        self.probes = QuorumProbes()
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -177,6 +182,11 @@ class MasterCore:
 
     def finished(self, intent: Intent, version: int | None) -> None:
         """The store write of ``intent`` succeeded with ``version``, or failed (None)."""
+        if isinstance(intent, ProbeLsns):
+            # Dropped unsent (answers go to :meth:`probed`).
+            self.probes.failed(intent)
+            self.end(intent.volume)
+            return
         if isinstance(intent, PutServer):
             self._servers_busy.discard(intent.record.server_id)
             if version is not None:
@@ -194,11 +204,17 @@ class MasterCore:
         finally:
             self.end(name)
 
+    def probed(self, intent: ProbeLsns, answers: dict[str, int], now_ns: int) -> None:
+        """The replicas of ``intent`` that answered, with the LSN each received."""
+        self.probes.answered(intent, answers, now_ns)
+        self.end(intent.volume)
+
     def applied_volume(self, rec: VolumeRecord, version: int) -> None:
         """``rec`` is in the store at ``version``: adopt it and queue what it implies."""
         old = self.registry.put_volume(rec, version)
         if old is not None and old.epoch != rec.epoch:
             self.deferred.cancel(rec.name)
+            self.probes.forget(rec.name)
             log.info(
                 "volume %s: epoch %d, primary %s (was epoch %d, primary %s)",
                 rec.name,
@@ -214,6 +230,7 @@ class MasterCore:
         self.assignments.drop_volume(name)
         self.leases.forget(name)
         self.deferred.cancel(name)
+        self.probes.forget(name)
         self._marks = {k: v for k, v in self._marks.items() if k[0] != name}
 
     def applied_server(self, rec: ServerRecord, version: int) -> None:
@@ -665,15 +682,32 @@ class MasterCore:
         if not self.leases.may_promote(rec.name, rec.epoch, now_ns):
             return None
         lsns = self._lsns(rec)
-        choice = self._successor(rec, now_ns, drain=False)
+        if rec.mode is DurabilityMode.SYNC_QUORUM:
+            plan = self.probes.plan(rec, lambda s: self._heard(s, now_ns), now_ns)
+            if isinstance(plan, ProbeLsns):
+                self._busy.add(rec.name)
+                log.info("volume %s: asking replicas %s what they received before promoting",
+                         rec.name, ", ".join(plan.server_ids))  # fmt: skip
+                return plan
+            received = plan or {}
+            choice = failover.choose_new_primary(rec, received, lambda c: received[c.server_id])
+        else:
+            choice = self._successor(rec, now_ns, drain=False)
         if choice is None:
             if (rec.name, rec.epoch) not in self._stuck_logged:
                 self._stuck_logged.add((rec.name, rec.epoch))
+                why = (
+                    "too few in-sync replicas answered what they received to be sure the "
+                    "choice holds every acknowledged write"
+                    if rec.mode is DurabilityMode.SYNC_QUORUM
+                    else "no in-sync copy is on a live server"
+                )
                 log.warning(
-                    "volume %s: primary %s is gone and no in-sync copy is on a live server; "
-                    "it waits for its primary (or an in-sync replica's server) to return",
+                    "volume %s: primary %s is gone and %s; it waits for its primary (or an "
+                    "in-sync replica's server) to return",
                     rec.name,
                     rec.primary,
+                    why,
                 )
             return None
         new = failover.promote(rec, choice.server_id, lsns)

@@ -1,5 +1,6 @@
 """What :class:`~blockyard.master.core.MasterCore` hands back: intents (store writes the
-service performs before the core adopts them) and heartbeat replies. Plain frozen data."""
+service performs before the core adopts them, and the replicas' LSNs it asks for before a
+quorum failover) and heartbeat replies. Plain frozen data."""
 
 from __future__ import annotations
 
@@ -29,7 +30,18 @@ class PutServer:
     expect_version: int
 
 
-Intent = PutVolume | RemoveVolume | PutServer
+@dataclass(frozen=True, slots=True)
+class ProbeLsns:
+    """Not a store write: ask these servers' copies of ``volume`` (replicas at ``epoch``) for
+    the last LSN they received, and hand the answers to the core (see
+    :mod:`blockyard.master.probe`)."""
+
+    volume: str
+    epoch: int
+    server_ids: tuple[str, ...]
+
+
+Intent = PutVolume | RemoveVolume | PutServer | ProbeLsns
 
 
 @dataclass(frozen=True, slots=True)

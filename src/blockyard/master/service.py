@@ -28,7 +28,7 @@ from blockyard import errors
 from blockyard.engine.epoch import Role
 from blockyard.master import model
 from blockyard.master.core import MasterCore
-from blockyard.master.intents import Intent, PutServer, PutVolume, RemoveVolume, Reply
+from blockyard.master.intents import Intent, ProbeLsns, PutServer, PutVolume, RemoveVolume, Reply
 from blockyard.master.model import (
     CopyRecord,
     CopyState,
@@ -37,10 +37,12 @@ from blockyard.master.model import (
     VolumeStatus,
 )
 from blockyard.master.placement import place, rank
+from blockyard.master.probe_calls import received_lsns
 from blockyard.master.proto import master_pb2 as mpb
 from blockyard.master.proto import master_pb2_grpc as mpb_grpc
 from blockyard.master.store import KIND_SERVERS, KIND_VOLUMES, MasterStore
 from blockyard.replication.commit import DurabilityMode
+from blockyard.replication.report import ReplicationInfo
 from blockyard.server import convert
 from blockyard.server.status import status_for
 from blockyard.server.validation import check_volume_name
@@ -75,6 +77,7 @@ class CopyClient(Protocol):
     ) -> object: ...
     async def delete_volume(self, name: str) -> object: ...
     async def expand_volume(self, name: str, size_bytes: int) -> object: ...
+    async def get_replication(self, name: str) -> ReplicationInfo: ...
     async def close(self) -> None: ...
 
 
@@ -160,6 +163,9 @@ class MasterService(mpb_grpc.MasterServicer):
     async def run_intents(self, intents: list[Intent]) -> None:
         """Write each intent to the store, then hand the result to the core."""
         for intent in intents:
+            if isinstance(intent, ProbeLsns):
+                self._spawn_probe(intent)
+                continue
             version: int | None = None
             try:
                 if isinstance(intent, PutVolume):
@@ -192,6 +198,24 @@ class MasterService(mpb_grpc.MasterServicer):
                 and intent.reason == "failover"
             ):
                 self.on_failover()
+
+    def _spawn_probe(self, intent: ProbeLsns) -> None:
+        """Ask the replicas off the tick loop (other volumes' failovers must not wait on it)."""
+        if len(self._tasks) >= MAX_INTENT_TASKS:
+            self.core.finished(intent, None)
+            return
+
+        async def run() -> None:
+            answers: dict[str, int] = {}
+            try:
+                api = {s: r.addresses.api for s, r in self.core.registry.servers.items()}
+                answers = await received_lsns(intent, api, self.client_for)
+            finally:
+                self.core.probed(intent, answers, self.clock_ns())
+
+        task = asyncio.create_task(run(), name=f"probe {intent.volume}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _spawn(self, intents: list[Intent]) -> None:
         if not intents:

@@ -171,7 +171,10 @@ class _Waiter:
     durable: bool
     #: Replicas that must acknowledge (or be marked out) for this waiter: the in-sync set when
     #: it arrived. A replica that comes back in sync later does not hold up older flushes.
+    #: In ``sync_quorum`` every replica, see :meth:`CommitTracker.request`.
     replicas: set[str] = field(default_factory=set)
+    #: Older than the barrier timeout: out-of-sync replicas are waited for no longer.
+    expired: bool = False
 
 
 class CommitTracker:
@@ -238,15 +241,16 @@ class CommitTracker:
         with ``durable=False`` a write at ``lsn`` that needs the counted replicas' receipt."""
         token = self._next_token
         self._next_token += 1
-        waiter = _Waiter(
-            token,
-            lsn,
-            now,
-            durable,
+        if self.mode is DurabilityMode.SYNC_QUORUM:
+            # A majority may form only once an out-of-sync replica (a new primary's, right
+            # after a failover) has caught up and joined: wait for it, up to the barrier
+            # timeout, rather than fail at once. Its acknowledgement counts once it joined.
+            replicas = set(self._replicas)
+        else:
             # Counted replicas, and those whose out-of-sync mark is not yet durable: a copy
             # that may still be promoted must hold the write or be marked first.
-            {r for r, s in self._replicas.items() if s.state in _WAITED_FOR},
-        )
+            replicas = {r for r, s in self._replicas.items() if s.state in _WAITED_FOR}
+        waiter = _Waiter(token, lsn, now, durable, replicas)
         self._waiters[token] = waiter
         if not durable:
             # A new receipt changes nothing else (no barrier, no timeout yet, no replica
@@ -302,8 +306,9 @@ class CommitTracker:
         if r is None or r.state is not _State.OUT_OF_SYNC:
             return self._evaluate(now)
         r.state = _State.JOINING
-        # Flushes already waiting do not count it but may still be acknowledged: it must hold
-        # those too before it is promotable.
+        # Flushes already waiting do not count it (sync_quorum's do: it may make their
+        # majority) but may still be acknowledged: it must hold those too before it is
+        # promotable.
         # Writes acknowledged on the others' receipt alone count as acknowledged too.
         r.join_lsn = max(
             [
@@ -360,7 +365,13 @@ class CommitTracker:
         acked = pending = unmarkable = 0
         for name in w.replicas:
             r = self._replicas.get(name)
-            if r is None or r.state is _State.OUT_OF_SYNC:
+            if r is None:
+                continue
+            if r.state is _State.OUT_OF_SYNC:
+                # In sync_quorum it may still join and acknowledge; elsewhere it stopped
+                # counting once durably marked.
+                if self.mode is DurabilityMode.SYNC_QUORUM and not w.expired:
+                    pending += 1
                 continue
             if r.state is _State.UNMARKABLE:
                 unmarkable += 1
@@ -391,6 +402,7 @@ class CommitTracker:
         for w in self._waiters.values():
             if now - w.since < self._timeout_s:
                 continue
+            w.expired = True
             for name in sorted(w.replicas):
                 r = self._replicas.get(name)
                 if r is not None and r.state in _COUNTED and not _holds(r, w):

@@ -198,7 +198,8 @@ class ReplicationController:
             raise InvalidArgumentError(
                 f"{len(addresses)} replicas: a volume has at most {MAX_REPLICAS} (RF 3)"
             )
-        if mode is DurabilityMode.SYNC_QUORUM and len(addresses) < 2:
+        # The replica set is the primary's: a replica is told the mode but no replicas.
+        if role is Role.PRIMARY and mode is DurabilityMode.SYNC_QUORUM and len(addresses) < 2:
             raise InvalidArgumentError(
                 "sync_quorum needs at least two replicas (RF 3); use sync_all for RF 2"
             )

@@ -19,6 +19,9 @@ Seeded: the seed is printed and ``BLOCKYARD_FAILOVER_SEED`` replays it.
 - ``test_kill_9_the_primary_fresh_volumes``: a first failover each time (a fresh cluster per kill):
   I/O resumes on the promoted replica within the limit, with no I/O error and no acknowledged
   write lost.
+- ``test_kill_9_the_primary_of_a_quorum_volume``: the same with a 3-copy sync_quorum volume,
+  where a write is acknowledged once a majority received it: the master asks both replicas
+  what they received before promoting (its log says so), and no acknowledged write is lost.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from blockyard.bench.failover import (
     failover_setup,
     summary,
 )
+from blockyard.server.proto import volume_server_pb2 as vpb
 
 KILLS = 20
 FRESH_KILLS = 5
+QUORUM_KILLS = 2
 #: 4 I/O threads: enough to keep commands outstanding without starving the servers of CPU on
 #: a shared 2-core machine.
 THREADS = 4
@@ -139,3 +144,38 @@ def test_kill_9_the_primary_fresh_volumes(tmp_path: Path) -> None:
     )
     print(report)
     assert max(gaps) < GAP_LIMIT_S, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_9_the_primary_of_a_quorum_volume(tmp_path: Path) -> None:
+    seed = _seed()
+    rng = random.Random(seed)
+    for i in range(QUORUM_KILLS):
+        root = Path(tempfile.mkdtemp(prefix=f"quorum{i}-", dir=tmp_path))
+        with failover_setup(
+            root, seed=seed + i, threads=THREADS, replicas=3, mode=vpb.DURABILITY_MODE_SYNC_QUORUM
+        ) as (cluster, workload):
+            observer = Observer(cluster, VOLUME_NAME)
+            observer.start()
+            try:
+                r = fail_over_once(cluster, workload, VOLUME_NAME, rng, restart=False)
+                checked = workload.verify_all()
+            finally:
+                observer.stop()
+            observer.sample()
+            assert not workload.errors, workload.errors[:5]
+            assert workload.crossed_lost == 0, workload.crossed_lost
+            master_log = (root / "logs" / "master.log").read_text()
+        print(f"quorum kill {i + 1}: gap {r.gap_s:.2f} s, {workload.crossed} crossed writes")
+        assert (r.epoch_before, r.epoch_after) == (1, 2), r
+        assert r.promoted != r.killed, r
+        assert checked == 1024
+        # The choice came from what both surviving replicas said they received.
+        asked = [line for line in master_log.splitlines() if "what they received" in line]
+        assert len(asked) == 1, asked
+        named = asked[0].split("asking replicas ", 1)[1].split(" what they received")[0]
+        assert len(named.split(", ")) == 2, asked  # both surviving replicas asked
+        assert r.gap_s < GAP_LIMIT_S
+        two = {e: s for e, s in observer.primaries_by_epoch.items() if len(s) > 1}
+        assert not two, f"two servers primary in one epoch: {two}"

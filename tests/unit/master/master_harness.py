@@ -10,6 +10,7 @@ from blockyard.master.core import (
     Intent,
     MasterConfig,
     MasterCore,
+    ProbeLsns,
     PutServer,
     PutVolume,
     RemoveVolume,
@@ -81,6 +82,10 @@ class Harness:
     held: list[Intent] = field(default_factory=list)
     auto_persist: bool = True
     seq: int = 0
+    #: What each server's copy answers a probe (the last LSN it received); a server missing
+    #: here does not answer. Probes are answered at once unless ``auto_persist`` is off.
+    received: dict[str, int] = field(default_factory=dict)
+    probes: list[ProbeLsns] = field(default_factory=list)
 
     @classmethod
     def make(
@@ -110,6 +115,9 @@ class Harness:
         self.now += ns
 
     def _handle(self, intents: list[Intent]) -> list[Intent]:
+        for i in intents:
+            if isinstance(i, ProbeLsns):
+                self.probes.append(i)
         if not self.auto_persist:
             self.held.extend(intents)
             return intents
@@ -120,6 +128,10 @@ class Harness:
     def finish(self, intent: Intent, ok: bool = True) -> None:
         if intent in self.held:
             self.held.remove(intent)
+        if isinstance(intent, ProbeLsns):
+            answers = {s: self.received[s] for s in intent.server_ids if s in self.received}
+            self.core.probed(intent, answers if ok else {}, self.now)
+            return
         if not ok:
             self.core.finished(intent, None)
             return

@@ -240,9 +240,22 @@ def test_quorum_rf3_fails_with_two_replicas_out_of_sync() -> None:
     t.disconnected(R2, 0.1)
     t.marked(R1, True, 0.2)
     actions = t.marked(R2, True, 0.3)
-    assert failed(actions) == {token} and not completed(actions)
+    # Either may still catch up and join (a new primary's replicas, right after a
+    # failover): the write waits for them up to the barrier timeout, then fails.
+    assert not failed(actions) and not completed(actions)
     token2, actions = t.request(11, 0.4)
-    assert failed(actions) == {token2}
+    assert not failed(actions)
+    assert failed(t.tick(BARRIER_TIMEOUT_S)) == {token}
+    assert failed(t.tick(0.4 + BARRIER_TIMEOUT_S)) == {token2}
+
+
+def test_quorum_completes_once_an_out_of_sync_replica_catches_up_and_joins() -> None:
+    t = tracker(QUORUM, out=(R1, R2))
+    token, actions = t.request(10, 0.0)
+    assert not failed(actions) and not completed(actions)
+    t.connected(R1, 0.5)
+    t.acked(R1, 10, 0, 0.6)
+    assert completed(t.caught_up(R1, 0.7)) == {token}
 
 
 def test_best_effort_completes_at_once() -> None:
@@ -443,7 +456,8 @@ def test_an_out_of_sync_replica_never_counts_for_quorum() -> None:
     # R2 is durable far ahead, but it is out of sync: it does not make a majority.
     t.acked(R2, 100, 0, 0.2)
     token, actions = t.request(10, 0.3)
-    assert failed(actions) == {token}
+    assert not completed(actions) and not failed(actions)
+    assert failed(t.tick(0.3 + BARRIER_TIMEOUT_S)) == {token}
 
 
 # ---- receipts: a plain write waits until the counted replicas received it --------------------
@@ -632,7 +646,8 @@ class TrackerMachine(RuleBasedStateMachine):
                 unmarkable = [r for r in counted if self.state[r] == "unmarkable"]
                 # A waiter counts the replicas that counted when it arrived (one that joins
                 # later does not hold it up, nor make its majority).
-                possible = 1 + len([r for r in counted if self.state[r] != "out"])
+                expired = self.now - self.since[a.token] >= BARRIER_TIMEOUT_S
+                possible = 1 + len([r for r in counted if self.state[r] != "out" or not expired])
                 assert unmarkable or (self.mode is QUORUM and possible < 2), a.reason
 
     @rule(dt=st.sampled_from([0.0, 0.5, BARRIER_TIMEOUT_S]))
@@ -651,7 +666,12 @@ class TrackerMachine(RuleBasedStateMachine):
         self.lsn += advance
         # Every replica not durably out of sync counts: in sync, joining, or being marked (one
         # whose mark could not be persisted yet is still promotable).
-        counted = frozenset(r for r in REPLICAS if self.state[r] != "out")
+        # (sync_quorum: every replica — an out-of-sync one may join and make the majority,
+        # until the waiter is older than the barrier timeout.)
+        if self.mode is QUORUM:
+            counted = frozenset(REPLICAS)
+        else:
+            counted = frozenset(r for r in REPLICAS if self.state[r] != "out")
         token, actions = self.t.request(self.lsn, self.now, durable=not receipt)
         self.counted[token] = (self.lsn, counted)
         self.since[token] = self.now
@@ -791,6 +811,17 @@ class TrackerMachine(RuleBasedStateMachine):
             if any(self.state[r] in ("marking", "unmarkable") for r in counted):
                 continue
             receipt = token in self.receipts
+            if self.mode is QUORUM:
+                # A majority decides at once; short of one, an out-of-sync replica is waited
+                # for until the barrier timeout.
+                acked = [
+                    r
+                    for r in counted
+                    if self._holds(r, lsn, receipt) and self.state[r] in ("in_sync", "joining")
+                ]
+                expired = self.now - self.since[token] >= BARRIER_TIMEOUT_S
+                if 1 + len(acked) < 2 and not expired:
+                    continue
             if all(self._holds(r, lsn, receipt) or self.state[r] == "out" for r in counted):
                 raise AssertionError(f"flush {token} at LSN {lsn} is decidable but waits")
 
