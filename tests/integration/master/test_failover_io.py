@@ -30,6 +30,7 @@ import os
 import random
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ import pytest
 from blockyard.bench.failover import (
     VOLUME_NAME,
     Observer,
+    Round,
     fail_over_once,
     failover_setup,
     summary,
@@ -61,6 +63,33 @@ def _seed() -> int:
     seed = int(os.environ.get("BLOCKYARD_FAILOVER_SEED", random.randrange(1 << 32)))
     print(f"BLOCKYARD_FAILOVER_SEED={seed}")
     return seed
+
+
+@dataclass(frozen=True)
+class _Kill:
+    """One kill -9 of a fresh cluster's primary, with what the workload and observer saw."""
+
+    round: Round
+    checked: int
+    crossed: int
+    observer: Observer
+
+
+def _kill_fresh_primary(root: Path, seed: int, rng: random.Random, **setup: int) -> _Kill:
+    """A fresh cluster (``setup`` as for ``failover_setup``): kill its primary once under I/O,
+    read every block back and check nothing the workload saw acknowledged was lost."""
+    with failover_setup(root, seed=seed, threads=THREADS, **setup) as (cluster, workload):
+        observer = Observer(cluster, VOLUME_NAME)
+        observer.start()
+        try:
+            r = fail_over_once(cluster, workload, VOLUME_NAME, rng, restart=False)
+            checked = workload.verify_all()
+        finally:
+            observer.stop()
+        observer.sample()
+        assert not workload.errors, workload.errors[:5]
+        assert workload.crossed_lost == 0, workload.crossed_lost
+        return _Kill(r, checked, workload.crossed, observer)
 
 
 @pytest.mark.slow
@@ -117,18 +146,9 @@ def test_kill_9_the_primary_fresh_volumes(tmp_path: Path) -> None:
     crossed = 0
     for i in range(FRESH_KILLS):
         root = Path(tempfile.mkdtemp(prefix=f"kill{i}-", dir=tmp_path))
-        with failover_setup(root, seed=seed + i, threads=THREADS) as (cluster, workload):
-            observer = Observer(cluster, VOLUME_NAME)
-            observer.start()
-            try:
-                r = fail_over_once(cluster, workload, VOLUME_NAME, rng, restart=False)
-                checked = workload.verify_all()
-            finally:
-                observer.stop()
-            observer.sample()
-            assert not workload.errors, workload.errors[:5]
-            assert workload.crossed_lost == 0, workload.crossed_lost
-            crossed += workload.crossed
+        kill = _kill_fresh_primary(root, seed + i, rng)
+        r, checked, observer = kill.round, kill.checked, kill.observer
+        crossed += kill.crossed
         gaps.append(r.gap_s)
         print(f"kill {i + 1}: gap {r.gap_s:.2f} s, {checked} blocks read back")
         assert (r.epoch_before, r.epoch_after) == (1, 2), r
@@ -153,21 +173,12 @@ def test_kill_9_the_primary_of_a_quorum_volume(tmp_path: Path) -> None:
     rng = random.Random(seed)
     for i in range(QUORUM_KILLS):
         root = Path(tempfile.mkdtemp(prefix=f"quorum{i}-", dir=tmp_path))
-        with failover_setup(
-            root, seed=seed + i, threads=THREADS, replicas=3, mode=vpb.DURABILITY_MODE_SYNC_QUORUM
-        ) as (cluster, workload):
-            observer = Observer(cluster, VOLUME_NAME)
-            observer.start()
-            try:
-                r = fail_over_once(cluster, workload, VOLUME_NAME, rng, restart=False)
-                checked = workload.verify_all()
-            finally:
-                observer.stop()
-            observer.sample()
-            assert not workload.errors, workload.errors[:5]
-            assert workload.crossed_lost == 0, workload.crossed_lost
-            master_log = (root / "logs" / "master.log").read_text()
-        print(f"quorum kill {i + 1}: gap {r.gap_s:.2f} s, {workload.crossed} crossed writes")
+        kill = _kill_fresh_primary(
+            root, seed + i, rng, replicas=3, mode=vpb.DURABILITY_MODE_SYNC_QUORUM
+        )
+        r, checked, observer = kill.round, kill.checked, kill.observer
+        master_log = (root / "logs" / "master.log").read_text()
+        print(f"quorum kill {i + 1}: gap {r.gap_s:.2f} s, {kill.crossed} crossed writes")
         assert (r.epoch_before, r.epoch_after) == (1, 2), r
         assert r.promoted != r.killed, r
         assert checked == 1024
