@@ -41,6 +41,7 @@ from typing import TypeVar
 
 import crc32c
 
+from blockyard import tls
 from blockyard.attach.initiator import IscsiBlockDevice, IscsiVolumeSpec, parse_portal
 from blockyard.engine.epoch import Role
 from blockyard.errors import BlockyardError
@@ -111,6 +112,7 @@ class Proc:
     fields: dict[str, str]
     args: list[str]
     log: Path
+    wrapper: tuple[str, ...] = ()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -141,7 +143,7 @@ def launch(args: list[str], log: Path, *, wrapper: Sequence[str] = ()) -> Proc:
     stdout = process.stdout
     lines: queue.Queue[str] = queue.Queue(maxsize=1)
     threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-    proc = Proc(process, {}, args, log)
+    proc = Proc(process, {}, args, log, tuple(wrapper))
     try:
         line = lines.get(timeout=START_TIMEOUT_S)
     except queue.Empty as exc:
@@ -168,6 +170,10 @@ class Cluster:
     """A master and ``server_count`` volume servers under ``root``. Thread-safe calls (each
     runs its own short event loop)."""
 
+    #: How the harness dials the master and the servers (plaintext on loopback here;
+    #: subclasses that put processes on other addresses say ``insecure``).
+    security: tls.TransportSecurity = tls.PLAINTEXT
+
     def __init__(
         self,
         root: Path,
@@ -176,12 +182,7 @@ class Cluster:
         lease_ttl_s: float = 2.0,
         heartbeat_interval_s: float = 0.5,
     ) -> None:
-        self.root = root
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self._procs: list[Proc] = []
-        self.servers: dict[str, Proc] = {}  # server id → its current process
-        self._start_control_loop()
+        self._prepare(root)
         interval = f"{int(heartbeat_interval_s * 1000)}ms"
         try:
             self.master = launch(
@@ -231,6 +232,16 @@ class Cluster:
             self.close()
             raise
 
+    def _prepare(self, root: Path) -> None:
+        """What every cluster starts with (subclasses that launch their own processes call
+        it first): its directories, no process yet, and the control loop."""
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._procs: list[Proc] = []
+        self.servers: dict[str, Proc] = {}  # server id → its current process
+        self._start_control_loop()
+
     def _start_control_loop(self) -> None:
         # grpc.aio channels belong to one event loop: every control call from any thread runs
         # on this one.
@@ -253,7 +264,7 @@ class Cluster:
 
     def _master(self, call: Callable[[MasterClient], object]) -> object:
         async def main() -> object:
-            async with MasterClient(self.address, timeout_s=10.0) as client:
+            async with MasterClient(self.address, timeout_s=10.0, security=self.security) as client:
                 return await call(client)  # type: ignore[misc]
 
         return self._run(main())
@@ -290,7 +301,7 @@ class Cluster:
 
         async def main() -> tuple[Role, int]:
             async with VolumeServerClient(
-                self.servers[server_id].fields["api"], timeout_s=2.0
+                self.servers[server_id].fields["api"], timeout_s=2.0, security=self.security
             ) as c:
                 d = await c.get_volume(name)
                 return d.role, d.epoch
@@ -319,7 +330,7 @@ class Cluster:
         args[args.index("--api-listen") + 1] = old.fields["api"]
         args[args.index("--iscsi-listen") + 1] = old.fields["iscsi"].split(",")[0]
         args[args.index("--replication-listen") + 1] = replication
-        proc = launch(args, old.log)
+        proc = launch(args, old.log, wrapper=old.wrapper)
         self._procs.append(proc)
         self.servers[server_id] = proc
 

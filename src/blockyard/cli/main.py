@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from blockyard import sabotage
 from blockyard.errors import BlockyardError, TlsConfigError
 
 #: Exit codes: 0 success, 1 operating error (message says how to fix), 2 usage error.
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from blockyard.cli import (  # noqa: PLC0415
         attach,
         bench,
+        chaos,
         csi,
         master,
         serve,
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     master.register(verbs)
     volume_master.register(verbs)
     up.register(verbs)
+    chaos.register(verbs)
     return parser
 
 
@@ -57,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    sabotage.announce()
     try:
         rc: int = args.func(args)
     except TlsConfigError as exc:

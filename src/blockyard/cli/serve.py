@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import signal
 import sys
@@ -225,6 +226,20 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def dump_tasks() -> None:
+    """SIGUSR2: log where every task of the event loop waits (for a server that seems stuck:
+    ``kill -USR2 PID``, then read its log)."""
+    tasks = asyncio.all_tasks()
+    out = io.StringIO()
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        out.write(f"--- {task.get_name()} ({task.get_coro()!r})\n")
+        # Not Task.print_stack: on 3.11 it fails on frames whose line number is None.
+        for frame in task.get_stack(limit=16):
+            code = frame.f_code
+            out.write(f"    {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+    log.warning("SIGUSR2: %d tasks\n%s", len(tasks), out.getvalue())
+
+
 async def serve(config: DaemonConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     daemon = VolumeServerDaemon(config)
@@ -238,11 +253,12 @@ async def serve(config: DaemonConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, dump_tasks)
     print(daemon.ready_line(), flush=True)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
     log.info("stopping: flushing volumes within %.0f s", config.shutdown_timeout_s)
     try:

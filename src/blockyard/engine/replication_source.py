@@ -567,7 +567,9 @@ class ReplicationSource:
             for tracker in touched:
                 tracker.covered_lsn = max(tracker.covered_lsn, upto)
                 feed = tracker.feed
-                if feed is not None and feed.cursor <= upto:
+                if feed is not None and feed.cursor <= upto and not feed.lost:
+                    # Once per feed: a lost feed stays lost until its session ends, and a
+                    # writer keeps releasing space meanwhile (seen as a hundred lines a second).
                     feed.lost = True
                     log.warning(
                         "volume %s: replica %s fell more than the retention bound behind; its "

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
+from blockyard import sabotage
 from blockyard.engine.epoch import Role
 from blockyard.master.model import CopyRecord, CopyState, VolumeRecord, VolumeStatus
 
@@ -85,7 +86,8 @@ def promote(rec: VolumeRecord, new_primary: str, lsns: Mapping[str, int]) -> Vol
             )
         else:
             copies.append(replace(c, durable_lsn=lsn))
-    out = replace(rec, epoch=rec.epoch + 1, primary=new_primary, copies=tuple(copies))
+    bump = 0 if sabotage.active(sabotage.LOSE_EPOCH_BUMP) else 1
+    out = replace(rec, epoch=rec.epoch + bump, primary=new_primary, copies=tuple(copies))
     return replace(out, status=out.settled_status())
 
 

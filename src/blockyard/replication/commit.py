@@ -41,6 +41,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from blockyard import sabotage
+
 #: How long an in-sync replica may take to acknowledge a barrier before it is marked out of
 #: sync. Well under an initiator's SCSI command timeout (30 s in Linux and libiscsi), so a flush
 #: that must degrade still completes in time; long enough for a loaded replica's fdatasync.
@@ -380,6 +382,8 @@ class CommitTracker:
             else:
                 pending += 1
         verdict = degrade_or_fail(self.mode, self.copies, acked, pending, unmarkable)
+        if sabotage.active(sabotage.ACK_BEFORE_BARRIER):
+            verdict = Verdict.DONE
         if verdict is Verdict.DONE:
             if w.durable:
                 self.committed_lsn = max(self.committed_lsn, w.lsn)

@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
+from blockyard import sabotage
 from blockyard.blockdev import BytesLike
 from blockyard.engine.history import History, Segment
 from blockyard.engine.volume import Volume
-from blockyard.replication.messages import ReplicaDataState, ReplRecord
+from blockyard.replication.messages import RecordKind, ReplicaDataState, ReplRecord
 from blockyard.replication.state import ReplicaState, load_replica_state, save_replica_state
 
 
@@ -18,6 +20,19 @@ class EngineReplicaStore:
 
     def __init__(self, volume: Volume) -> None:
         self.volume = volume
+        self._received = 0  # WRITE records, for sabotage.REPLICA_DROPS_RECORDS
+
+    def _sabotaged(self, records: Sequence[ReplRecord]) -> Sequence[ReplRecord]:
+        if not sabotage.active(sabotage.REPLICA_DROPS_RECORDS):
+            return records
+        out = []
+        for rec in records:
+            if rec.kind == RecordKind.WRITE:
+                self._received += 1
+                if self._received % sabotage.DROP_EVERY == 0:
+                    rec = replace(rec, kind=RecordKind.ZERO, data=b"")
+            out.append(rec)
+        return out
 
     @property
     def volume_uuid_bytes(self) -> bytes:
@@ -63,10 +78,10 @@ class EngineReplicaStore:
         self.volume.grow(size_bytes)
 
     def apply_records(self, records: Sequence[ReplRecord]) -> int:
-        return self.volume.apply_replicated(records)
+        return self.volume.apply_replicated(self._sabotaged(records))
 
     def try_apply_records(self, records: Sequence[ReplRecord]) -> int | None:
-        return self.volume.try_apply_replicated(records)
+        return self.volume.try_apply_replicated(self._sabotaged(records))
 
     def apply_backfill(self, runs: Sequence[tuple[int, int, BytesLike | None]]) -> None:
         self.volume.apply_backfill(runs)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from blockyard import aio
 from blockyard.engine.volume import Volume
 from blockyard.errors import BlockyardError, FeedLostError
 from blockyard.replication.channel import (
@@ -128,6 +129,25 @@ class ReplicaLink:
         if self._task is None:
             self._stopping = False
             self._task = asyncio.create_task(self._run(), name=f"link-{self.address}")
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The connection loop ends only when stopped; anything else is a bug that would
+        leave the replica unfed forever without a word: say so."""
+        if self._stopping:
+            return
+        if task.cancelled():
+            log.error(
+                "replica %s of %s: its connection loop was cancelled without being stopped; "
+                "the replica is no longer fed", self.address, self.volume.name,
+            )  # fmt: skip
+            return
+        exc = task.exception()
+        log.error(
+            "replica %s of %s: its connection loop ended (%s); the replica is no longer fed",
+            self.address, self.volume.name, "returned" if exc is None else repr(exc),
+            exc_info=exc,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         self._stopping = True
@@ -256,7 +276,7 @@ class ReplicaLink:
             self.status.phase = "resyncing" if session.resync_id else "catching_up"
             self.status.resync_started_s = time.monotonic()
             self._owner.link_up(self)
-            async with asyncio.TaskGroup() as tg:
+            async with aio.task_group() as tg:
                 tg.create_task(self._pump(ch, session))
                 tg.create_task(self._read(ch, session))
         finally:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
-from blockyard import tls
+from blockyard import aio, tls
 from blockyard.engine.epoch import Role
 from blockyard.engine.volume import Volume
 from blockyard.errors import BlockyardError
@@ -214,7 +214,7 @@ class HeartbeatClient:
             self._sent.clear()
             got_reply = asyncio.Event()
             try:
-                async with asyncio.TaskGroup() as tg:
+                async with aio.task_group() as tg:
                     tg.create_task(self._writer(call))
                     tg.create_task(self._reader(call, address, got_reply))
             except BaseExceptionGroup as group:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,6 @@ from blockyard.attach.initiator import IscsiBlockDevice, IscsiVolumeSpec, parse_
 from blockyard.bench.failover import Cluster, Proc, launch, wait_for
 from blockyard.engine.epoch import Role
 from blockyard.errors import BlockyardError
-from blockyard.master.client import MasterClient
 from blockyard.server.backend import VolumeDescription
 from blockyard.server.client import VolumeServerClient
 from blockyard.server.proto import volume_server_pb2 as vpb
@@ -87,13 +86,10 @@ class PartitionCluster(Cluster):
     fewest bytes allocated, so a one-copy filler volume on the host-side server first makes the
     namespace server the primary of the volume under test."""
 
+    security = tls.TransportSecurity(insecure=True)
+
     def __init__(self, root: Path, ns: Netns) -> None:
-        self.root = root
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self._procs: list[Proc] = []
-        self.servers: dict[str, Proc] = {}
-        self._start_control_loop()
+        self._prepare(root)
         interval = "500ms"
         try:
             self.master = self._add(
@@ -130,15 +126,6 @@ class PartitionCluster(Cluster):
         except BaseException:
             self.close()
             raise
-
-    def _master(self, call: Callable[[MasterClient], object]) -> object:
-        async def main() -> object:
-            async with MasterClient(
-                self.address, timeout_s=10.0, security=tls.TransportSecurity(insecure=True)
-            ) as client:
-                return await call(client)  # type: ignore[misc]
-
-        return self._run(main())
 
     def _add(self, proc: Proc) -> Proc:
         self._procs.append(proc)

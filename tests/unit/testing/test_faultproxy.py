@@ -270,14 +270,24 @@ def test_cut_resets_both_sides_and_new_connections_work(proxy: FaultProxy, targe
     client3.close()
 
 
+def expect_reset(proxy: FaultProxy) -> None:
+    """Dial the proxy and see the connection reset. The reset may beat connect(): a socket
+    with a timeout connects without blocking and reads the outcome from SO_ERROR after the
+    poll, which by then can be ECONNRESET; either way the socket is closed."""
+    sock: socket.socket | None = None
+    try:
+        with pytest.raises(ConnectionResetError):
+            sock = dial(proxy)
+            sock.recv(1)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
 def test_refuse_resets_new_connections_only(proxy: FaultProxy, target: Target) -> None:
     client, server = pair(proxy, target)
     proxy.refuse()
-    # The reset may beat connect(): a socket with a timeout connects without blocking and
-    # reads the outcome from SO_ERROR after the poll, which by then can be ECONNRESET.
-    with pytest.raises(ConnectionResetError):
-        refused = dial(proxy)
-        refused.recv(1)
+    expect_reset(proxy)
     client.sendall(b"old one lives")
     assert recv_exactly(server, 13) == b"old one lives"
     proxy.refuse(False)
@@ -296,10 +306,7 @@ def test_target_down_resets_the_client_and_a_restarted_target_is_reached(
     port = target.port
     target.listener.close()
     with FaultProxy(f"127.0.0.1:{port}") as proxy:
-        client = dial(proxy)
-        with pytest.raises(ConnectionResetError):
-            client.recv(1)
-        client.close()
+        expect_reset(proxy)
         assert proxy.stats().target_unreachable == 1
         # The target comes back on its port: the proxy's address is unchanged.
         target.listener = socket.create_server(("127.0.0.1", port))

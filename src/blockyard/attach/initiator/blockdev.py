@@ -550,6 +550,23 @@ class IscsiBlockDevice:
             )
             cur += count
 
+    def write_same(self, lba: int, block_count: int, block: BytesLike) -> None:
+        """Write one logical block of data to every block of the range with WRITE SAME (16),
+        UNMAP bit clear (SBC-4 §5.50); split at the target's MAXIMUM WRITE SAME LENGTH."""
+        self._check_range(lba, block_count, "write_same")
+        data = bytes(block)
+        if len(data) != self.logical_block_size:
+            raise MisalignedError(
+                f"write_same takes one {self.logical_block_size}-byte block, not {len(data)} bytes"
+            )
+        cur, end = lba, lba + block_count
+        while cur < end:
+            count = min(self._max_write_same_blocks, end - cur)
+            self._run(
+                scsi.write_same16(cur, count, unmap=False), "WRITE SAME (16)", cur, data_out=data
+            )
+            cur += count
+
     def flush(self) -> None:
         """SYNCHRONIZE CACHE (16): every acknowledged write is durable when this returns."""
         self._run(scsi.synchronize_cache16(), "SYNCHRONIZE CACHE (16)", None)

@@ -1,0 +1,148 @@
+"""The chaos harness's own cluster: a real ``blockyard master`` (SQLite store) and N real
+``blockyard serve --master``, each server in its own network namespace when a
+:class:`~blockyard.chaos.netlab.NetLab` is given (so it can be partitioned), else on loopback.
+Every process keeps its data directory and ports across a kill -9 and restart, as a
+Kubernetes pod on the same node and volume would. Each server's replication listener sits
+behind a :class:`~blockyard.testing.faultproxy.FaultProxy` in this process (primaries dial the
+proxy), so the links to a replica can be delayed."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Final
+
+from blockyard import tls
+from blockyard.bench.failover import Cluster, Proc, launch, wait_for
+from blockyard.chaos.netlab import NetLab
+from blockyard.netports import free_port
+from blockyard.testing.faultproxy import FaultProxy
+
+LOOPBACK: Final = "127.0.0.1"
+
+
+class ChaosCluster(Cluster):
+    """A master and ``server_count`` servers; kill, pause, partition and restart any of them."""
+
+    #: A private test network: plaintext management API (``--insecure`` on every process).
+    security = tls.TransportSecurity(insecure=True)
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        server_count: int = 3,
+        lab: NetLab | None = None,
+        lease_ttl_s: float = 2.0,
+        heartbeat_interval_s: float = 0.5,
+    ) -> None:
+        self._prepare(root)
+        self.lab = lab
+        self._slot: dict[str, int] = {}  # server id → its namespace in ``lab``
+        self._replication: dict[str, str] = {}  # server id → its replication listen address
+        self.proxies: list[FaultProxy] = []  # in front of each server's replication listener
+        interval = f"{int(heartbeat_interval_s * 1000)}ms"
+        try:
+            # With namespaces the master listens on every address: each server dials it at
+            # the host end of its own link, so taking that link down cuts it off.
+            host = "0.0.0.0" if lab is not None else LOOPBACK
+            self.master = self._add(
+                launch(
+                    ["master", "--listen", f"{host}:0", "--insecure", "--store",
+                     f"sqlite:///{root}/master.db", "--lease-ttl", f"{lease_ttl_s}s",
+                     "--heartbeat-interval", interval],
+                    self.logs / "master.log",
+                )
+            )  # fmt: skip
+            self.master_port = int(self.master.fields["master"].rsplit(":", 1)[1])
+            self.address = f"{LOOPBACK}:{self.master_port}"
+            started: list[Proc] = []
+            replication: list[str] = []
+            for i in range(server_count):
+                net = lab.servers[i] if lab is not None else None
+                addr = net.inner_addr if net is not None else LOOPBACK
+                # Replication goes through a fault proxy (delay faults): the server listens on
+                # an address of its own and advertises the proxy's host, on the same port.
+                port = free_port()
+                listen = f"{net.inner_addr if net is not None else f'127.0.1.{i + 1}'}:{port}"
+                advertise = net.host_addr if net is not None else LOOPBACK
+                self.proxies.append(
+                    FaultProxy(listen, listen_host=advertise, listen_port=port).start()
+                )
+                replication.append(listen)
+                args = ["serve", "--data-dir", str(root / f"s{i}")]
+                for flag in ("--api-listen", "--iscsi-listen"):
+                    args += [flag, f"{addr}:0"]
+                args += ["--replication-listen", listen, "--replication-advertise", advertise]
+                master = f"{net.host_addr}:{self.master_port}" if net is not None else self.address
+                args += ["--insecure", "--master", master, "--heartbeat-interval", interval]
+                wrapper = net.wrapper if net is not None else ()
+                started.append(
+                    self._add(launch(args, self.logs / f"serve-{i}.log", wrapper=wrapper))
+                )
+            wait_for(f"{server_count} alive servers", lambda: len(self.alive()) == server_count)
+            for server in self.list_servers():
+                i, proc = next(
+                    (i, p) for i, p in enumerate(started) if p.fields["api"] == server.addresses.api
+                )
+                self.servers[server.server_id] = proc
+                self._slot[server.server_id] = i
+                self._replication[server.server_id] = replication[i]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        super().close()
+        for proxy in self.proxies:
+            proxy.close()
+
+    def _add(self, proc: Proc) -> Proc:
+        self._procs.append(proc)
+        return proc
+
+    def slot(self, server_id: str) -> int:
+        """The server's index (its data directory ``s{i}`` and namespace)."""
+        return self._slot[server_id]
+
+    def kill_server(self, server_id: str) -> None:
+        """SIGKILL, as in a crash (the page cache survives; the process does not)."""
+        self.kill(server_id)
+
+    def restart_server(self, server_id: str) -> None:
+        """Start a killed server again on its data directory, ports and namespace."""
+        self.restart(server_id, self._replication[server_id])
+
+    def pause(self, server_id: str) -> None:
+        """SIGSTOP: the process keeps its sockets and memory but runs nothing."""
+        os.kill(self.servers[server_id].process.pid, signal.SIGSTOP)
+
+    def resume(self, server_id: str) -> None:
+        os.kill(self.servers[server_id].process.pid, signal.SIGCONT)
+
+    def partition(self, server_id: str) -> None:
+        assert self.lab is not None, "partitions need the namespace network"
+        self.lab.partition(self._slot[server_id])
+
+    def heal(self, server_id: str) -> None:
+        assert self.lab is not None, "partitions need the namespace network"
+        self.lab.heal(self._slot[server_id])
+
+    def delay(self, server_id: str, delay_s: float) -> None:
+        """Every byte to and from the server's replication listener ``delay_s`` late: the
+        links from primaries to the replica copies it holds."""
+        self.proxies[self._slot[server_id]].set_delay(delay_s)
+
+    def undelay(self, server_id: str) -> None:
+        self.proxies[self._slot[server_id]].pass_through()
+
+    def kill_master(self) -> None:
+        self.master.stop(signal.SIGKILL)
+
+    def restart_master(self) -> None:
+        """The master again on its store and its address (the servers dial that address)."""
+        args = list(self.master.args)
+        listen = args.index("--listen") + 1
+        args[listen] = f"{args[listen].rsplit(':', 1)[0]}:{self.master_port}"
+        self.master = self._add(launch(args, self.master.log))
