@@ -42,6 +42,7 @@ class ChaosCluster(Cluster):
         self._slot: dict[str, int] = {}  # server id → its namespace in ``lab``
         self._replication: dict[str, str] = {}  # server id → its replication listen address
         self.proxies: list[FaultProxy] = []  # in front of each server's replication listener
+        self.master_links: list[FaultProxy] = []  # each server's way to the master
         interval = f"{int(heartbeat_interval_s * 1000)}ms"
         try:
             # With namespaces the master listens on every address: each server dials it at
@@ -75,8 +76,11 @@ class ChaosCluster(Cluster):
                 for flag in ("--api-listen", "--iscsi-listen"):
                     args += [flag, f"{addr}:0"]
                 args += ["--replication-listen", listen, "--replication-advertise", advertise]
-                master = f"{net.host_addr}:{self.master_port}" if net is not None else self.address
-                args += ["--insecure", "--master", master, "--heartbeat-interval", interval]
+                # Its way to the master too (master-partition faults): cut, the server still
+                # reaches its peers and the initiator, as when only the master's link fails.
+                link = FaultProxy(self.address, listen_host=advertise).start()
+                self.master_links.append(link)
+                args += ["--insecure", "--master", link.address, "--heartbeat-interval", interval]
                 wrapper = net.wrapper if net is not None else ()
                 started.append(
                     self._add(launch(args, self.logs / f"serve-{i}.log", wrapper=wrapper))
@@ -95,7 +99,7 @@ class ChaosCluster(Cluster):
 
     def close(self) -> None:
         super().close()
-        for proxy in self.proxies:
+        for proxy in (*self.proxies, *self.master_links):
             proxy.close()
 
     def _add(self, proc: Proc) -> Proc:
@@ -136,6 +140,13 @@ class ChaosCluster(Cluster):
 
     def undelay(self, server_id: str) -> None:
         self.proxies[self._slot[server_id]].pass_through()
+
+    def cut_from_master(self, server_id: str) -> None:
+        """The server's link to the master goes silent (no RST, no FIN)."""
+        self.master_links[self._slot[server_id]].blackhole()
+
+    def reconnect_to_master(self, server_id: str) -> None:
+        self.master_links[self._slot[server_id]].pass_through()
 
     def kill_master(self) -> None:
         self.master.stop(signal.SIGKILL)

@@ -94,6 +94,7 @@ _ON_OFF: Final = {
     "pause": ("pause", "resume"),
     "partition": ("partition", "heal"),
     "delay": ("delay", "undelay"),
+    "master-partition": ("cut_from_master", "reconnect_to_master"),
 }
 
 

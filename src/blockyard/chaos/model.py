@@ -60,6 +60,10 @@ class WriteRecord:
     count: int
     writer: int
     ok: bool | None = None  # None while in flight
+    # When (the caller's clock): issued, completed, acknowledged durable (None: not yet).
+    issued_s: float = 0.0
+    completed_s: float | None = None
+    durable_s: float | None = None
 
     def covers(self, lba: int) -> bool:
         return self.lba <= lba < self.lba + self.count
@@ -146,6 +150,8 @@ class VolumeModel:
         self._reads_done = 0
         self._generation = 0
         self._quiet = True
+        #: Subtracted from the caller's times in messages (the runner sets its start).
+        self.origin_s = 0.0
 
     # ---- fault windows -------------------------------------------------------------------
 
@@ -161,30 +167,31 @@ class VolumeModel:
 
     # ---- writes --------------------------------------------------------------------------
 
-    def issue(self, kind: OpKind, lba: int, count: int, writer: int) -> int:
+    def issue(self, kind: OpKind, lba: int, count: int, writer: int, at_s: float = 0.0) -> int:
         """Register a write about to be submitted; its write id (stamp it into the payload)."""
         if count <= 0 or lba < 0 or lba + count > self.sector_count:
             raise ValueError(f"write of {count} blocks at LBA {lba} is outside the volume")
         with self._lock:
             wid = self._next_id
             self._next_id += 1
-            self._writes[wid] = WriteRecord(wid, kind, lba, count, writer)
+            self._writes[wid] = WriteRecord(wid, kind, lba, count, writer, issued_s=at_s)
             for s in range(lba, lba + count):
                 self._allowed.setdefault(s, [INITIAL]).append(wid)
             self.counters.writes_issued += 1
             return wid
 
-    def complete(self, write_id: int, *, ok: bool) -> None:
+    def complete(self, write_id: int, *, ok: bool, at_s: float = 0.0) -> None:
         """The write returned: GOOD (``ok``) or an error (its outcome is then unknown)."""
         with self._lock:
             rec = self._writes[write_id]
             rec.ok = ok
+            rec.completed_s = at_s
             if not ok:
                 self.counters.writes_failed += 1
                 return
             self.counters.writes_ok += 1
             if rec.kind is OpKind.FUA:
-                self._make_durable(rec)
+                self._make_durable(rec, at_s)
             else:
                 self._completions += 1
                 self._unflushed.append((self._completions, write_id))
@@ -194,7 +201,7 @@ class VolumeModel:
         with self._lock:
             return self._completions
 
-    def flush_end(self, token: int, *, ok: bool) -> None:
+    def flush_end(self, token: int, *, ok: bool, at_s: float = 0.0) -> None:
         with self._lock:
             if not ok:
                 self.counters.flushes_failed += 1
@@ -202,10 +209,11 @@ class VolumeModel:
             self.counters.flushes_ok += 1
             while self._unflushed and self._unflushed[0][0] <= token:
                 _, wid = self._unflushed.popleft()
-                self._make_durable(self._writes[wid])
+                self._make_durable(self._writes[wid], at_s)
 
-    def _make_durable(self, rec: WriteRecord) -> None:
+    def _make_durable(self, rec: WriteRecord, at_s: float) -> None:
         self.counters.durable += 1
+        rec.durable_s = at_s
         for s in range(rec.lba, rec.lba + rec.count):
             allowed = self._allowed.get(s)
             if allowed is None or rec.write_id not in allowed:
@@ -282,9 +290,18 @@ class VolumeModel:
 
     def _lost(self, s: int, what: str, allowed: list[int]) -> str:
         durable = self._durable.get(s, INITIAL)
+        rec = self._writes.get(durable)
+        when = ""
+        if rec is not None:
+            when = (
+                f" (issued at {rec.issued_s - self.origin_s:.3f} s, completed at "
+                f"{(rec.completed_s or 0.0) - self.origin_s:.3f} s, durable at "
+                f"{(rec.durable_s or 0.0) - self.origin_s:.3f} s by "
+                f"{'FUA' if rec.kind is OpKind.FUA else 'a flush'})"
+            )
         return (
             f"acknowledged write lost at LBA {s}: reads {what}, but write {durable} was "
-            f"acknowledged durable (allowed: {allowed[:6]})"
+            f"acknowledged durable{when} (allowed: {allowed[:6]})"
         )
 
     def _violate(self, check: int, lba: int | None, message: str, at_s: float) -> None:

@@ -6,6 +6,7 @@ through the current primary and compare every replica's copy with the primary's.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import subprocess
 import time
@@ -24,7 +25,7 @@ from blockyard.chaos.model import VolumeModel
 from blockyard.chaos.netlab import NetLab
 from blockyard.chaos.payload import SECTOR_BYTES
 from blockyard.chaos.report import ChaosReport, FaultResult
-from blockyard.chaos.schedule import FaultSpec, schedule
+from blockyard.chaos.schedule import KINDS, FaultSpec, schedule
 from blockyard.chaos.workload import VolumeWorkload, read_all
 from blockyard.errors import BlockyardError
 from blockyard.server.client import VolumeServerClient
@@ -59,7 +60,7 @@ class ChaosOptions:
     duration_s: float
     directory: Path
     volumes: int = 2
-    faults: tuple[str, ...] = ("kill", "pause", "partition")
+    faults: tuple[str, ...] = KINDS
     writers: int = 3
     volume_bytes: int = 64 << 20
     servers: int = 3
@@ -188,9 +189,12 @@ def _create_volumes(run: _Run, layouts: Sequence[tuple[int, int, str]]) -> None:
     _wait_healed(run, o.heal_bound_s)
     run.started = time.monotonic()
     for v in run.volumes:
+        v.model.origin_s = run.started
         v.workload.start()
         v.observer.start()
-    run.say(f"{len(run.volumes)} volumes attached, {o.writers} writers each; warming up")
+    wall = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
+    run.say(f"{len(run.volumes)} volumes attached, {o.writers} writers each; warming up "
+            f"(time 0 is {wall} in the servers' logs)")  # fmt: skip
     time.sleep(WARMUP_S)
 
 
@@ -282,7 +286,7 @@ def _final_checks(run: _Run) -> None:
         try:
             flush = v.model.flush_begin()
             v.device.flush()
-            v.model.flush_end(flush, ok=True)
+            v.model.flush_end(flush, ok=True, at_s=time.monotonic())
             read_all(v.model, v.device)
         except BlockyardError as exc:
             run.report.harness_errors.append(f"{v.name}: final read-back failed: {exc}")

@@ -24,6 +24,9 @@ HOLD_S: Final = {
     # that replica lags; restarted after the hold. What an acknowledgement given before the
     # replica holds the write would lose.
     "kill-lagging": (0.5, 3.0),
+    # A server's link to the master silent while it still reaches its peers and the
+    # initiator: past the lease the master fails its volumes over though it is alive.
+    "master-partition": (2.0, 6.0),
 }
 KINDS: Final = tuple(HOLD_S)
 #: One-way delay of a delay fault, drawn from this range (seconds): from a slow LAN to a WAN

@@ -176,9 +176,9 @@ class VolumeWorkload:
                 try:
                     dev.flush()
                 except BlockyardError:
-                    model.flush_end(flush, ok=False)
+                    model.flush_end(flush, ok=False, at_s=time.monotonic())
                     raise
-                model.flush_end(flush, ok=True)
+                model.flush_end(flush, ok=True, at_s=time.monotonic())
             else:
                 self._write(w, kind, lba, count)
         except BlockyardError as exc:
@@ -196,7 +196,7 @@ class VolumeWorkload:
         model, dev, vol = self.model, self.device, self.model.volume
         op = {"write": OpKind.WRITE, "fua": OpKind.FUA, "same": OpKind.SAME,
               "unmap": OpKind.UNMAP, "zeroes": OpKind.ZEROES}[kind]  # fmt: skip
-        wid = model.issue(op, lba, count, w)
+        wid = model.issue(op, lba, count, w, time.monotonic())
         try:
             if op is OpKind.SAME:
                 dev.write_same(lba, count, sector(vol, lba, wid, same=True))
@@ -207,9 +207,9 @@ class VolumeWorkload:
             else:
                 dev.write(lba, sectors(vol, lba, count, wid), fua=op is OpKind.FUA)
         except BlockyardError:
-            model.complete(wid, ok=False)
+            model.complete(wid, ok=False, at_s=time.monotonic())
             raise
-        model.complete(wid, ok=True)
+        model.complete(wid, ok=True, at_s=time.monotonic())
 
 
 def read_all(model: VolumeModel, device: Device, chunk: int = REGION_SECTORS) -> None:

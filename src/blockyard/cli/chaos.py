@@ -7,9 +7,10 @@ creates and attaches the volumes through blockyard's userspace initiator, and ru
 writers per volume: writes of 512 B to 1 MiB (aligned and unaligned), FUA, WRITE SAME, UNMAP,
 flushes and checked reads, every block stamped with its volume, LBA and write. It then injects
 the faults of the seeded schedule one at a time (kill -9 and restart of a server, SIGSTOP and
-SIGCONT, a server's link taken down, kill -9 of the master), waits after each for the cluster
-to heal, has every writer read back its blocks, and at the end reads every block through the
-primary and compares every replica's copy with it.
+SIGCONT, a server's link taken down, kill -9 of the master, the links to a replica delayed, a
+primary killed while a replica lags, a server cut from the master only), waits after each for
+the cluster to heal, has every writer read back its blocks, and at the end reads every block
+through the primary and compares every replica's copy with it.
 
 Checks: 1 no acknowledged-durable write lost; 2 no torn, misplaced or invented data; 3 no block
 going back in time between quiet reads; 4 one primary per epoch, epochs never going down; 5

@@ -33,6 +33,7 @@ from blockyard.errors import (
 )
 from blockyard.master import failover
 from blockyard.master.assignments import Assignment, AssignmentQueue
+from blockyard.master.core_failover import FailoverRules, ordered_like
 from blockyard.master.intents import (
     Intent,
     LeaseGrant,
@@ -44,7 +45,6 @@ from blockyard.master.intents import (
 )
 from blockyard.master.leases import LeasePolicy, LeaseTable
 from blockyard.master.model import (
-    MAX_COPIES,
     MAX_PENDING_MARKS,
     CopyRecord,
     CopyState,
@@ -56,10 +56,9 @@ from blockyard.master.model import (
     VolumeStatus,
     check_copy_transition,
 )
-from blockyard.master.placement import Candidate, rank
+from blockyard.master.placement import Candidate
 from blockyard.master.probe import QuorumProbes
 from blockyard.master.registry import Registry, ServerLive
-from blockyard.replication.commit import DurabilityMode
 
 log = logging.getLogger("blockyard.master")
 
@@ -129,7 +128,7 @@ class _Mark:
     sent_mono_ns: int
 
 
-class MasterCore:
+class MasterCore(FailoverRules):
     """Not thread-safe: one event loop drives it."""
 
     def __init__(self, config: MasterConfig, now_ns: int) -> None:
@@ -141,6 +140,8 @@ class MasterCore:
         self.started_ns = now_ns
         self._busy: set[str] = set()
         self._promoting: set[str] = set()
+        #: Volumes whose replicas a quorum probe fenced: name → the epoch they were moved to.
+        self._fencing: dict[str, int] = {}
         self._servers_busy: set[str] = set()
         self._marks: dict[tuple[str, str], _Mark] = {}
         self._stuck_logged: set[tuple[str, int]] = set()
@@ -435,7 +436,7 @@ class MasterCore:
             new = new.with_copy(replace(copy, state=CopyState.REBUILDING))
         if new == rec:
             return None
-        new = replace(new, copies=_ordered(new, rec), status=new.settled_status())
+        new = replace(new, copies=ordered_like(new, rec), status=new.settled_status())
         self._busy.add(name)
         return PutVolume(new, version, "copy states from heartbeat")
 
@@ -536,6 +537,16 @@ class MasterCore:
                 volume_epoch=rec.epoch,
                 request_epoch=epoch,
             )
+        fenced = self._fenced(rec)
+        if fenced is not None:
+            # The replicas were fenced for a failover: a mark now would leave no in-sync copy
+            # to promote, and the primary must stop acknowledging anyway.
+            raise StaleEpochError(
+                f"volume {name!r} is failing over (its replicas are at epoch {fenced}); server "
+                f"{server_id} at epoch {epoch} must stop acknowledging",
+                volume_epoch=fenced,
+                request_epoch=epoch,
+            )
         self._marks[(name, replica_address)] = _Mark(
             now_ns + self.config.mark_hold_ns, sent_mono_ns
         )
@@ -555,7 +566,7 @@ class MasterCore:
         if copy.state not in (CopyState.IN_SYNC, CopyState.PENDING):
             return None
         out = rec.with_copy(replace(copy, state=CopyState.OUT_OF_SYNC))
-        out = replace(out, copies=_ordered(out, rec))
+        out = replace(out, copies=ordered_like(out, rec))
         return replace(out, status=out.settled_status())
 
     # ---- time --------------------------------------------------------------------------
@@ -623,177 +634,3 @@ class MasterCore:
             if intent is not None:
                 intents.append(intent)
         return intents
-
-    def _heard(self, server_id: str, now_ns: int) -> bool:
-        live = self.registry.live.get(server_id)
-        return (
-            live is not None
-            and live.connected
-            and not live.stopping
-            and now_ns - live.last_heartbeat_ns <= self.config.suspect_after_ns
-        )
-
-    def _draining(self, server_id: str) -> bool:
-        rec = self.registry.servers.get(server_id)
-        return rec is not None and rec.state is ServerState.DRAINING
-
-    def _lsns(self, rec: VolumeRecord) -> dict[str, int]:
-        return {
-            c.server_id: report.durable_lsn
-            for c in rec.copies
-            if (report := self._report(c.server_id, rec.name)) is not None
-        }
-
-    def _successor(self, rec: VolumeRecord, now_ns: int, *, drain: bool) -> CopyRecord | None:
-        """The copy to promote: on a heard server that is not draining; for a failure (not a
-        drain) a heard draining server will do when no other is left."""
-        lsns = self._lsns(rec)
-        heard = {c.server_id for c in rec.copies if self._heard(c.server_id, now_ns)}
-        staying = {s for s in heard if not self._draining(s)}
-        choice = failover.choose_new_primary(
-            rec, staying, lambda c: lsns.get(c.server_id, c.durable_lsn)
-        )
-        if choice is None and not drain:
-            choice = failover.choose_new_primary(
-                rec, heard, lambda c: lsns.get(c.server_id, c.durable_lsn)
-            )
-        return choice
-
-    def _handing_over(self, rec: VolumeRecord, now_ns: int) -> bool:
-        """The primary's server is draining and an in-sync copy elsewhere can take over."""
-        return self._draining(rec.primary) and self._successor(rec, now_ns, drain=True) is not None
-
-    def _primary_heard(self, rec: VolumeRecord, now_ns: int) -> bool:
-        live = self.registry.live.get(rec.primary)
-        if not self._heard(rec.primary, now_ns) or live is None:
-            return False
-        if self._handing_over(rec, now_ns):
-            return False
-        report = live.reports.get(rec.name)
-        return report is not None and report.uuid == rec.uuid and not report.failed
-
-    def _failover(self, rec: VolumeRecord, now_ns: int) -> Intent | None:
-        if not rec.primary:
-            return None
-        if self._primary_heard(rec, now_ns):
-            self.deferred.cancel(rec.name)
-            return None
-        self.deferred.defer(rec.name, rec.epoch, now_ns)
-        if not self.leases.may_promote(rec.name, rec.epoch, now_ns):
-            return None
-        lsns = self._lsns(rec)
-        if rec.mode is DurabilityMode.SYNC_QUORUM:
-            plan = self.probes.plan(rec, lambda s: self._heard(s, now_ns), now_ns)
-            if isinstance(plan, ProbeLsns):
-                self._busy.add(rec.name)
-                log.info("volume %s: asking replicas %s what they received before promoting",
-                         rec.name, ", ".join(plan.server_ids))  # fmt: skip
-                return plan
-            received = plan or {}
-            choice = failover.choose_new_primary(rec, received, lambda c: received[c.server_id])
-        else:
-            choice = self._successor(rec, now_ns, drain=False)
-        if choice is None:
-            if (rec.name, rec.epoch) not in self._stuck_logged:
-                self._stuck_logged.add((rec.name, rec.epoch))
-                why = (
-                    "too few in-sync replicas answered what they received to be sure the "
-                    "choice holds every acknowledged write"
-                    if rec.mode is DurabilityMode.SYNC_QUORUM
-                    else "no in-sync copy is on a live server"
-                )
-                log.warning(
-                    "volume %s: primary %s is gone and %s; it waits for its primary (or an "
-                    "in-sync replica's server) to return",
-                    rec.name,
-                    rec.primary,
-                    why,
-                )
-            return None
-        new = failover.promote(rec, choice.server_id, lsns)
-        new = replace(new, copies=_ordered(new, rec))
-        self.deferred.cancel(rec.name)
-        self._busy.add(rec.name)
-        self._promoting.add(rec.name)
-        log.warning(
-            "volume %s: primary %s lost its lease; promoting %s (durable LSN %d) at epoch %d",
-            rec.name,
-            rec.primary,
-            choice.server_id,
-            lsns.get(choice.server_id, choice.durable_lsn),
-            new.epoch,
-        )
-        return PutVolume(new, self.registry.volume_versions[rec.name], "failover")
-
-    def _replace(self, rec: VolumeRecord, now_ns: int) -> Intent | None:
-        for c in rec.copies:
-            if c.server_id == rec.primary:
-                continue
-            if self.silent_ns(c.server_id, now_ns) < self.config.replace_after_ns:
-                continue
-            others = [o.server_id for o in rec.copies if o.server_id != c.server_id]
-            zones = [self.registry.servers[s].zone for s in others if s in self.registry.servers]
-            best = rank(
-                self.candidates(now_ns),
-                rec.size_bytes,
-                exclude=set(rec.server_ids),
-                taken_zones=zones,
-            )
-            if not best:
-                continue
-            new = failover.replace_copy(rec, c.server_id, best[0])
-            self._busy.add(rec.name)
-            log.warning(
-                "volume %s: server %s silent for %.0f s; its copy moves to %s",
-                rec.name,
-                c.server_id,
-                self.silent_ns(c.server_id, now_ns) / 1e9,
-                best[0],
-            )
-            return PutVolume(new, self.registry.volume_versions[rec.name], "replacement")
-        return None
-
-    def _drain(self, rec: VolumeRecord, now_ns: int) -> Intent | None:
-        """Move replicas off draining servers: add a copy elsewhere first, drop the draining
-        one once every other copy is in sync (redundancy never drops below what it was). A
-        primary on a draining server is handed over first (see :meth:`_handing_over`)."""
-        leaving = [
-            c for c in rec.copies if c.server_id != rec.primary and self._draining(c.server_id)
-        ]
-        if not leaving or self._draining(rec.primary):
-            return None
-        keep = [c for c in rec.copies if not self._draining(c.server_id)]
-        if len(keep) < rec.replica_count:
-            if len(rec.copies) >= MAX_COPIES:
-                return None
-            zones = [
-                self.registry.servers[c.server_id].zone
-                for c in keep
-                if c.server_id in self.registry.servers
-            ]
-            best = rank(
-                self.candidates(now_ns),
-                rec.size_bytes,
-                exclude=set(rec.server_ids),
-                taken_zones=zones,
-            )
-            if not best:
-                return None
-            new = rec.with_copy(CopyRecord(best[0], Role.REPLICA, CopyState.PENDING))
-            reason = f"drain: new copy on {best[0]}"
-        elif all(c.state is CopyState.IN_SYNC for c in keep):
-            new = rec.without_copy(leaving[0].server_id)
-            reason = f"drain: copy on {leaving[0].server_id} moved"
-        else:
-            return None
-        new = replace(new, copies=_ordered(new, rec))
-        new = replace(new, status=new.settled_status())
-        self._busy.add(rec.name)
-        log.info("volume %s: %s", rec.name, reason)
-        return PutVolume(new, self.registry.volume_versions[rec.name], reason)
-
-
-def _ordered(new: VolumeRecord, old: VolumeRecord) -> tuple[CopyRecord, ...]:
-    """``new``'s copies in ``old``'s order (new copies last), so records do not reshuffle."""
-    pos = {s: i for i, s in enumerate(old.server_ids)}
-    return tuple(sorted(new.copies, key=lambda c: pos.get(c.server_id, len(pos))))

@@ -72,9 +72,12 @@ def choose_new_primary(
     return min(eligible, key=lambda c: (-durable_lsn(c), c.server_id))
 
 
-def promote(rec: VolumeRecord, new_primary: str, lsns: Mapping[str, int]) -> VolumeRecord:
-    """``rec`` after failing over to ``new_primary``: epoch + 1; the old primary becomes an
-    out-of-sync replica; live durable LSNs recorded."""
+def promote(
+    rec: VolumeRecord, new_primary: str, lsns: Mapping[str, int], *, above: int | None = None
+) -> VolumeRecord:
+    """``rec`` after failing over to ``new_primary``: the next epoch (above ``above`` too, the
+    epoch a probe fenced the replicas at); the old primary becomes an out-of-sync replica; live
+    durable LSNs recorded."""
     copies = []
     for c in rec.copies:
         lsn = lsns.get(c.server_id, c.durable_lsn)
@@ -86,8 +89,10 @@ def promote(rec: VolumeRecord, new_primary: str, lsns: Mapping[str, int]) -> Vol
             )
         else:
             copies.append(replace(c, durable_lsn=lsn))
-    bump = 0 if sabotage.active(sabotage.LOSE_EPOCH_BUMP) else 1
-    out = replace(rec, epoch=rec.epoch + bump, primary=new_primary, copies=tuple(copies))
+    epoch = max(rec.epoch, above or 0) + 1
+    if sabotage.active(sabotage.LOSE_EPOCH_BUMP):
+        epoch = rec.epoch
+    out = replace(rec, epoch=epoch, primary=new_primary, copies=tuple(copies))
     return replace(out, status=out.settled_status())
 
 

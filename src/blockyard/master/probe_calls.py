@@ -1,5 +1,12 @@
-"""The I/O half of a quorum failover's probe (:mod:`blockyard.master.probe`): ask each replica's
-volume server, at once and within :data:`PROBE_TIMEOUT_S`, for the last LSN its copy received."""
+"""The I/O half of a quorum failover's probe (:mod:`blockyard.master.probe`): fence each
+replica, then ask its volume server for the last LSN its copy received — at once for all of
+them, each within :data:`PROBE_TIMEOUT_S`.
+
+Fencing moves the replica to the next epoch (SetReplication, durable on its server), so it
+refuses the old primary's stream from then on. Without it the answer could be out of date
+before the master used it: an old primary still alive (only unheard by the master) could go on
+committing with the replicas not yet told of the failover, and a write it acknowledged on them
+would be missing from the copy the master chose."""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ PROBE_TIMEOUT_S: Final = 1.0
 
 class ReplicationClient(Protocol):
     async def get_replication(self, name: str) -> ReplicationInfo: ...
+    async def set_replication(self, name: str, *, role: Role, epoch: int) -> ReplicationInfo: ...
     async def close(self) -> None: ...
 
 
@@ -32,8 +40,10 @@ async def received_lsns(
     api_of: Mapping[str, str],
     client_for: Callable[[str], ReplicationClient],
 ) -> dict[str, int]:
-    """server id → the last LSN its copy received, for the servers of ``intent`` that
-    answered in time as replicas at the intent's epoch (the others are left out)."""
+    """server id → the last LSN its copy received, for the servers of ``intent`` that were
+    fenced (moved to the intent's epoch + 1 as replicas) and answered in time (the others are
+    left out)."""
+    fence = intent.epoch + 1
 
     async def ask(sid: str) -> int | None:
         api = api_of.get(sid, "")
@@ -42,6 +52,7 @@ async def received_lsns(
         client = client_for(api)
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await client.set_replication(intent.volume, role=Role.REPLICA, epoch=fence)
                 info = await client.get_replication(intent.volume)
         except (errors.BlockyardError, grpc.RpcError, OSError, TimeoutError) as exc:
             log.warning("volume %s: replica %s did not say what it received: %s",
@@ -49,11 +60,11 @@ async def received_lsns(
             return None
         finally:
             await client.close()
-        if info.role is not Role.REPLICA or info.epoch != intent.epoch:
+        if info.role is not Role.REPLICA or info.epoch != fence:
             log.warning(
-                "volume %s: server %s holds it as %s at epoch %d, not a replica at epoch %d; "
-                "its answer does not count",
-                intent.volume, sid, info.role.name.lower(), info.epoch, intent.epoch,
+                "volume %s: server %s holds it as %s at epoch %d, not a replica fenced at epoch "
+                "%d; its answer does not count",
+                intent.volume, sid, info.role.name.lower(), info.epoch, fence,
             )  # fmt: skip
             return None
         return info.last_lsn

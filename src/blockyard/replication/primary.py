@@ -32,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol, TypeVar
 
 from blockyard.blockdev import BytesLike, LbaStatus
+from blockyard.engine.epoch import Role
 from blockyard.engine.volume import Volume
-from blockyard.errors import BlockyardError, ReplicationUnavailableError
+from blockyard.errors import BlockyardError, NotPrimaryError, ReplicationUnavailableError
 from blockyard.replication.commit import (
     Action,
     CommitTracker,
@@ -649,6 +650,8 @@ class ReplicatedDevice:
         if replication is not None and replication.needs_commit and not replication.on_loop():
             return None  # the future would belong to another loop: the general path waits
         lsn = self.volume.try_write(lba, data)
+        if lsn is not None and replication is None:
+            self._unreplicated()
         if lsn is None or replication is None or not lsn:
             return lsn
         fut = replication.receipt_future(lsn)
@@ -686,9 +689,21 @@ class ReplicatedDevice:
         self._check_lease()
         return lsn
 
+    def _unreplicated(self) -> None:
+        """No replication runs: fine for a volume without replicas, but a copy that stopped
+        being primary meanwhile (replication is torn down after the role changes) must not
+        acknowledge what it took before the change."""
+        if self.volume.role in (Role.REPLICA, Role.REBUILDING):
+            raise NotPrimaryError(
+                f"volume {self.volume.name!r} stopped being primary while the command ran; "
+                "it is not acknowledged: write through the new primary"
+            )
+
     def _receipt(self, lsn: int) -> None:
         replication = self.replication
-        if replication is not None and lsn:
+        if replication is None:
+            self._unreplicated()
+        elif lsn:
             replication.receipt_blocking(lsn)
 
     def flush(self) -> None:
@@ -704,6 +719,8 @@ class ReplicatedDevice:
             if replication is not None and pending is not None:
                 # Wait even if the local sync failed: the waiter must not be left behind.
                 replication.commit_wait(lsn, pending)
+        if replication is None:
+            self._unreplicated()
         # The wait may have outlived the lease: a flush is acknowledged only under one.
         self._check_lease()
 
@@ -712,5 +729,7 @@ class ReplicatedDevice:
 
     def _commit(self, lsn: int) -> None:
         replication = self.replication
-        if replication is not None and lsn:
+        if replication is None:
+            self._unreplicated()
+        elif lsn:
             replication.commit_blocking(lsn)

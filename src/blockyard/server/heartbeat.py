@@ -64,7 +64,12 @@ MAX_HEARTBEAT_INTERVAL_S: Final = 10.0
 REPLY_TIMEOUT_INTERVALS: Final = 10
 MIN_REPLY_TIMEOUT_S: Final = 5.0
 RECONNECT_MIN_S: Final = 0.2
-RECONNECT_MAX_S: Final = 5.0
+#: A master that starts leading holds promotions for a lease TTL and a margin (2.5 s by
+#: default) and then fails over the volumes of every server it has not heard: a server must be
+#: back on it within that. At 5 s a server that had backed off through a 3 s master restart
+#: came back after the hold and lost its volumes though it was alive (seen by blockyard chaos).
+#: One attempt a second per server costs a dead master nothing.
+RECONNECT_MAX_S: Final = 1.0
 CONNECT_TIMEOUT_S: Final = 5.0
 #: Send times remembered for replies still to come (older replies grant nothing).
 MAX_SENT_REMEMBERED: Final = 64

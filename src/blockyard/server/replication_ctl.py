@@ -208,9 +208,13 @@ class ReplicationController:
         if self.address and self.address in addresses:
             raise InvalidArgumentError(f"{self.address} is this server: not a replica of itself")
         if role is not Role.PRIMARY:
+            # The role first: from here the engine refuses host writes, and the device fails
+            # any write already past that check instead of taking "no replication" for "none
+            # needed" (a demoted primary acknowledged writes its replicas never received
+            # between the two steps when they ran the other way round; seen by chaos).
+            await self._sync(volume.set_role, role, epoch)
             await self.volume_closing(volume.name)
             await self._sync(remove_primary_state, volume.directory)
-            await self._sync(volume.set_role, role, epoch)
             if role in (Role.REPLICA, Role.REBUILDING):
                 await self._sync(self._init_replica_state, volume)
             return

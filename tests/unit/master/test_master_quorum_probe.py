@@ -20,7 +20,7 @@ from master_harness import (
 )
 
 from blockyard.engine.epoch import Role
-from blockyard.errors import ServerUnavailableError
+from blockyard.errors import ServerUnavailableError, StaleEpochError
 from blockyard.master import probe_calls
 from blockyard.master.core import ProbeLsns, PutVolume
 from blockyard.master.model import VolumeRecord
@@ -55,6 +55,17 @@ def run_until_promoted(
     return promotions
 
 
+def until_probed(h: Harness, rec: VolumeRecord) -> None:
+    """Heartbeat steps of both replicas, the primary silent, until the master probes."""
+    deadline = h.now + 10 * TTL_NS
+    while not h.probes:
+        h.advance(INTERVAL_NS)
+        for sid in ("s2", "s3"):
+            h.heartbeat(sid, (replica_report(rec),))
+        h.tick()
+        assert h.now < deadline, "no probe was sent"
+
+
 def test_quorum_failover_promotes_the_replica_that_received_most() -> None:
     h = started(quorum_volume())
     # Their heartbeats say s2 is ahead; what they received says s3 holds more (the old
@@ -65,7 +76,8 @@ def test_quorum_failover_promotes_the_replica_that_received_most() -> None:
     assert [p.server_ids for p in h.probes] == [("s2", "s3")]
     assert all(p.epoch == 1 and p.volume == "vol" for p in h.probes)
     rec = h.volume()
-    assert (rec.primary, rec.epoch) == ("s3", 2)
+    # The probe fenced the replicas at epoch 2; the promotion is above it.
+    assert (rec.primary, rec.epoch) == ("s3", 3)
 
 
 def test_the_probe_is_asked_only_after_the_lease_expired() -> None:
@@ -116,23 +128,32 @@ def test_a_primary_heard_again_while_the_probe_is_out_keeps_its_volume() -> None
     h = started(quorum_volume())
     h.auto_persist = False
     rec = h.volume()
-    deadline = h.now + 10 * TTL_NS
-    while not h.probes:
-        h.advance(INTERVAL_NS)
-        for sid in ("s2", "s3"):
-            h.heartbeat(sid, (replica_report(rec),))
-        h.tick()
-        assert h.now < deadline, "no probe was sent"
+    until_probed(h, rec)
     # The primary comes back before the answers.
     h.heartbeat("s1", (primary_report(rec),), full=True)
     h.received = {"s2": 120, "s3": 150}
     h.finish(h.probes[0])
     h.auto_persist = True
+    # The probe fenced the replicas at epoch 2: the primary keeps its volume, at epoch 3, so
+    # they take its stream again; nothing else is written.
+    puts: list[PutVolume] = []
     for _ in range(4):
         h.advance(INTERVAL_NS)
         h.heartbeat("s1", (primary_report(rec),))
-        assert not [i for i in h.tick() if isinstance(i, PutVolume)]
-    assert (h.volume().primary, h.volume().epoch) == ("s1", 1)
+        puts += [i for i in h.tick() if isinstance(i, PutVolume)]
+    assert [p.reason for p in puts] == ["refence"]
+    assert (h.volume().primary, h.volume().epoch) == ("s1", 3)
+
+
+def test_a_primary_cannot_mark_a_replica_out_of_sync_once_the_probe_fenced_them() -> None:
+    h = started(quorum_volume())
+    h.auto_persist = False
+    rec = h.volume()
+    until_probed(h, rec)
+    # The old primary, refused by its fenced replicas, asks to go on without one: a mark
+    # would leave no in-sync copy to promote, and it must stop acknowledging.
+    with pytest.raises(StaleEpochError, match="failing over"):
+        h.core.mark_out_of_sync("vol", 1, "s1", "10.0.0.2:9600", h.now, sent_mono_ns=h.now)
 
 
 def test_sync_all_chooses_without_asking() -> None:
@@ -166,6 +187,7 @@ class FakeClient:
     def __init__(self, behaviour: ReplicationInfo | BaseException | None) -> None:
         self.behaviour = behaviour
         self.closed = False
+        self.fenced: tuple[Role, int] | None = None
 
     async def get_replication(self, name: str) -> ReplicationInfo:
         if self.behaviour is None:
@@ -174,6 +196,10 @@ class FakeClient:
             raise self.behaviour
         assert isinstance(self.behaviour, ReplicationInfo)
         return self.behaviour
+
+    async def set_replication(self, name: str, *, role: Role, epoch: int) -> ReplicationInfo:
+        self.fenced = (role, epoch)
+        return await self.get_replication(name)
 
     async def close(self) -> None:
         self.closed = True
@@ -188,13 +214,14 @@ def test_received_lsns_keeps_only_timely_replica_answers_at_the_epoch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(probe_calls, "PROBE_TIMEOUT_S", 0.05)
+    # The intent is at epoch 3: each replica is fenced at 4 before it answers.
     clients = {
-        "api2": FakeClient(info(Role.REPLICA, 3, 120)),
-        "api3": FakeClient(info(Role.REPLICA, 2, 500)),  # an older epoch: not this history
-        "api4": FakeClient(info(Role.PRIMARY, 3, 900)),  # not a replica
+        "api2": FakeClient(info(Role.REPLICA, 4, 120)),
+        "api3": FakeClient(info(Role.REPLICA, 3, 500)),  # not fenced: its answer can grow
+        "api4": FakeClient(info(Role.PRIMARY, 4, 900)),  # not a replica
         "api5": FakeClient(None),  # never answers
         "api6": FakeClient(ServerUnavailableError("down")),
-        "api7": FakeClient(info(Role.REPLICA, 3, 130)),
+        "api7": FakeClient(info(Role.REPLICA, 4, 130)),
     }
     servers = ("s2", "s3", "s4", "s5", "s6", "s7", "s8")
     api = {s: f"api{s[1:]}" for s in servers[:-1]}  # s8: no address known
@@ -202,3 +229,4 @@ def test_received_lsns_keeps_only_timely_replica_answers_at_the_epoch(
     got = asyncio.run(probe_calls.received_lsns(intent, api, lambda a: clients[a]))
     assert got == {"s2": 120, "s7": 130}
     assert all(c.closed for c in clients.values())
+    assert clients["api2"].fenced == clients["api7"].fenced == (Role.REPLICA, 4)
