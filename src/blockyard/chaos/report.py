@@ -74,19 +74,19 @@ class ChaosReport:
                 else []
             ),
             "",
-            f"{'fault':<13} {'count':>5} {'unavailable median/max':>24} {'healed median/max':>20}",
+            f"{'fault':<17} {'count':>5} {'unavailable median/max':>24} {'healed median/max':>20}",
         ]
         for kind in self.faults_requested:
             done = [r for r in self.results if r.kind == kind]
             if kind in self.faults_not_run:
-                lines.append(f"{kind:<13} {'-':>5}   not run: {self.faults_not_run[kind]}")
+                lines.append(f"{kind:<17} {'-':>5}   not run: {self.faults_not_run[kind]}")
                 continue
             if not done:
-                lines.append(f"{kind:<13} {0:>5}")
+                lines.append(f"{kind:<17} {0:>5}")
                 continue
             heals = [r.heal_s for r in done if r.heal_s is not None]
             lines.append(
-                f"{kind:<13} {len(done):>5} {_spread([r.unavailable_s for r in done]):>24} "
+                f"{kind:<17} {len(done):>5} {_spread([r.unavailable_s for r in done]):>24} "
                 f"{_spread(heals) if heals else 'never':>20}"
             )
         lines += [

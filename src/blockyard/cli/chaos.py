@@ -70,9 +70,9 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--faults",
         type=_faults,
-        default=("kill", "pause", "partition"),
+        default=KINDS,
         metavar="KIND,...",
-        help=f"faults to inject, of {','.join(KINDS)} (default kill,pause,partition)",
+        help=f"faults to inject (default all: {','.join(KINDS)})",
     )
     p.add_argument(
         "--layout",
