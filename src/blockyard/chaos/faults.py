@@ -5,7 +5,9 @@ once the process printed READY); the runner holds the fault in between."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, Protocol
 
 from blockyard.chaos.cluster import ChaosCluster
@@ -32,23 +34,18 @@ class Fault(Protocol):
 
 @dataclass
 class _OnServer:
-    """A fault on one server: ``inject`` and ``end`` name :class:`ChaosCluster` methods."""
+    """A fault on one server: what starts it and what ends it."""
 
-    cluster: ChaosCluster
     server: str
     target: str
-    on: str
-    off: str
-    delay_s: float = 0.0
+    on: Callable[[], None]
+    off: Callable[[], None]
 
     def inject(self) -> None:
-        if self.on == "delay":
-            self.cluster.delay(self.server, self.delay_s)
-        else:
-            getattr(self.cluster, self.on)(self.server)
+        self.on()
 
     def end(self) -> None:
-        getattr(self.cluster, self.off)(self.server)
+        self.off()
 
 
 @dataclass
@@ -89,13 +86,22 @@ class _KillLagging:
         self.cluster.undelay(self.replica)
 
 
-_ON_OFF: Final = {
-    "kill": ("kill_server", "restart_server"),
-    "pause": ("pause", "resume"),
-    "partition": ("partition", "heal"),
-    "delay": ("delay", "undelay"),
-    "master-partition": ("cut_from_master", "reconnect_to_master"),
-}
+def _on_off(
+    cluster: ChaosCluster, kind: str, server: str, delay_s: float
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What starts and what ends a fault of ``kind`` on ``server``."""
+    c = cluster
+    table: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+        "kill": (partial(c.kill_server, server), partial(c.restart_server, server)),
+        "pause": (partial(c.pause, server), partial(c.resume, server)),
+        "partition": (partial(c.partition, server), partial(c.heal, server)),
+        "delay": (partial(c.delay, server, delay_s), partial(c.undelay, server)),
+        "master-partition": (
+            partial(c.cut_from_master, server),
+            partial(c.reconnect_to_master, server),
+        ),
+    }
+    return table[kind]
 
 
 def make_fault(cluster: ChaosCluster, spec: FaultSpec, name: str) -> Fault:
@@ -111,7 +117,8 @@ def make_fault(cluster: ChaosCluster, spec: FaultSpec, name: str) -> Fault:
             raise ValueError(f"{name} has no replica to lag")
         target = f"primary of {name} (replica {replica[:8]} lagging {spec.delay_s * 1000:.0f} ms)"
         return _KillLagging(cluster, primary, replica, spec.delay_s, target)
-    on, off = _ON_OFF[spec.kind]
     if spec.role == "replica" and replica is not None:
-        return _OnServer(cluster, replica, f"replica of {name}", on, off, spec.delay_s)
-    return _OnServer(cluster, primary, f"primary of {name}", on, off, spec.delay_s)
+        server, target = replica, f"replica of {name}"
+    else:
+        server, target = primary, f"primary of {name}"
+    return _OnServer(server, target, *_on_off(cluster, spec.kind, server, spec.delay_s))
