@@ -577,7 +577,13 @@ class ReplicatedDevice:
     With a ``lease`` (a server run by a master) every write, unmap and flush is refused with
     :class:`~blockyard.errors.LeaseExpiredError` while the lease does not allow it — checked
     before it starts and again before it is acknowledged (a flush may wait seconds for its
-    replicas). Reads are always served. The check is a clock read and two compares, no lock."""
+    replicas). Reads too, checked *after* the data was read: a primary paused or cut off past
+    its lease may have been deposed, and the promoted copy may have acknowledged writes this
+    copy never saw; its data is then stale, and a read served from it would go back in time.
+    Checking after the read (not before) covers a pause between the check and the read: data
+    read while the lease still held at the check that followed is data no other primary had
+    yet overwritten (a promoted copy acknowledges nothing until this lease has run out).
+    The check is a clock read and two compares, no lock."""
 
     def __init__(self, volume: Volume, lease: PrimaryLease | None = None) -> None:
         self.volume = volume
@@ -601,14 +607,20 @@ class ReplicatedDevice:
         return self.volume.max_transfer_blocks
 
     def read(self, lba: int, block_count: int) -> bytes:
-        return self.volume.read(lba, block_count)
+        data = self.volume.read(lba, block_count)
+        self._check_lease()
+        return data
 
     def readinto(self, lba: int, buf: memoryview) -> None:
         self.volume.readinto(lba, buf)
+        self._check_lease()
 
     def try_read(self, lba: int, block_count: int) -> BytesLike | None:
         """:meth:`read` if it needs no wait, else None (see ``Volume.try_read``)."""
-        return self.volume.try_read(lba, block_count)
+        data = self.volume.try_read(lba, block_count)
+        if data is not None:
+            self._check_lease()
+        return data
 
     def _check_lease(self) -> None:
         lease = self.lease

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, Protocol
@@ -64,13 +64,26 @@ class StaticAlua:
 
     Changing a state does not raise the unit attention itself: the server calls
     :meth:`LogicalUnit.notify_alua_changed` after :meth:`set_state`, so one place owns UAs.
+
+    ``serving``, when given, is asked on every query: while it answers False an active group
+    reports TRANSITIONING (SPC-4 §5.15.2.6) instead. The server passes a primary's lease
+    (:meth:`~blockyard.replication.lease.PrimaryLease.allows`), so a primary that may have been
+    deposed (its lease ran out: paused, cut off) steers multipath initiators to the other
+    paths by itself, without waiting for the master to reach it. It must be thread-safe and
+    cheap (it is called per command).
     """
 
-    def __init__(self, groups: Sequence[TargetPortGroup]) -> None:
+    def __init__(
+        self,
+        groups: Sequence[TargetPortGroup],
+        *,
+        serving: Callable[[], bool] | None = None,
+    ) -> None:
         if not groups or len(groups) > PORT_GROUPS_MAX:
             raise ValueError(f"need 1..{PORT_GROUPS_MAX} target port groups, got {len(groups)}")
         self._lock = threading.Lock()
         self._groups = {g.group_id: g for g in groups}
+        self._serving = serving
 
     @classmethod
     def single(
@@ -84,11 +97,25 @@ class StaticAlua:
 
     def access_state(self, group_id: int) -> AccessState:
         group = self._groups.get(group_id)
-        return AccessState.UNAVAILABLE if group is None else group.state
+        if group is None:
+            return AccessState.UNAVAILABLE
+        return self._gated(group.state)
 
     def port_groups(self) -> Sequence[TargetPortGroup]:
         with self._lock:
-            return tuple(self._groups.values())
+            groups = tuple(self._groups.values())
+        return tuple(
+            g
+            if (state := self._gated(g.state)) is g.state
+            else TargetPortGroup(g.group_id, state, g.relative_port_ids, g.preferred)
+            for g in groups
+        )
+
+    def _gated(self, state: AccessState) -> AccessState:
+        serving = self._serving
+        if state <= AccessState.ACTIVE_NON_OPTIMIZED and serving is not None and not serving():
+            return AccessState.TRANSITIONING
+        return state
 
     def set_state(self, group_id: int, state: AccessState) -> None:
         with self._lock:

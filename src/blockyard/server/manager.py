@@ -367,23 +367,25 @@ class VolumeManager(AccessOps, ReplicationOps):
             raise
 
     def _wrap(self, vol: Volume, auth: VolumeAuth = OPEN) -> _Exported:
-        state = ROLE_ACCESS_STATE[vol.role]
-        alua = StaticAlua(
-            [
-                TargetPortGroup(g.portal_group_tag, state, (g.portal_group_tag,), preferred=i == 0)
-                for i, g in enumerate(self._groups)
-            ]
-        )
-        identity = LuIdentity(vol.uuid)
-        reservations = FileReservationStore(
-            os.path.join(vol.directory, RESERVATIONS_FILE), volume=vol.name
-        )
         lease = None
         if self.leases:
             lease = PrimaryLease(vol.name, epoch=vol.epoch)
             if vol.role is Role.PRIMARY:
                 # Until its replication (and so its replica set) is running.
                 lease.suspend()
+        state = ROLE_ACCESS_STATE[vol.role]
+        alua = StaticAlua(
+            [
+                TargetPortGroup(g.portal_group_tag, state, (g.portal_group_tag,), preferred=i == 0)
+                for i, g in enumerate(self._groups)
+            ],
+            # A primary without its lease reports TRANSITIONING (it may have been deposed).
+            serving=None if lease is None else lease.allows,
+        )
+        identity = LuIdentity(vol.uuid)
+        reservations = FileReservationStore(
+            os.path.join(vol.directory, RESERVATIONS_FILE), volume=vol.name
+        )
         device = ReplicatedDevice(vol, lease)
         lu = LogicalUnit(device, identity, alua, reservations, lun=LUN, volume_name=vol.name)
         iqn = volume_iqn(self.iqn_prefix, vol.name, vol.uuid)

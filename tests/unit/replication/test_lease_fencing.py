@@ -1,6 +1,8 @@
-"""Self-fencing in the data path: a primary whose lease lapsed fails every write-type command
-with NOT READY / 04h-0Ah (asymmetric access state transition), keeps serving reads, and
-resumes when a lease comes back; without a lease object nothing changes."""
+"""Self-fencing in the data path: a primary whose lease lapsed fails every command that moves
+data — writes, flushes and reads (its copy may be stale: another copy may have been promoted
+and written) — with NOT READY / 04h-0Ah (asymmetric access state transition), reports its port
+groups TRANSITIONING, and resumes when a lease comes back; without a lease object nothing
+changes."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import pytest
 from blockyard.engine.epoch import Role
 from blockyard.engine.store import VolumeStore
 from blockyard.engine.volume import Volume
+from blockyard.errors import LeaseExpiredError
 from blockyard.replication.lease import DEFAULT_LEASE_TTL_NS, PrimaryLease
 from blockyard.replication.primary import ReplicatedDevice
 from blockyard.scsi import LogicalUnit, LuIdentity, MemoryReservationStore, StaticAlua
+from blockyard.scsi.alua import AccessState, TargetPortGroup
 from blockyard.scsi.constants import LU_NOT_ACCESSIBLE_TRANSITION, SenseKey
 from blockyard.scsi.lu import WOULD_BLOCK
 from blockyard.scsi.nexus import Nexus
@@ -89,7 +93,7 @@ def is_transitioning(result: ScsiResult) -> bool:
     )
 
 
-def test_lapsed_lease_fails_writes_and_flushes_but_serves_reads(volume: Volume) -> None:
+def test_lapsed_lease_fails_writes_flushes_and_reads(volume: Volume) -> None:
     clock = FakeClock()
     lease = PrimaryLease("v", epoch=3, clock=clock)
     lease.set_replicas(["127.0.0.1:1"])
@@ -106,19 +110,85 @@ def test_lapsed_lease_fails_writes_and_flushes_but_serves_reads(volume: Volume) 
         "UNMAP": lu.execute(NEXUS, unmap_cdb(24), unmap_params(0, 8)),
         "WRITE SAME": lu.execute(NEXUS, write_same16(0, 8, unmap=False), b"\x11" * BLOCK),
         "WRITE SAME UNMAP": lu.execute(NEXUS, write_same16(0, 8, unmap=True), bytes(BLOCK)),
+        "READ": lu.execute(NEXUS, read10(0, 1)),
     }
     assert {name: is_transitioning(r) for name, r in fenced.items()} == dict.fromkeys(fenced, True)
-    # The fast path declines (the general path answers the sense): nothing was written.
+    # The fast path declines writes (the general path answers the sense): nothing was written.
     assert lu.try_execute(NEXUS, write10(8, 1), b"\xcd" * BLOCK) is WOULD_BLOCK
-    read = lu.execute(NEXUS, read10(0, 1))
-    assert read.status is Status.GOOD
-    assert read.data_in is not None and bytes(read.data_in) == block
+    # A fast read (the block is in the page cache) answers the sense itself.
+    fast = lu.try_execute(NEXUS, read10(0, 1))
+    assert isinstance(fast, ScsiResult) and is_transitioning(fast), fast
     assert volume.read(8, 1) == bytes(BLOCK)
 
     lease.grant(3, clock(), DEFAULT_LEASE_TTL_NS)  # a lease comes back
+    read = lu.execute(NEXUS, read10(0, 1))
+    assert read.status is Status.GOOD
+    assert read.data_in is not None and bytes(read.data_in) == block
     assert lu.execute(NEXUS, write10(8, 1, fua=True), b"\xcd" * BLOCK).status is Status.GOOD
     assert lu.execute(NEXUS, sync_cache10()).status is Status.GOOD
     assert volume.read(8, 1) == b"\xcd" * BLOCK
+
+
+def test_a_lease_lapsing_while_the_data_is_read_fails_the_read(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that counts comes after the data was read: a primary paused between a check
+    and its read (SIGSTOP, a VM freeze) may wake up deposed, holding stale data."""
+    clock = FakeClock()
+    lease = PrimaryLease("v", epoch=3, clock=clock)
+    lease.set_replicas(["127.0.0.1:1"])
+    lease.grant(3, clock(), DEFAULT_LEASE_TTL_NS)
+    device = ReplicatedDevice(volume, lease)
+    device.write(0, b"\xab" * BLOCK, fua=False)
+    real_read, real_readinto, real_try_read = volume.read, volume.readinto, volume.try_read
+
+    def paused(fn):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            out = fn(*args)
+            clock.now_ns += DEFAULT_LEASE_TTL_NS  # the process slept inside the read
+            return out
+
+        return run
+
+    monkeypatch.setattr(volume, "read", paused(real_read))
+    monkeypatch.setattr(volume, "readinto", paused(real_readinto))
+    monkeypatch.setattr(volume, "try_read", paused(real_try_read))
+    for name, call in {
+        "read": lambda: device.read(0, 1),
+        "readinto": lambda: device.readinto(0, memoryview(bytearray(BLOCK))),
+        "try_read": lambda: device.try_read(0, 1),
+    }.items():
+        lease.grant(3, clock(), DEFAULT_LEASE_TTL_NS)
+        assert lease.allows()
+        with pytest.raises(LeaseExpiredError):
+            call()
+            pytest.fail(f"{name} returned data read after the lease ran out")
+
+
+def test_port_groups_report_transitioning_without_the_lease(volume: Volume) -> None:
+    clock = FakeClock()
+    lease = PrimaryLease("v", epoch=3, clock=clock)
+    lease.set_replicas(["127.0.0.1:1"])
+    lease.grant(3, clock(), DEFAULT_LEASE_TTL_NS)
+    alua = StaticAlua(
+        [
+            TargetPortGroup(1, AccessState.ACTIVE_OPTIMIZED, (1,), preferred=True),
+            TargetPortGroup(2, AccessState.STANDBY, (2,)),
+        ],
+        serving=lease.allows,
+    )
+    assert alua.access_state(1) is AccessState.ACTIVE_OPTIMIZED
+    clock.now_ns += DEFAULT_LEASE_TTL_NS
+    assert alua.access_state(1) is AccessState.TRANSITIONING
+    # Only active groups transition: a standby group stays what it is.
+    assert alua.access_state(2) is AccessState.STANDBY
+    assert [(g.group_id, g.state) for g in alua.port_groups()] == [
+        (1, AccessState.TRANSITIONING),
+        (2, AccessState.STANDBY),
+    ]
+    lease.grant(3, clock(), DEFAULT_LEASE_TTL_NS)
+    assert [g.state for g in alua.port_groups()] == [AccessState.ACTIVE_OPTIMIZED,
+                                                     AccessState.STANDBY]  # fmt: skip
 
 
 def test_no_lease_object_means_standalone_behaviour(volume: Volume) -> None:
