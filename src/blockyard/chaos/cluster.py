@@ -4,7 +4,14 @@
 Every process keeps its data directory and ports across a kill -9 and restart, as a
 Kubernetes pod on the same node and volume would. Each server's replication listener sits
 behind a :class:`~blockyard.testing.faultproxy.FaultProxy` in this process (primaries dial the
-proxy), so the links to a replica can be delayed."""
+proxy), so the links to a replica can be delayed.
+
+With ``masters`` > 1 the cluster runs a **master group**: a one-member etcd (Debian's
+etcd-server) as the store and that many ``blockyard master`` processes electing a leader
+through it; the servers are given every master's address. A master fault then kills the
+leader. In namespaces the masters are reached at the lab's master address (see
+:class:`~blockyard.chaos.netlab.NetLab`), and a server is cut from them by a route; on loopback
+a follower's redirect would bypass any proxy, so a server cannot be cut from the group there."""
 
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ from typing import Final
 from blockyard import tls
 from blockyard.bench.failover import Cluster, Proc, launch, wait_for
 from blockyard.chaos.netlab import NetLab
+from blockyard.master.proto import master_pb2 as mpb
 from blockyard.netports import free_port
+from blockyard.testing.etcd import EtcdServer, start_etcd
 from blockyard.testing.faultproxy import FaultProxy
 
 LOOPBACK: Final = "127.0.0.1"
@@ -33,6 +42,7 @@ class ChaosCluster(Cluster):
         root: Path,
         *,
         server_count: int = 3,
+        masters: int = 1,
         lab: NetLab | None = None,
         lease_ttl_s: float = 2.0,
         heartbeat_interval_s: float = 0.5,
@@ -44,20 +54,11 @@ class ChaosCluster(Cluster):
         self.proxies: list[FaultProxy] = []  # in front of each server's replication listener
         self.master_links: list[FaultProxy] = []  # each server's way to the master
         interval = f"{int(heartbeat_interval_s * 1000)}ms"
+        self.etcd: EtcdServer | None = None
+        self.masters: list[Proc] = []
+        self.master_ports: list[int] = []
         try:
-            # With namespaces the master listens on every address: each server dials it at
-            # the host end of its own link, so taking that link down cuts it off.
-            host = "0.0.0.0" if lab is not None else LOOPBACK
-            self.master = self._add(
-                launch(
-                    ["master", "--listen", f"{host}:0", "--insecure", "--store",
-                     f"sqlite:///{root}/master.db", "--lease-ttl", f"{lease_ttl_s}s",
-                     "--heartbeat-interval", interval],
-                    self.logs / "master.log",
-                )
-            )  # fmt: skip
-            self.master_port = int(self.master.fields["master"].rsplit(":", 1)[1])
-            self.address = f"{LOOPBACK}:{self.master_port}"
+            self._start_masters(root, masters, lease_ttl_s, interval)
             started: list[Proc] = []
             replication: list[str] = []
             for i in range(server_count):
@@ -76,11 +77,15 @@ class ChaosCluster(Cluster):
                 for flag in ("--api-listen", "--iscsi-listen"):
                     args += [flag, f"{addr}:0"]
                 args += ["--replication-listen", listen, "--replication-advertise", advertise]
-                # Its way to the master too (master-partition faults): cut, the server still
-                # reaches its peers and the initiator, as when only the master's link fails.
-                link = FaultProxy(self.address, listen_host=advertise).start()
-                self.master_links.append(link)
-                args += ["--insecure", "--master", link.address, "--heartbeat-interval", interval]
+                if self.group:
+                    masters_arg = self.address  # cut by the lab's route (module docstring)
+                else:
+                    # Its way to the master through a proxy (master-partition faults): cut, the
+                    # server still reaches its peers and the initiator.
+                    link = FaultProxy(self.address, listen_host=advertise).start()
+                    self.master_links.append(link)
+                    masters_arg = link.address
+                args += ["--insecure", "--master", masters_arg, "--heartbeat-interval", interval]
                 wrapper = net.wrapper if net is not None else ()
                 started.append(
                     self._add(launch(args, self.logs / f"serve-{i}.log", wrapper=wrapper))
@@ -97,10 +102,51 @@ class ChaosCluster(Cluster):
             self.close()
             raise
 
+    def _start_masters(self, root: Path, count: int, lease_ttl_s: float, interval: str) -> None:
+        """One master on a SQLite store, or ``count`` on a fresh etcd (a master group)."""
+        lab = self.lab
+        # With namespaces the masters listen on every address: each server dials the single
+        # master at the host end of its own link, a group at the lab's master address.
+        host = "0.0.0.0" if lab is not None else LOOPBACK
+        common = ["--insecure", "--lease-ttl", f"{lease_ttl_s}s", "--heartbeat-interval", interval]
+        if count == 1:
+            self.master = self._add(
+                launch(["master", "--listen", f"{host}:0", "--store", f"sqlite:///{root}/master.db",
+                        *common], self.logs / "master.log")
+            )  # fmt: skip
+            self.master_ports = [int(self.master.fields["master"].rsplit(":", 1)[1])]
+            self.masters = [self.master]
+            self.address = f"{LOOPBACK}:{self.master_ports[0]}"
+            return
+        (root / "etcd").mkdir(exist_ok=True)
+        self.etcd = start_etcd(root / "etcd", name="chaos")
+        advertised = lab.master_addr if lab is not None else LOOPBACK
+        addresses = []
+        for j in range(count):
+            port = free_port()
+            proc = self._add(
+                launch(["master", "--listen", f"{host}:{port}", "--advertise",
+                        f"{advertised}:{port}", "--master-id", f"m{j}",
+                        "--store", self.etcd.url("/chaos"), *common],
+                       self.logs / f"master-{j}.log")
+            )  # fmt: skip
+            self.masters.append(proc)
+            self.master_ports.append(port)
+            addresses.append(f"{advertised}:{port}")
+        self.master = self.masters[0]
+        self.address = ",".join(addresses)
+
+    @property
+    def group(self) -> bool:
+        """Several masters on etcd (a leader among them)."""
+        return len(self.masters) > 1
+
     def close(self) -> None:
         super().close()
         for proxy in (*self.proxies, *self.master_links):
             proxy.close()
+        if self.etcd is not None:
+            self.etcd.stop()
 
     def _add(self, proc: Proc) -> Proc:
         self._procs.append(proc)
@@ -142,18 +188,40 @@ class ChaosCluster(Cluster):
         self.proxies[self._slot[server_id]].pass_through()
 
     def cut_from_master(self, server_id: str) -> None:
-        """The server's link to the master goes silent (no RST, no FIN)."""
-        self.master_links[self._slot[server_id]].blackhole()
+        """The server's link to the master (every master of a group) goes silent."""
+        if self.group:
+            assert self.lab is not None, "a server is cut from a master group by a route"
+            self.lab.cut_from_master(self._slot[server_id])
+        else:
+            self.master_links[self._slot[server_id]].blackhole()
 
     def reconnect_to_master(self, server_id: str) -> None:
-        self.master_links[self._slot[server_id]].pass_through()
+        if self.group:
+            assert self.lab is not None
+            self.lab.reconnect_to_master(self._slot[server_id])
+        else:
+            self.master_links[self._slot[server_id]].pass_through()
 
-    def kill_master(self) -> None:
-        self.master.stop(signal.SIGKILL)
+    def leader(self) -> int:
+        """The index of the master leading now (0 for a single master)."""
+        if not self.group:
+            return 0
+        info = self._master(lambda c: c.get_leader())
+        assert isinstance(info, mpb.LeaderInfo)
+        port = int(info.leader_address.rsplit(":", 1)[1]) if info.leader_address else -1
+        if port not in self.master_ports:
+            raise ValueError(f"no master leads now (GetLeader: {info.leader_address!r})")
+        return self.master_ports.index(port)
 
-    def restart_master(self) -> None:
-        """The master again on its store and its address (the servers dial that address)."""
-        args = list(self.master.args)
+    def kill_master(self, index: int) -> None:
+        self.masters[index].stop(signal.SIGKILL)
+
+    def restart_master(self, index: int) -> None:
+        """Master ``index`` again on its store and its address (the servers dial it there)."""
+        old = self.masters[index]
+        args = list(old.args)
         listen = args.index("--listen") + 1
-        args[listen] = f"{args[listen].rsplit(':', 1)[0]}:{self.master_port}"
-        self.master = self._add(launch(args, self.master.log))
+        args[listen] = f"{args[listen].rsplit(':', 1)[0]}:{self.master_ports[index]}"
+        self.masters[index] = self._add(launch(args, old.log))
+        if index == 0:
+            self.master = self.masters[0]

@@ -50,15 +50,24 @@ class _OnServer:
 
 @dataclass
 class _Master:
+    """kill -9 the master (the leader of a master group); at the end, restart it."""
+
     cluster: ChaosCluster
-    target: str = "the master"
-    server: str = "master"
+    index: int
+
+    @property
+    def target(self) -> str:
+        return "the master leader" if self.cluster.group else "the master"
+
+    @property
+    def server(self) -> str:
+        return f"m{self.index}" if self.cluster.group else "master"
 
     def inject(self) -> None:
-        self.cluster.kill_master()
+        self.cluster.kill_master(self.index)
 
     def end(self) -> None:
-        self.cluster.restart_master()
+        self.cluster.restart_master(self.index)
 
 
 @dataclass
@@ -107,7 +116,7 @@ def _on_off(
 def make_fault(cluster: ChaosCluster, spec: FaultSpec, name: str) -> Fault:
     """The fault ``spec`` asks for on volume ``name``, aimed as the master sees it now."""
     if spec.kind == "master":
-        return _Master(cluster)
+        return _Master(cluster, cluster.leader())
     info: mpb.VolumeInfo = cluster.get_volume(name)
     primary = info.primary_server_id
     replicas = sorted(c.server_id for c in info.copies if c.server_id != primary)

@@ -38,6 +38,7 @@ class ChaosReport:
     network: str
     volumes: list[str]
     faults_requested: list[str]
+    masters: str = "1 on SQLite"
     faults_not_run: dict[str, str] = field(default_factory=dict)
     sabotage: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -67,7 +68,7 @@ class ChaosReport:
     def table(self) -> str:
         lines = [
             f"seed {self.seed}: {self.elapsed_s:.0f} s, network: {self.network}, "
-            f"volumes: {', '.join(self.volumes)}",
+            f"masters: {self.masters}, volumes: {', '.join(self.volumes)}",
             *(
                 [f"deliberate defects (self-test): {', '.join(self.sabotage)}"]
                 if self.sabotage

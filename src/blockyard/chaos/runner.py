@@ -64,6 +64,8 @@ class ChaosOptions:
     writers: int = 3
     volume_bytes: int = 64 << 20
     servers: int = 3
+    #: 1: a master on SQLite; more: a master group on etcd (master faults kill the leader).
+    masters: int = 1
     layout: str = "mixed"
     netns: bool | None = None  # None: use namespaces when they can be made
     heal_bound_s: float = HEAL_BOUND_S
@@ -116,6 +118,7 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
         network="loopback",
         volumes=[f"chaos{i} ({label})" for i, (_, _, label) in enumerate(layouts)],
         faults_requested=list(options.faults),
+        masters="1 on SQLite" if options.masters == 1 else f"{options.masters} on etcd",
     )
     report.sabotage = list(options.sabotage)
     if options.sabotage:
@@ -123,14 +126,20 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
         os.environ[sabotage.ENV] = ",".join(options.sabotage)
     options.directory.mkdir(parents=True, exist_ok=True)
     with _network(options, report) as lab:
+        if options.masters > 1 and lab is None and "master-partition" in options.faults:
+            report.faults_not_run["master-partition"] = (
+                "a master group on loopback (a follower's redirect names the leader's own "
+                "address, past any cut): it needs network namespaces"
+            )
         cluster = ChaosCluster(
-            options.directory, server_count=options.servers, lab=lab,
+            options.directory, server_count=options.servers, masters=options.masters, lab=lab,
             lease_ttl_s=options.lease_ttl_s,
         )  # fmt: skip
         run = _Run(options, cluster, report)
         try:
-            run.say(f"cluster up: master {cluster.address}, {options.servers} servers "
-                    f"({report.network}); logs in {cluster.logs}")  # fmt: skip
+            run.say(f"cluster up: master {cluster.address} ({report.masters}), "
+                    f"{options.servers} servers ({report.network}); "
+                    f"logs in {cluster.logs}")  # fmt: skip
             _create_volumes(run, layouts)
             _fault_loop(run)
             _final_checks(run)
@@ -143,7 +152,10 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
 @contextlib.contextmanager
 def _network(options: ChaosOptions, report: ChaosReport) -> Iterator[NetLab | None]:
     """Namespaces when asked for (or when partitions are and they can be made)."""
-    want = options.netns if options.netns is not None else "partition" in options.faults
+    needs = "partition" in options.faults or (
+        options.masters > 1 and "master-partition" in options.faults
+    )
+    want = options.netns if options.netns is not None else needs
     if not want:
         if "partition" in options.faults:
             report.faults_not_run["partition"] = "network namespaces off (--no-netns)"

@@ -1,16 +1,17 @@
 """``blockyard chaos``: a seeded fault-injection run against a whole local cluster, with a
 block-level consistency checker.
 
-It starts its own cluster under DIR (a master with a SQLite store and N volume servers, each
-server in its own network namespace when partitions are asked for and this runs as root),
+It starts its own cluster under DIR (a master with a SQLite store, or with --masters N a master
+group electing its leader through etcd, and N volume servers, each server in its own network
+namespace when partitions are asked for and this runs as root),
 creates and attaches the volumes through blockyard's userspace initiator, and runs several
 writers per volume: writes of 512 B to 1 MiB (aligned and unaligned), FUA, WRITE SAME, UNMAP,
 flushes and checked reads, every block stamped with its volume, LBA and write. It then injects
 the faults of the seeded schedule one at a time (kill -9 and restart of a server, SIGSTOP and
-SIGCONT, a server's link taken down, kill -9 of the master, the links to a replica delayed, a
-primary killed while a replica lags, a server cut from the master only), waits after each for
-the cluster to heal, has every writer read back its blocks, and at the end reads every block
-through the primary and compares every replica's copy with it.
+SIGCONT, a server's link taken down, kill -9 of the master or of a group's leader, the links to
+a replica delayed, a primary killed while a replica lags, a server cut from the master only),
+waits after each for the cluster to heal, has every writer read back its blocks, and at the end
+reads every block through the primary and compares every replica's copy with it.
 
 Checks: 1 no acknowledged-durable write lost; 2 no torn, misplaced or invented data; 3 no block
 going back in time between quiet reads; 4 one primary per epoch, epochs never going down; 5
@@ -39,6 +40,8 @@ from blockyard.cli.sizes import parse_size
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: A master group larger than this adds nothing a chaos run on one machine can show.
+MAX_MASTERS = 5
 
 
 def _faults(text: str) -> tuple[str, ...]:
@@ -91,6 +94,13 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--servers", type=int, default=3, help="volume servers (default 3)")
     p.add_argument(
+        "--masters",
+        type=int,
+        default=1,
+        help="masters: 1 on SQLite (default), or 2 to 5 on etcd electing a leader (master "
+        "faults then kill the leader)",
+    )
+    p.add_argument(
         "--heal-bound",
         type=parse_duration,
         default=HEAL_BOUND_S,
@@ -142,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
         if value < least:
             print(f"blockyard chaos: {flag} must be at least {least}", file=sys.stderr)
             return EXIT_USAGE
+    if not 1 <= args.masters <= MAX_MASTERS:
+        print(f"blockyard chaos: --masters must be 1 to {MAX_MASTERS}", file=sys.stderr)
+        return EXIT_USAGE
     if args.dir:
         directory = Path(args.dir)
     else:
@@ -159,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     options = ChaosOptions(
         seed=seed, duration_s=args.duration, directory=directory, volumes=args.volumes,
         faults=args.faults, writers=args.writers, volume_bytes=args.volume_size,
-        servers=args.servers, layout=args.layout, netns=False if args.no_netns else None,
+        servers=args.servers, masters=args.masters, layout=args.layout,
+        netns=False if args.no_netns else None,
         heal_bound_s=args.heal_bound, sabotage=tuple(args.sabotage), out=sys.stdout,
     )  # fmt: skip
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the processes, namespaces and

@@ -4,8 +4,9 @@ userspace initiator), a seeded schedule of faults, and the checker.
 
 - ``test_chaos_seed``: three seeds x 90 s of every fault (kill -9, pause, partition, master
   kill, delay, kill with a lagging replica, a server cut from the master); every check must
-  hold. A failure prints the seed (re-run it with
-  ``blockyard chaos --seed N``); ``BLOCKYARD_CHAOS_SEEDS`` overrides the seeds.
+  hold. Seeds 101 and 202 run one master on SQLite; seed 303 a group of three masters on etcd,
+  where the master fault kills the leader. A failure prints the command that re-runs it;
+  ``BLOCKYARD_CHAOS_SEEDS`` overrides the seeds (then all with one master).
 - ``test_checker_catches_a_broken_cluster``: the self-test. The cluster is started with one
   deliberate defect (``--sabotage``) and the run must fail, on the check that defect breaks.
 
@@ -23,7 +24,12 @@ from pathlib import Path
 
 import pytest
 
-SEEDS = [int(s) for s in os.environ.get("BLOCKYARD_CHAOS_SEEDS", "101,202,303").split(",")]
+#: (seed, masters): the last run has a master group on etcd.
+RUNS = (
+    [(int(s), 1) for s in os.environ["BLOCKYARD_CHAOS_SEEDS"].split(",")]
+    if os.environ.get("BLOCKYARD_CHAOS_SEEDS")
+    else [(101, 1), (202, 1), (303, 3)]
+)
 FAULTS = "kill,pause,partition,master,delay,kill-lagging,master-partition"
 #: 90 s of faults, plus setup, the heal wait of the last fault and the final read-back.
 RUN_TIMEOUT_S = 420
@@ -42,10 +48,11 @@ def _chaos(tmp_path: Path, *args: str) -> tuple[int, dict[str, object], str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
-@pytest.mark.parametrize("seed", SEEDS)
-def test_chaos_seed(tmp_path: Path, seed: int) -> None:
-    code, report, out = _chaos(tmp_path, "--seed", str(seed), "--duration", "90s",
-                               "--faults", FAULTS)  # fmt: skip
+@pytest.mark.parametrize(("seed", "masters"), RUNS)
+def test_chaos_seed(tmp_path: Path, seed: int, masters: int) -> None:
+    args = ["--seed", str(seed), "--duration", "90s", "--faults", FAULTS, "--masters", str(masters)]
+    code, report, out = _chaos(tmp_path, *args)
+    assert report["masters"] == ("1 on SQLite" if masters == 1 else f"{masters} on etcd")
     not_run = report["faults_not_run"]
     assert not_run == {}, f"seed {seed}: faults not run: {not_run}"
     results = report["results"]
@@ -55,7 +62,7 @@ def test_chaos_seed(tmp_path: Path, seed: int) -> None:
     assert isinstance(checks, dict)
     failed = {n: c for n, c in checks.items() if c}
     assert code == 0 and not failed and not report["harness_errors"], (
-        f"seed {seed} (re-run: blockyard chaos --seed {seed} --duration 90s --faults {FAULTS}): "
+        f"seed {seed} (re-run: blockyard chaos {' '.join(args)}): "
         f"failed checks {failed}; {report['harness_errors']}; see the output above"
     )
     assert isinstance(report["durable_writes"], int) and report["durable_writes"] > 1000

@@ -60,3 +60,9 @@ def test_bad_usage_exits_2(args: list[str], capsys: pytest.CaptureFixture[str]) 
 def test_counts_below_one_exit_2(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chaos", flag, "0"]) == 2
     assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("masters", ["0", "6"])
+def test_masters_out_of_range_exit_2(masters: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chaos", "--masters", masters]) == 2
+    assert "--masters must be 1 to 5" in capsys.readouterr().err
