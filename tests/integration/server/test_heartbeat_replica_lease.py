@@ -2,8 +2,8 @@
 and its replica (best_effort), assigned by an in-test Master servicer that grants **no** lease
 at all (a master outage). The primary keeps acknowledging writes on its replica's answers to
 its lease probes alone; when the replica stops answering (SIGSTOP: a partition that sends no
-RST), the primary's writes get NOT READY / 04h-0Ah within TTL + margin; when it answers again
-(SIGCONT), writes resume."""
+RST), the primary's writes and reads get NOT READY / 04h-0Ah within TTL + margin; when it
+answers again (SIGCONT), I/O resumes."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ async def exercise(portal: Portal, iqn: str, replica: Serve) -> None:
         assert fenced_ns - stopped_ns <= DEFAULT_LEASE_TTL_NS + LEASE_MARGIN_NS
         print(f"fenced {(fenced_ns - stopped_ns) / 1e6:.0f} ms after the replica stopped")
         read = await command(conn, scsi.read16(0, 8), read_length=BLOCK)
-        assert read.status == STATUS_GOOD and read.data == data
+        assert is_transitioning(read), read
 
         replica.process.send_signal(signal.SIGCONT)
         resumed_ns = 0
@@ -205,5 +205,7 @@ async def exercise(portal: Portal, iqn: str, replica: Serve) -> None:
             assert is_transitioning(outcome), outcome
             await asyncio.sleep(0.05)
         assert resumed_ns, "writes did not resume once the replica answered again"
+        read = await command(conn, scsi.read16(0, 8), read_length=BLOCK)
+        assert read.status == STATUS_GOOD and read.data == data
     finally:
         await conn.logout()
