@@ -22,7 +22,9 @@ from typing import Final
 
 from blockyard import tls
 from blockyard.bench.failover import Cluster, Proc, launch, wait_for
+from blockyard.chaos.disks import SmallDisk
 from blockyard.chaos.netlab import NetLab
+from blockyard.chaos.timens import TimeNamespace
 from blockyard.master.proto import master_pb2 as mpb
 from blockyard.netports import free_port
 from blockyard.testing.etcd import EtcdServer, start_etcd
@@ -44,6 +46,7 @@ class ChaosCluster(Cluster):
         server_count: int = 3,
         masters: int = 1,
         lab: NetLab | None = None,
+        small_disks: bool = False,
         lease_ttl_s: float = 2.0,
         heartbeat_interval_s: float = 0.5,
     ) -> None:
@@ -53,6 +56,11 @@ class ChaosCluster(Cluster):
         self._replication: dict[str, str] = {}  # server id → its replication listen address
         self.proxies: list[FaultProxy] = []  # in front of each server's replication listener
         self.master_links: list[FaultProxy] = []  # each server's way to the master
+        #: Server id → the time namespace it runs in (clock faults), and the wrapper without it.
+        self.clocks: dict[str, TimeNamespace] = {}
+        #: Slot → the small filesystem under the server's data directory (disk-full faults).
+        self.disks: list[SmallDisk] = []
+        self._base_wrapper: dict[str, tuple[str, ...]] = {}
         interval = f"{int(heartbeat_interval_s * 1000)}ms"
         self.etcd: EtcdServer | None = None
         self.masters: list[Proc] = []
@@ -73,7 +81,11 @@ class ChaosCluster(Cluster):
                     FaultProxy(listen, listen_host=advertise, listen_port=port).start()
                 )
                 replication.append(listen)
-                args = ["serve", "--data-dir", str(root / f"s{i}")]
+                data_dir = root / f"s{i}"
+                if small_disks:
+                    self.disks.append(SmallDisk(root / f"disk{i}.img", data_dir))
+                    data_dir = self.disks[-1].data_dir
+                args = ["serve", "--data-dir", str(data_dir)]
                 for flag in ("--api-listen", "--iscsi-listen"):
                     args += [flag, f"{addr}:0"]
                 args += ["--replication-listen", listen, "--replication-advertise", advertise]
@@ -96,6 +108,7 @@ class ChaosCluster(Cluster):
                     (i, p) for i, p in enumerate(started) if p.fields["api"] == server.addresses.api
                 )
                 self.servers[server.server_id] = proc
+                self._base_wrapper[server.server_id] = proc.wrapper
                 self._slot[server.server_id] = i
                 self._replication[server.server_id] = replication[i]
         except BaseException:
@@ -147,6 +160,10 @@ class ChaosCluster(Cluster):
             proxy.close()
         if self.etcd is not None:
             self.etcd.stop()
+        for clock in self.clocks.values():
+            clock.close()
+        for disk in self.disks:
+            disk.close()
 
     def _add(self, proc: Proc) -> Proc:
         self._procs.append(proc)
@@ -163,6 +180,25 @@ class ChaosCluster(Cluster):
     def restart_server(self, server_id: str) -> None:
         """Start a killed server again on its data directory, ports and namespace."""
         self.restart(server_id, self._replication[server_id])
+
+    def restart_skewed(self, server_id: str, offset_s: int) -> None:
+        """Start a killed server again as :meth:`restart_server` does, in a new time namespace
+        whose monotonic clock is ``offset_s`` from the host's (it stays there until its next
+        clock fault)."""
+        clock = TimeNamespace(offset_s)
+        old = self.clocks.pop(server_id, None)
+        self.clocks[server_id] = clock
+        self.servers[server_id].wrapper = clock.wrapper + self._base_wrapper[server_id]
+        if old is not None:
+            old.close()
+        self.restart_server(server_id)
+
+    def fill_disk(self, server_id: str) -> None:
+        """The filesystem under the server's data directory runs out of space."""
+        self.disks[self._slot[server_id]].fill()
+
+    def free_disk(self, server_id: str) -> None:
+        self.disks[self._slot[server_id]].unfill()
 
     def pause(self, server_id: str) -> None:
         """SIGSTOP: the process keeps its sockets and memory but runs nothing."""

@@ -96,10 +96,10 @@ class _KillLagging:
 
 
 def _on_off(
-    cluster: ChaosCluster, kind: str, server: str, delay_s: float
+    cluster: ChaosCluster, spec: FaultSpec, server: str, clock_offset_s: int
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """What starts and what ends a fault of ``kind`` on ``server``."""
-    c = cluster
+    """What starts and what ends a fault of ``spec.kind`` on ``server``."""
+    c, delay_s = cluster, spec.delay_s
     table: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
         "kill": (partial(c.kill_server, server), partial(c.restart_server, server)),
         "pause": (partial(c.pause, server), partial(c.resume, server)),
@@ -109,8 +109,13 @@ def _on_off(
             partial(c.cut_from_master, server),
             partial(c.reconnect_to_master, server),
         ),
+        "disk-full": (partial(c.fill_disk, server), partial(c.free_disk, server)),
+        "clock": (
+            partial(c.kill_server, server),
+            partial(c.restart_skewed, server, clock_offset_s),
+        ),
     }
-    return table[kind]
+    return table[spec.kind]
 
 
 def make_fault(cluster: ChaosCluster, spec: FaultSpec, name: str) -> Fault:
@@ -130,4 +135,7 @@ def make_fault(cluster: ChaosCluster, spec: FaultSpec, name: str) -> Fault:
         server, target = replica, f"replica of {name}"
     else:
         server, target = primary, f"primary of {name}"
-    return _OnServer(server, target, *_on_off(cluster, spec.kind, server, spec.delay_s))
+    offset_s = spec.clock_offset_s(time.monotonic())
+    if spec.kind == "clock":
+        target += f" (clock {offset_s / 3600:+.0f} h)"
+    return _OnServer(server, target, *_on_off(cluster, spec, server, offset_s))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -131,9 +132,10 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
                 "a master group on loopback (a follower's redirect names the leader's own "
                 "address, past any cut): it needs network namespaces"
             )
+        small_disks = "disk-full" in options.faults and _can_mount(report)
         cluster = ChaosCluster(
             options.directory, server_count=options.servers, masters=options.masters, lab=lab,
-            lease_ttl_s=options.lease_ttl_s,
+            small_disks=small_disks, lease_ttl_s=options.lease_ttl_s,
         )  # fmt: skip
         run = _Run(options, cluster, report)
         try:
@@ -147,6 +149,18 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
             _teardown(run)
     report.elapsed_s = round(time.monotonic() - run.started, 1)
     return report
+
+
+def _can_mount(report: ChaosReport) -> bool:
+    """Whether the servers' data directories can be put on small filesystems (disk-full)."""
+    why = ""
+    if os.geteuid() != 0:
+        why = "loop-mounting a small filesystem needs root"
+    elif shutil.which("mkfs.ext4") is None:
+        why = "mkfs.ext4 is not installed"
+    if why:
+        report.faults_not_run["disk-full"] = why
+    return not why
 
 
 @contextlib.contextmanager

@@ -27,6 +27,12 @@ HOLD_S: Final = {
     # A server's link to the master silent while it still reaches its peers and the
     # initiator: past the lease the master fails its volumes over though it is alive.
     "master-partition": (2.0, 6.0),
+    # SIGKILL, then a restart in a time namespace whose monotonic clock is hours or days
+    # ahead of or behind the others': nothing may compare one process's clock with another's.
+    "clock": (0.5, 2.0),
+    # The filesystem under a server's data directory filled to the last block, then freed:
+    # writes that need space fail (not lost); replicas that cannot apply fall out of sync.
+    "disk-full": (2.0, 6.0),
 }
 KINDS: Final = tuple(HOLD_S)
 #: One-way delay of a delay fault, drawn from this range (seconds): from a slow LAN to a WAN
@@ -48,6 +54,14 @@ class FaultSpec:
     hold_s: float
     settle_s: float
     delay_s: float  # one way, for delay faults
+
+    def clock_offset_s(self, host_monotonic_s: float) -> int:
+        """A clock fault's offset: 1 hour to 30 days, ahead or behind (but never before the
+        clock's zero, which a time namespace refuses)."""
+        magnitude = 3600 * (1 + (self.pick >> 1) % 720)
+        if self.pick & 1:
+            return magnitude
+        return -min(magnitude, max(0, int(host_monotonic_s) - 60))
 
     def describe(self) -> str:
         if self.kind == "master":

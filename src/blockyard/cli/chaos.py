@@ -9,7 +9,8 @@ writers per volume: writes of 512 B to 1 MiB (aligned and unaligned), FUA, WRITE
 flushes and checked reads, every block stamped with its volume, LBA and write. It then injects
 the faults of the seeded schedule one at a time (kill -9 and restart of a server, SIGSTOP and
 SIGCONT, a server's link taken down, kill -9 of the master or of a group's leader, the links to
-a replica delayed, a primary killed while a replica lags, a server cut from the master only),
+a replica delayed, a primary killed while a replica lags, a server cut from the master only, a
+server restarted with its monotonic clock hours or days off, a server's disk filled),
 waits after each for the cluster to heal, has every writer read back its blocks, and at the end
 reads every block through the primary and compares every replica's copy with it.
 

@@ -34,6 +34,22 @@ def test_faults_are_of_the_kinds_asked_and_within_their_bounds() -> None:
     assert 250 < primaries < 400
 
 
+def test_clock_offsets_go_both_ways_and_never_below_the_clock_zero() -> None:
+    specs = list(itertools.islice(schedule(5, ("clock",), 2), 400))
+    ahead = [s.clock_offset_s(10_000.0) for s in specs if s.pick & 1]
+    behind = [s.clock_offset_s(10_000.0) for s in specs if not s.pick & 1]
+    assert ahead and behind
+    assert all(3600 <= o <= 30 * 86400 and o % 3600 == 0 for o in ahead)
+    # Behind by at most what the host clock has run (less a minute): a namespace whose
+    # monotonic clock would start below zero is refused by the kernel.
+    assert all(-(10_000 - 60) <= o < 0 for o in behind)
+    assert {s.clock_offset_s(30.0) for s in specs if not s.pick & 1} == {0}
+    # The same spec gives the same offset on the same host clock.
+    assert [s.clock_offset_s(10_000.0) for s in specs] == [
+        s.clock_offset_s(10_000.0) for s in specs
+    ]
+
+
 def test_an_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown fault kinds"):
         next(schedule(1, ("kill", "meteor"), 1))
